@@ -1,0 +1,177 @@
+//! `ftvm`: the one binary. Today: `ftvm run` (a VM without FT) and `ftvm guests`.
+//!
+//! Exit status: a guest run exits with the guest's own exit code; an ftvm error prints one
+//! `ftvm: error: …` line (with its causes) and exits 1; a usage error exits 2.
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmm::devices::serial::SerialOut;
+use vmm::{BootSource, VmConfig, VmEvent, Vmm};
+
+#[derive(Parser)]
+#[command(
+    name = "ftvm",
+    version,
+    about = "ftvm: a fault-tolerant virtual machine monitor on KVM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a VM without FT (boot a guest, or continue one from a state file).
+    ///
+    /// The serial console goes to stdout, or is appended to --serial-out. When the guest
+    /// writes the exit device, ftvm exits with the guest's code.
+    Run(RunArgs),
+    /// List the built-in test guests.
+    Guests,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Built-in test guest to boot (see `ftvm guests`).
+    #[arg(long, conflicts_with_all = ["kernel", "restore"])]
+    guest: Option<String>,
+    /// Kernel image to boot: a PVH ELF, or a Linux bzImage (Linux/x86 boot protocol, 64-bit entry).
+    #[arg(long, conflicts_with = "restore")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for a Linux kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel / guest command line (e.g. "count=1000 rate=0" for the counter guest).
+    #[arg(long, default_value = "", conflicts_with = "restore")]
+    cmdline: String,
+    /// Number of vCPUs (1 to 8: the FT limit applies to every VM).
+    #[arg(long, default_value_t = 1, conflicts_with = "restore")]
+    vcpus: u32,
+    /// Guest memory in MiB (at least 16).
+    #[arg(long = "mem-mib", default_value_t = 128, conflicts_with = "restore")]
+    mem_mib: u64,
+    /// Append the serial console to this file instead of writing it to stdout.
+    #[arg(long = "serial-out")]
+    serial_out: Option<PathBuf>,
+    /// Pause the VM after this many milliseconds, write its full state to --save and exit 0.
+    #[arg(long = "save-after-ms", requires = "save")]
+    save_after_ms: Option<u64>,
+    /// Where --save-after-ms writes the VM state.
+    #[arg(long, requires = "save_after_ms")]
+    save: Option<PathBuf>,
+    /// Continue a VM from a state file written by --save (in this new process).
+    #[arg(long)]
+    restore: Option<PathBuf>,
+}
+
+fn serial_sink(path: Option<&Path>) -> Result<SerialOut> {
+    Ok(match path {
+        None => Box::new(std::io::stdout()),
+        Some(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open --serial-out {}", p.display()))?,
+        ),
+    })
+}
+
+fn boot_source(a: &RunArgs) -> Result<BootSource> {
+    let (image, initrd) = match (&a.guest, &a.kernel) {
+        (Some(name), None) => {
+            let g = guests::by_name(name).with_context(|| {
+                format!(
+                    "unknown guest {name:?}; built-in guests: {}",
+                    guests::names().join(", ")
+                )
+            })?;
+            (g.elf.to_vec(), None)
+        }
+        (None, Some(path)) => {
+            let image = std::fs::read(path)
+                .with_context(|| format!("cannot read kernel {}", path.display()))?;
+            let initrd = match &a.initrd {
+                Some(p) => Some(
+                    std::fs::read(p)
+                        .with_context(|| format!("cannot read initrd {}", p.display()))?,
+                ),
+                None => None,
+            };
+            (image, initrd)
+        }
+        _ => bail!("give --guest NAME, --kernel PATH or --restore STATE"),
+    };
+    Ok(BootSource::Kernel {
+        image,
+        initrd,
+        cmdline: a.cmdline.clone(),
+    })
+}
+
+fn run(a: RunArgs) -> Result<u8> {
+    let serial = serial_sink(a.serial_out.as_deref())?;
+    let mut vm = match &a.restore {
+        Some(state) => Vmm::restore(state, serial, false)
+            .with_context(|| format!("cannot restore VM from {}", state.display()))?,
+        None => {
+            let vcpus = vmm::check_vcpus(a.vcpus)?;
+            let src = boot_source(&a)?;
+            let cfg = VmConfig {
+                vcpus,
+                mem_mib: a.mem_mib,
+                track_dirty: false,
+            };
+            Vmm::boot(&cfg, &src, serial).context("cannot create the VM")?
+        }
+    };
+    vm.resume()?;
+    let ev = match (a.save_after_ms, &a.save) {
+        (Some(ms), Some(path)) => match vm.wait_event(Some(Duration::from_millis(ms))) {
+            Some(ev) => {
+                eprintln!("ftvm: the guest ended before --save-after-ms {ms}; no state saved");
+                ev
+            }
+            None => {
+                vm.save(path)
+                    .with_context(|| format!("cannot save VM state to {}", path.display()))?;
+                vm.stop();
+                eprintln!("ftvm: VM state saved to {} after {ms} ms", path.display());
+                return Ok(0);
+            }
+        },
+        _ => vm.wait_event(None).unwrap_or(VmEvent::Error {
+            vcpu: 0,
+            msg: "all vCPUs gone".into(),
+        }),
+    };
+    Ok(vm.finish(ev)?)
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Guests => {
+            for g in guests::ALL {
+                println!("{:<10} {}", g.name, g.summary);
+            }
+            Ok(0)
+        }
+    };
+    match res {
+        Ok(code) => std::process::exit(code.into()),
+        Err(e) => {
+            eprintln!("ftvm: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! Dirty page tracking for the FT layer.
+//!
+//! Two sources, harvested together with the vCPUs paused:
+//! - **guest writes**: KVM's dirty log (`KVM_GET_DIRTY_LOG`, cleared with
+//!   `KVM_CLEAR_DIRTY_LOG` when the kernel supports manual protection);
+//! - **VMM writes**: vm-memory's per-region bitmap, set by every write the VMM makes through
+//!   the `GuestMemory` API (device data, boot structures, host handshakes).
+//!
+//! KVM's dirty ring (`KVM_CAP_DIRTY_LOG_RING`) is the alternative; see the README's
+//! "Dirty tracking" note for why the bitmap is used today.
+use crate::layout::PAGE_SIZE;
+use crate::memory::GuestMemory;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// Pages written since the previous harvest, as sorted guest-physical page addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtyPages {
+    /// Pages the guest wrote (KVM dirty log).
+    pub guest: Vec<u64>,
+    /// Pages the VMM wrote (vm-memory bitmap).
+    pub vmm: Vec<u64>,
+}
+
+impl DirtyPages {
+    /// The union of both sources, sorted, each page once.
+    pub fn all(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.guest.iter().chain(self.vmm.iter()).copied().collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// Takes and clears the VMM-write bitmap of every region.
+pub fn harvest_vmm_writes(mem: &GuestMemory) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for region in mem.iter() {
+        let base = region.start_addr().0;
+        let words = region.get_mmap().bitmap().get_and_reset();
+        for (w, word) in words.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                pages.push(base + (w as u64 * 64 + b) * PAGE_SIZE);
+                bits &= bits - 1;
+            }
+        }
+    }
+    pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn vmm_writes_are_reported_once() {
+        let mem = crate::memory::create(16).unwrap();
+        harvest_vmm_writes(&mem);
+        mem.write_obj(1u64, GuestAddress(0x5008)).unwrap();
+        mem.write_slice(&[1u8; 5000], GuestAddress(0x20000))
+            .unwrap();
+        assert_eq!(harvest_vmm_writes(&mem), vec![0x5000, 0x20000, 0x21000]);
+        assert!(harvest_vmm_writes(&mem).is_empty());
+    }
+}

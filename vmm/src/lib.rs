@@ -1,0 +1,404 @@
+//! `vmm`: ftvm's KVM virtual machine.
+//!
+//! A [`Vmm`] is one VM: guest memory ([`memory`]), the KVM VM with its in-kernel irqchip and
+//! PIT ([`vstate::vm`]), one thread per vCPU that owns its `VcpuFd` ([`vstate::vcpu`]), the
+//! port devices ftvm emulates ([`devices`]), boot ([`boot`], [`arch`]), full state capture and
+//! restore ([`persist`]) and dirty page tracking for the FT layer ([`dirty`]).
+//!
+//! ```no_run
+//! # use vmm::{Vmm, VmConfig, boot::BootSource};
+//! let elf = guests::by_name("counter").unwrap().elf.to_vec();
+//! let src = BootSource::Kernel { image: elf, initrd: None, cmdline: "count=10".into() };
+//! let mut vm = Vmm::boot(&VmConfig::default(), &src, Box::new(std::io::stdout()))?;
+//! let code = vm.run()?;
+//! # Ok::<(), vmm::Error>(())
+//! ```
+pub mod arch;
+pub mod boot;
+pub mod devices;
+pub mod dirty;
+pub mod layout;
+pub mod memory;
+pub mod persist;
+pub mod vstate;
+
+use devices::serial::{SerialDevice, SerialOut, COM1_GSI};
+use devices::Devices;
+use dirty::DirtyPages;
+use memory::GuestMemory;
+use std::path::Path;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+use vstate::vcpu::{self, Vcpu, VcpuCmd, VcpuIo, VcpuReply, VcpuState};
+use vstate::vm::KvmVm;
+
+pub use boot::BootSource;
+pub use vstate::vcpu::VmEvent;
+
+/// Most vCPUs a VM may have (vSphere FT's per-VM limit, which ftvm enforces for every VM).
+pub const MAX_VCPUS: u8 = 8;
+
+/// How long a vCPU may take to answer a command before the VMM calls it stuck.
+const VCPU_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} vCPUs requested: a VM has 1 to {MAX_VCPUS} vCPUs (the FT limit is {MAX_VCPUS} vCPUs per VM)")]
+    VcpuCount(u32),
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error(transparent)]
+    Kvm(#[from] vstate::vm::Error),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    Regs(#[from] arch::regs::Error),
+    #[error(transparent)]
+    Persist(#[from] persist::Error),
+    #[error("serial device")]
+    Serial(#[from] devices::serial::Error),
+    #[error("setting up the serial interrupt")]
+    SerialIrq(#[source] std::io::Error),
+    #[error("installing the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("starting vCPU thread {0}")]
+    Thread(u8, #[source] std::io::Error),
+    #[error("vCPU {0} did not answer {1:?} within {2:?}")]
+    VcpuTimeout(u8, VcpuCmd, Duration),
+    #[error("vCPU {0} failed: {1}")]
+    VcpuFailed(u8, String),
+    #[error("the guest shut down (triple fault or reset) on vCPU {0}")]
+    GuestShutdown(u8),
+    #[error("state file has {0} vCPUs; the VM has {1}")]
+    StateMismatch(usize, usize),
+    #[error("flushing serial output")]
+    Flush(#[source] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Shape of a VM.
+#[derive(Debug, Clone, Copy)]
+pub struct VmConfig {
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// Log guest writes in KVM's dirty log (for FT and dirty-tracking tests).
+    pub track_dirty: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vcpus: 1,
+            mem_mib: 128,
+            track_dirty: false,
+        }
+    }
+}
+
+/// Checks a vCPU count against ftvm's limits.
+pub fn check_vcpus(n: u32) -> Result<u8> {
+    if n == 0 || n > u32::from(MAX_VCPUS) {
+        return Err(Error::VcpuCount(n));
+    }
+    Ok(n as u8)
+}
+
+struct VcpuHandle {
+    id: u8,
+    cmds: Sender<VcpuCmd>,
+    replies: Receiver<VcpuReply>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// One VM and its vCPU threads.
+pub struct Vmm {
+    vcpus: Vec<VcpuHandle>,
+    devices: Arc<Mutex<Devices>>,
+    events: Receiver<VmEvent>,
+    kvm: KvmVm,
+    mem: GuestMemory,
+    mem_mib: u64,
+    running: bool,
+}
+
+impl Vmm {
+    /// Creates a VM and loads `src` into it. The vCPUs start paused: call [`Vmm::resume`] or
+    /// [`Vmm::run`].
+    pub fn boot(cfg: &VmConfig, src: &BootSource, serial_out: SerialOut) -> Result<Self> {
+        let nvcpus = check_vcpus(u32::from(cfg.vcpus))?;
+        let mem = memory::create(cfg.mem_mib)?;
+        let kvm = KvmVm::new(&mem, cfg.track_dirty)?;
+        let entry = boot::load(&mem, src, cfg.mem_mib << 20, nvcpus)?;
+        let devices = Self::devices(&kvm, serial_out, None)?;
+        let mut vcpus = Vec::new();
+        for id in 0..nvcpus {
+            let v = Vcpu::new(&kvm, id)?;
+            let boot_regs = if id == 0 {
+                let sregs = v.sregs()?;
+                Some(match entry {
+                    boot::BootEntry::Pvh { entry, start_info } => {
+                        arch::regs::pvh(&mem, sregs, entry, start_info)?
+                    }
+                    boot::BootEntry::Linux64 { entry, zero_page } => {
+                        arch::regs::linux64(&mem, sregs, entry, zero_page)?
+                    }
+                })
+            } else {
+                None
+            };
+            v.configure(&kvm.supported_cpuid, nvcpus, boot_regs)?;
+            vcpus.push(v);
+        }
+        Self::start(kvm, mem, cfg.mem_mib, devices, vcpus)
+    }
+
+    /// Recreates a VM from a state file written by [`Vmm::save`]. The vCPUs start paused.
+    pub fn restore(path: &Path, serial_out: SerialOut, track_dirty: bool) -> Result<Self> {
+        let file = persist::open(path)?;
+        let mem_mib = file.state.mem_mib;
+        let mem = memory::create(mem_mib)?;
+        let kvm = KvmVm::new(&mem, track_dirty)?;
+        let state = file.load_memory(&mem)?;
+        kvm.restore(&state.vm)?;
+        let devices = Self::devices(&kvm, serial_out, Some(&state.devices.serial))?;
+        let mut vcpus = Vec::new();
+        for s in &state.vcpus {
+            let v = Vcpu::new(&kvm, s.id)?;
+            v.restore(s)?;
+            vcpus.push(v);
+        }
+        Self::start(kvm, mem, mem_mib, devices, vcpus)
+    }
+
+    fn devices(
+        kvm: &KvmVm,
+        serial_out: SerialOut,
+        state: Option<&devices::serial::SerialDeviceState>,
+    ) -> Result<Arc<Mutex<Devices>>> {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::SerialIrq)?;
+        kvm.fd
+            .register_irqfd(&irq, COM1_GSI)
+            .map_err(|e| Error::SerialIrq(std::io::Error::from_raw_os_error(e.errno())))?;
+        let serial = SerialDevice::new(irq, serial_out, state)?;
+        Ok(Arc::new(Mutex::new(Devices::new(serial))))
+    }
+
+    fn start(
+        kvm: KvmVm,
+        mem: GuestMemory,
+        mem_mib: u64,
+        devices: Arc<Mutex<Devices>>,
+        vcpus: Vec<Vcpu>,
+    ) -> Result<Self> {
+        vcpu::install_kick_handler().map_err(Error::Signal)?;
+        let candidates = kvm
+            .kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
+        let msr_indices = Arc::new(vcpus[0].savable_msrs(&candidates));
+        let (ev_tx, events) = channel();
+        let mut handles = Vec::new();
+        for v in vcpus {
+            let id = v.id;
+            let (cmd_tx, cmd_rx) = channel();
+            let (rep_tx, rep_rx) = channel();
+            let io = VcpuIo {
+                devices: devices.clone(),
+                cmds: cmd_rx,
+                replies: rep_tx,
+                events: ev_tx.clone(),
+                msr_indices: msr_indices.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || v.run_thread(io))
+                .map_err(|e| Error::Thread(id, e))?;
+            handles.push(VcpuHandle {
+                id,
+                cmds: cmd_tx,
+                replies: rep_rx,
+                thread: Some(thread),
+            });
+        }
+        Ok(Vmm {
+            vcpus: handles,
+            devices,
+            events,
+            kvm,
+            mem,
+            mem_mib,
+            running: false,
+        })
+    }
+
+    /// Sends `cmd` to every vCPU, kicking running ones, and collects one reply from each.
+    fn command(&mut self, cmd: VcpuCmd) -> Result<Vec<VcpuReply>> {
+        for v in &self.vcpus {
+            let _ = v.cmds.send(cmd);
+        }
+        let mut replies = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let start = Instant::now();
+            loop {
+                if let Some(t) = &v.thread {
+                    let _ = t.kill(vcpu::kick_signal());
+                }
+                match v.replies.recv_timeout(Duration::from_millis(20)) {
+                    Ok(VcpuReply::Error(msg)) => return Err(Error::VcpuFailed(v.id, msg)),
+                    Ok(r) => {
+                        replies.push(r);
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) if start.elapsed() < VCPU_REPLY_TIMEOUT => {
+                        continue
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        return Err(Error::VcpuTimeout(v.id, cmd, VCPU_REPLY_TIMEOUT))
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(Error::VcpuFailed(v.id, "thread exited".into()))
+                    }
+                }
+            }
+        }
+        Ok(replies)
+    }
+
+    /// Runs (or continues) the guest.
+    pub fn resume(&mut self) -> Result<()> {
+        self.command(VcpuCmd::Resume)?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// Stops every vCPU at an instruction boundary (in-flight port I/O completed).
+    pub fn pause(&mut self) -> Result<()> {
+        self.command(VcpuCmd::Pause)?;
+        self.running = false;
+        Ok(())
+    }
+
+    /// Whether the vCPUs are running.
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// Captures the whole VM (pausing it first if needed; it stays paused).
+    pub fn capture(&mut self) -> Result<persist::VmState> {
+        if self.running {
+            self.pause()?;
+        }
+        let mut vcpus: Vec<VcpuState> = Vec::new();
+        for r in self.command(VcpuCmd::Save)? {
+            if let VcpuReply::Saved(s) = r {
+                vcpus.push(*s);
+            }
+        }
+        if vcpus.len() != self.vcpus.len() {
+            return Err(Error::StateMismatch(vcpus.len(), self.vcpus.len()));
+        }
+        let mut devices = self.devices.lock().unwrap();
+        devices.flush().map_err(Error::Flush)?;
+        Ok(persist::VmState {
+            mem_mib: self.mem_mib,
+            vcpus,
+            vm: self.kvm.save()?,
+            devices: devices.save(),
+        })
+    }
+
+    /// Writes the full VM state to `path` (pausing the VM first; it stays paused).
+    pub fn save(&mut self, path: &Path) -> Result<()> {
+        let state = self.capture()?;
+        persist::save(path, &state, &self.mem)?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` (forever if `None`) for something a vCPU reports.
+    pub fn wait_event(&self, timeout: Option<Duration>) -> Option<VmEvent> {
+        match timeout {
+            None => self.events.recv().ok(),
+            Some(t) => self.events.recv_timeout(t).ok(),
+        }
+    }
+
+    /// Runs the guest until it asks to exit; returns its exit code.
+    pub fn run(&mut self) -> Result<u8> {
+        self.resume()?;
+        let ev = self.wait_event(None).unwrap_or(VmEvent::Error {
+            vcpu: 0,
+            msg: "all vCPUs gone".into(),
+        });
+        self.finish(ev)
+    }
+
+    /// Ends the VM after `ev`: stops every vCPU, flushes output, maps the event to a result.
+    pub fn finish(&mut self, ev: VmEvent) -> Result<u8> {
+        self.stop();
+        self.devices.lock().unwrap().flush().map_err(Error::Flush)?;
+        match ev {
+            VmEvent::Exit(code) => Ok(code),
+            VmEvent::Shutdown { vcpu } => Err(Error::GuestShutdown(vcpu)),
+            VmEvent::Error { vcpu, msg } => Err(Error::VcpuFailed(vcpu, msg)),
+        }
+    }
+
+    /// Stops and joins every vCPU thread (idempotent).
+    pub fn stop(&mut self) {
+        for v in &self.vcpus {
+            let _ = v.cmds.send(VcpuCmd::Stop);
+        }
+        for v in &mut self.vcpus {
+            if let Some(t) = v.thread.take() {
+                let deadline = Instant::now() + VCPU_REPLY_TIMEOUT;
+                while !t.is_finished() && Instant::now() < deadline {
+                    let _ = t.kill(vcpu::kick_signal());
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                if t.is_finished() {
+                    let _ = t.join();
+                }
+            }
+        }
+        self.running = false;
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Pages written since the last harvest, by the guest (needs `track_dirty`) and by the
+    /// VMM. Pause the VM first for a consistent cut.
+    pub fn dirty_pages(&self) -> Result<DirtyPages> {
+        let mut guest = self.kvm.harvest_dirty()?;
+        guest.sort_unstable();
+        let mut vmm = dirty::harvest_vmm_writes(&self.mem);
+        vmm.sort_unstable();
+        Ok(DirtyPages { guest, vmm })
+    }
+
+    /// Whether KVM's dirty log is cleared manually (`KVM_CLEAR_DIRTY_LOG`).
+    pub fn dirty_log_manual_clear(&self) -> bool {
+        self.kvm.manual_clear()
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,324 @@
+//! The VM state file: everything needed to continue a VM in another process.
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     magic "FTVMSNAP"
+//! 8       2     major version (a reader refuses a newer major)
+//! 10      2     minor version (additions a older reader may ignore)
+//! 12      4     flags (0)
+//! 16      8     meta_len
+//! 24      …     meta: bincode(VmState), fixed-int encoding, meta_len bytes
+//! …       …     memory records, each { gpa u64 | pages u32 | reserved u32 } + pages × 4096 bytes;
+//!               only non-zero pages are stored; a record with pages = 0 ends the list
+//! end-8   4     crc32c of every byte before it
+//! end-4   4     "FTVE"
+//! ```
+//!
+//! Readers verify the checksum over the whole file before trusting any field, then check
+//! every length and address against the guest they describe. A corrupt, truncated or
+//! oversized file is an error value, never a panic.
+use crate::devices::DevicesState;
+use crate::layout::{self, PAGE_SIZE};
+use crate::memory::GuestMemory;
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::VmKvmState;
+use bincode::Options;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
+pub const TRAILER_MAGIC: [u8; 4] = *b"FTVE";
+pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 0;
+const HEADER_LEN: u64 = 24;
+const TRAILER_LEN: u64 = 8;
+const MAX_META_LEN: u64 = 16 << 20;
+const MAX_RUN_PAGES: u32 = 1024;
+
+/// Everything about a VM but its memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub mem_mib: u64,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmKvmState,
+    pub devices: DevicesState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open state file {0}")]
+    Open(String, #[source] std::io::Error),
+    #[error("writing state file")]
+    Write(#[source] std::io::Error),
+    #[error("reading state file")]
+    Read(#[source] std::io::Error),
+    #[error("not an ftvm state file (bad magic)")]
+    Magic,
+    #[error("state file version {found_major}.{found_minor} is newer than this ftvm understands ({VERSION_MAJOR}.x)")]
+    NewerVersion { found_major: u16, found_minor: u16 },
+    #[error("state file is corrupt: {0}")]
+    Corrupt(String),
+    #[error("encoding VM state")]
+    Encode(#[source] bincode::Error),
+    #[error("reading guest memory")]
+    Memory(#[source] vm_memory::GuestMemoryError),
+}
+
+fn corrupt(msg: impl Into<String>) -> Error {
+    Error::Corrupt(msg.into())
+}
+
+struct CrcWriter<W: Write> {
+    inner: W,
+    crc: u32,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn codec() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_limit(MAX_META_LEN)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (pre, words, post) = unsafe {
+        // SAFETY: reinterpreting initialized bytes as u64 is sound; align_to handles alignment.
+        page.align_to::<u64>()
+    };
+    pre.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && post.iter().all(|b| *b == 0)
+}
+
+/// Writes `state` and the contents of `mem` to `path` (atomically: a temp file renamed).
+pub fn save(path: &Path, state: &VmState, mem: &GuestMemory) -> Result<(), Error> {
+    let tmp = path.with_extension("partial");
+    let file = File::create(&tmp).map_err(|e| Error::Open(tmp.display().to_string(), e))?;
+    let mut w = CrcWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        crc: 0,
+    };
+    let meta = codec().serialize(state).map_err(Error::Encode)?;
+    w.write_all(&MAGIC).map_err(Error::Write)?;
+    w.write_all(&VERSION_MAJOR.to_le_bytes())
+        .map_err(Error::Write)?;
+    w.write_all(&VERSION_MINOR.to_le_bytes())
+        .map_err(Error::Write)?;
+    w.write_all(&0u32.to_le_bytes()).map_err(Error::Write)?;
+    w.write_all(&(meta.len() as u64).to_le_bytes())
+        .map_err(Error::Write)?;
+    w.write_all(&meta).map_err(Error::Write)?;
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for region in mem.iter() {
+        let base = region.start_addr().0;
+        let pages = region.len() / PAGE_SIZE;
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start = 0u64;
+        let flush_run =
+            |w: &mut CrcWriter<_>, run: &mut Vec<u8>, start: u64| -> Result<(), Error> {
+                if run.is_empty() {
+                    return Ok(());
+                }
+                let n = (run.len() as u64 / PAGE_SIZE) as u32;
+                w.write_all(&start.to_le_bytes()).map_err(Error::Write)?;
+                w.write_all(&n.to_le_bytes()).map_err(Error::Write)?;
+                w.write_all(&0u32.to_le_bytes()).map_err(Error::Write)?;
+                w.write_all(run).map_err(Error::Write)?;
+                run.clear();
+                Ok(())
+            };
+        for p in 0..pages {
+            region
+                .read_slice(&mut page, MemoryRegionAddress(p * PAGE_SIZE))
+                .map_err(Error::Memory)?;
+            let gpa = base + p * PAGE_SIZE;
+            if is_zero(&page) {
+                flush_run(&mut w, &mut run, run_start)?;
+                continue;
+            }
+            if run.is_empty() {
+                run_start = gpa;
+            }
+            run.extend_from_slice(&page);
+            if run.len() as u64 / PAGE_SIZE == u64::from(MAX_RUN_PAGES) {
+                flush_run(&mut w, &mut run, run_start)?;
+            }
+        }
+        flush_run(&mut w, &mut run, run_start)?;
+    }
+    w.write_all(&u64::MAX.to_le_bytes()).map_err(Error::Write)?;
+    w.write_all(&[0u8; 8]).map_err(Error::Write)?;
+    let crc = w.crc;
+    let mut inner = w.inner;
+    inner.write_all(&crc.to_le_bytes()).map_err(Error::Write)?;
+    inner.write_all(&TRAILER_MAGIC).map_err(Error::Write)?;
+    let file = inner
+        .into_inner()
+        .map_err(|e| Error::Write(e.into_error()))?;
+    file.sync_all().map_err(Error::Write)?;
+    std::fs::rename(&tmp, path).map_err(Error::Write)?;
+    Ok(())
+}
+
+/// A verified state file, ready to fill guest memory.
+pub struct StateFile {
+    reader: BufReader<File>,
+    pub state: VmState,
+    meta_len: u64,
+    mem_end: u64,
+}
+
+/// Opens and verifies `path`: magic, version, checksum, metadata.
+pub fn open(path: &Path) -> Result<StateFile, Error> {
+    let mut file = File::open(path).map_err(|e| Error::Open(path.display().to_string(), e))?;
+    let len = file.metadata().map_err(Error::Read)?.len();
+    if len < HEADER_LEN + TRAILER_LEN {
+        let mut head = vec![0u8; len as usize];
+        file.read_exact(&mut head).map_err(Error::Read)?;
+        if !head.starts_with(&MAGIC[..head.len().min(8)]) || head.is_empty() {
+            return Err(Error::Magic);
+        }
+        return Err(corrupt(format!("truncated: {len} bytes")));
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    file.read_exact(&mut header).map_err(Error::Read)?;
+    if header[..8] != MAGIC {
+        return Err(Error::Magic);
+    }
+    let major = u16::from_le_bytes([header[8], header[9]]);
+    let minor = u16::from_le_bytes([header[10], header[11]]);
+    if major > VERSION_MAJOR {
+        return Err(Error::NewerVersion {
+            found_major: major,
+            found_minor: minor,
+        });
+    }
+    // Whole-file checksum before any field is trusted.
+    file.seek(SeekFrom::Start(0)).map_err(Error::Read)?;
+    let mut crc = 0u32;
+    let mut remaining = len - TRAILER_LEN;
+    let mut buf = vec![0u8; 1 << 20];
+    while remaining > 0 {
+        let n = remaining.min(buf.len() as u64) as usize;
+        file.read_exact(&mut buf[..n]).map_err(Error::Read)?;
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        remaining -= n as u64;
+    }
+    let mut trailer = [0u8; TRAILER_LEN as usize];
+    file.read_exact(&mut trailer).map_err(Error::Read)?;
+    if trailer[4..] != TRAILER_MAGIC {
+        return Err(corrupt("missing end marker (truncated?)"));
+    }
+    if u32::from_le_bytes(trailer[..4].try_into().unwrap()) != crc {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let meta_len = u64::from_le_bytes(header[16..24].try_into().unwrap());
+    if meta_len > MAX_META_LEN || meta_len > len - HEADER_LEN - TRAILER_LEN {
+        return Err(corrupt(format!("metadata length {meta_len} out of range")));
+    }
+    file.seek(SeekFrom::Start(HEADER_LEN))
+        .map_err(Error::Read)?;
+    let mut meta = vec![0u8; meta_len as usize];
+    file.read_exact(&mut meta).map_err(Error::Read)?;
+    let state: VmState = codec()
+        .deserialize(&meta)
+        .map_err(|e| corrupt(format!("metadata: {e}")))?;
+    if state.mem_mib < layout::MIN_MEM_MIB || state.mem_mib > layout::MAX_MEM_MIB {
+        return Err(corrupt(format!(
+            "guest memory size {} MiB out of range",
+            state.mem_mib
+        )));
+    }
+    if state.vcpus.is_empty() || state.vcpus.len() > crate::MAX_VCPUS as usize {
+        return Err(corrupt(format!("{} vCPUs", state.vcpus.len())));
+    }
+    for (i, v) in state.vcpus.iter().enumerate() {
+        if v.id as usize != i {
+            return Err(corrupt("vCPU ids out of order"));
+        }
+    }
+    Ok(StateFile {
+        reader: BufReader::with_capacity(1 << 20, file),
+        state,
+        meta_len,
+        mem_end: len - TRAILER_LEN,
+    })
+}
+
+impl StateFile {
+    /// Fills `mem` (fresh, zeroed, laid out for `state.mem_mib`) from the memory records.
+    pub fn load_memory(mut self, mem: &GuestMemory) -> Result<VmState, Error> {
+        let mut pos = HEADER_LEN + self.meta_len;
+        self.reader
+            .seek(SeekFrom::Start(pos))
+            .map_err(Error::Read)?;
+        let mut buf = vec![0u8; (MAX_RUN_PAGES as u64 * PAGE_SIZE) as usize];
+        loop {
+            if pos + 16 > self.mem_end {
+                return Err(corrupt("memory records run past the end"));
+            }
+            let mut rec = [0u8; 16];
+            self.reader.read_exact(&mut rec).map_err(Error::Read)?;
+            pos += 16;
+            let gpa = u64::from_le_bytes(rec[..8].try_into().unwrap());
+            let pages = u32::from_le_bytes(rec[8..12].try_into().unwrap());
+            if pages == 0 {
+                if gpa != u64::MAX {
+                    return Err(corrupt("bad end-of-memory record"));
+                }
+                break;
+            }
+            if pages > MAX_RUN_PAGES || gpa % PAGE_SIZE != 0 {
+                return Err(corrupt(format!(
+                    "bad memory record at {gpa:#x} ({pages} pages)"
+                )));
+            }
+            let bytes = u64::from(pages) * PAGE_SIZE;
+            let end = gpa
+                .checked_add(bytes)
+                .ok_or_else(|| corrupt("memory record overflows"))?;
+            let in_ram = layout::ram_ranges(self.state.mem_mib << 20)
+                .iter()
+                .any(|&(s, l)| gpa >= s && end <= s + l);
+            if !in_ram || pos + bytes > self.mem_end {
+                return Err(corrupt(format!(
+                    "memory record {gpa:#x}+{bytes:#x} outside guest RAM or file"
+                )));
+            }
+            self.reader
+                .read_exact(&mut buf[..bytes as usize])
+                .map_err(Error::Read)?;
+            mem.write_slice(&buf[..bytes as usize], GuestAddress(gpa))
+                .map_err(Error::Memory)?;
+            pos += bytes;
+        }
+        if pos != self.mem_end {
+            return Err(corrupt("trailing bytes after the memory records"));
+        }
+        Ok(self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 4096]));
+        let mut p = [0u8; 4096];
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+    }
+}

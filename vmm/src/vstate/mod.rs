@@ -1,0 +1,3 @@
+//! KVM objects: the VM ([`vm`]) and its vCPUs ([`vcpu`]).
+pub mod vcpu;
+pub mod vm;
