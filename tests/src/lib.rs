@@ -1,1 +1,145 @@
+//! Helpers for ftvm's end-to-end tests.
+//!
+//! The tests drive the real `ftvm` binary (built by `cargo build --release`, which the README's
+//! test command runs first) and the real `/dev/kvm`. A test that needs KVM and cannot open it
+//! **fails** with a message saying so; set `FTVM_SKIP_KVM_TESTS=1` to skip those tests
+//! explicitly instead (CI never sets it).
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+/// True if the KVM tests should run; panics with a clear message when KVM is unusable and the
+/// opt-out variable is not set.
+pub fn kvm_available() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var_os("FTVM_SKIP_KVM_TESTS").is_some_and(|v| v == "1") {
+                eprintln!("skipping: /dev/kvm unusable ({e}) and FTVM_SKIP_KVM_TESTS=1");
+                false
+            } else {
+                panic!(
+                    "this test needs /dev/kvm, which cannot be opened: {e}. Run on a host with KVM \
+                     (as a user allowed to use it), or set FTVM_SKIP_KVM_TESTS=1 to skip KVM tests."
+                );
+            }
+        }
+    }
+}
+
+/// Skips the calling test (returns) when KVM tests are explicitly opted out.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !$crate::kvm_available() {
+            return;
+        }
+    };
+}
+
+/// The `ftvm` binary next to this test executable (`target/<profile>/ftvm`), or `$FTVM_BIN`.
+pub fn ftvm_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FTVM_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let bin = dir.join("ftvm");
+    assert!(
+        bin.exists(),
+        "ftvm binary not found at {}: build it first (`cargo build --release`; the README test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `ftvm` with `args`, returning its output.
+pub fn ftvm(args: &[&str]) -> Output {
+    Command::new(ftvm_bin())
+        .args(args)
+        .output()
+        .expect("spawn ftvm")
+}
+
+/// A fresh scratch directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "ftvm-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `1\n2\n…N\n`.
+pub fn counter_output(n: u64) -> String {
+    (1..=n).map(|i| format!("{i}\n")).collect()
+}
+
+/// A small deterministic PRNG (splitmix64) for random test moments; the seed is printed so a
+/// failure can be replayed with `FTVM_TEST_SEED`.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn from_env(test: &str) -> Self {
+        let seed = std::env::var("FTVM_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("{test}: FTVM_TEST_SEED={seed}");
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo)
+    }
+}
+
+/// Asserts that `out` failed with one clear `ftvm: error:` line containing `needle`, no panic.
+pub fn assert_clear_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "ftvm panicked: {stderr}");
+    assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+    let code = out.status.code().expect("exited, not killed by a signal");
+    assert!(code == 1 || code == 2, "exit code {code}; stderr: {stderr}");
+}

@@ -418,6 +418,31 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+        #[test]
+        fn arbitrary_images_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8192)) {
+            let m = mem();
+            let _ = load(&m, &kernel(bytes, ""), 32 << 20, 1);
+        }
+
+        #[test]
+        fn mutated_images_never_panic(
+            bz in proptest::prelude::any::<bool>(),
+            flips in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()), 1..16),
+        ) {
+            let m = mem();
+            let mut img = if bz { synthetic_bzimage(&[0xf4; 64]) } else { guests::by_name("counter").unwrap().elf.to_vec() };
+            // Bias the flips towards the headers, where the parsing happens.
+            for (i, v) in &flips {
+                let i = i.index(img.len().min(1024));
+                img[i] ^= v | 1;
+            }
+            let _ = load(&m, &kernel(img, "x=1"), 32 << 20, 2);
+        }
+    }
+
     #[test]
     fn overlong_cmdline_is_refused() {
         let m = mem();

@@ -46,3 +46,9 @@ pub fn host_regions(mem: &GuestMemory) -> Vec<(u64, *mut u8, usize)> {
         })
         .collect()
 }
+
+/// Writes one `u64` into guest memory (tracked as a VMM write).
+pub fn write_u64(mem: &GuestMemory, addr: u64, v: u64) -> Result<(), vm_memory::GuestMemoryError> {
+    use vm_memory::Bytes;
+    mem.write_obj(v, GuestAddress(addr))
+}

@@ -313,6 +313,166 @@ impl StateFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::serial::SerialDeviceState;
+    use crate::devices::DevicesState;
+    use kvm_bindings::{
+        kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2,
+        kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    };
+    use proptest::prelude::*;
+
+    fn sample_state() -> VmState {
+        let vcpu = VcpuState {
+            id: 0,
+            cpuid: vec![Default::default()],
+            mp_state: kvm_mp_state::default(),
+            regs: kvm_regs {
+                rip: 0x1234,
+                ..Default::default()
+            },
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            debugregs: kvm_debugregs::default(),
+            lapic: kvm_lapic_state::default(),
+            msrs: vec![kvm_bindings::kvm_msr_entry {
+                index: 0x10,
+                data: 99,
+                ..Default::default()
+            }],
+            vcpu_events: kvm_vcpu_events::default(),
+            tsc_khz: 1_000_000,
+        };
+        VmState {
+            mem_mib: 16,
+            vcpus: vec![vcpu],
+            vm: VmKvmState {
+                pic_master: kvm_irqchip::default(),
+                pic_slave: kvm_irqchip::default(),
+                ioapic: kvm_irqchip::default(),
+                pit: kvm_pit_state2::default(),
+                clock: kvm_clock_data::default(),
+            },
+            devices: DevicesState {
+                serial: SerialDeviceState::default(),
+            },
+        }
+    }
+
+    /// A valid 16 MiB state file with a few non-zero pages.
+    fn sample_file() -> Vec<u8> {
+        static FILE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        FILE.get_or_init(|| {
+            let mem = crate::memory::create(16).unwrap();
+            for (i, gpa) in [0x1000u64, 0x2000, 0x10_0000, 0xff_f000].iter().enumerate() {
+                mem.write_slice(&[i as u8 + 1; 4096], GuestAddress(*gpa))
+                    .unwrap();
+            }
+            let dir = std::env::temp_dir().join(format!("ftvm-persist-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let p = dir.join("sample.state");
+            save(&p, &sample_state(), &mem).unwrap();
+            let bytes = std::fs::read(&p).unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            bytes
+        })
+        .clone()
+    }
+
+    fn fix_crc(bytes: &mut [u8]) {
+        if bytes.len() >= 8 {
+            let n = bytes.len() - 8;
+            let crc = crc32c::crc32c(&bytes[..n]);
+            bytes[n..n + 4].copy_from_slice(&crc.to_le_bytes());
+            bytes[n + 4..].copy_from_slice(&TRAILER_MAGIC);
+        }
+    }
+
+    /// Parses `bytes` as a state file into a fresh guest; any outcome but a panic is fine.
+    fn parse(bytes: &[u8]) -> Result<VmState, Error> {
+        let dir = std::env::temp_dir().join(format!("ftvm-persist-prop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!("{:?}.state", std::thread::current().id()));
+        std::fs::write(&p, bytes).unwrap();
+        let res = open(&p).and_then(|f| {
+            let mem = crate::memory::create(f.state.mem_mib.min(64)).unwrap();
+            f.load_memory(&mem)
+        });
+        let _ = std::fs::remove_file(&p);
+        res
+    }
+
+    #[test]
+    fn saved_file_round_trips() {
+        let mem = crate::memory::create(16).unwrap();
+        let f = sample_file();
+        let dir = std::env::temp_dir().join(format!("ftvm-persist-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("rt.state");
+        std::fs::write(&p, &f).unwrap();
+        let state = open(&p).unwrap().load_memory(&mem).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(state.vcpus[0].regs.rip, 0x1234);
+        assert_eq!(state.vcpus[0].msrs[0].data, 99);
+        let mut page = [0u8; 4096];
+        mem.read_slice(&mut page, GuestAddress(0xff_f000)).unwrap();
+        assert_eq!(page, [4u8; 4096]);
+        mem.read_slice(&mut page, GuestAddress(0x3000)).unwrap();
+        assert_eq!(page, [0u8; 4096], "zero pages are not stored and stay zero");
+    }
+
+    #[test]
+    fn newer_major_version_is_refused() {
+        let mut f = sample_file();
+        f[8..10].copy_from_slice(&(VERSION_MAJOR + 1).to_le_bytes());
+        fix_crc(&mut f);
+        assert!(matches!(parse(&f), Err(Error::NewerVersion { .. })));
+    }
+
+    #[test]
+    fn record_outside_guest_ram_is_refused_even_with_a_valid_checksum() {
+        let mut f = sample_file();
+        // first memory record's gpa, right after header + meta
+        let meta_len = u64::from_le_bytes(f[16..24].try_into().unwrap()) as usize;
+        let at = HEADER_LEN as usize + meta_len;
+        f[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        fix_crc(&mut f);
+        let err = parse(&f).expect_err("must fail");
+        assert!(err.to_string().contains("outside guest RAM"), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn mutated_files_are_refused_or_parsed_without_panic(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+            recompute_crc in any::<bool>(),
+        ) {
+            let mut f = sample_file();
+            for (i, v) in &flips {
+                let i = i.index(f.len());
+                f[i] ^= v | 1;
+            }
+            if let Some(c) = cut {
+                let n = c.index(f.len());
+                f.truncate(n);
+            }
+            if recompute_crc {
+                fix_crc(&mut f);
+            } else {
+                // Without a fixed checksum every mutation must be caught.
+                prop_assert!(parse(&f).is_err());
+            }
+            let _ = parse(&f);
+        }
+    }
 
     #[test]
     fn zero_detection() {

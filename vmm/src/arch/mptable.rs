@@ -20,7 +20,7 @@ fn checksum(bytes: &[u8]) -> u8 {
 
 /// The MP tables for `cpus` vCPUs, to be written at `EBDA_START`.
 pub fn build(cpus: u8) -> Vec<u8> {
-    assert!(cpus >= 1 && cpus <= MAX_CPUS);
+    assert!((1..=MAX_CPUS).contains(&cpus));
     let ioapic_id = cpus;
     let mut entries: Vec<u8> = Vec::new();
     let mut count: u16 = 0;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::os::fd::AsRawFd;
 
 const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1;
-vmm_sys_util::ioctl_iow_nr!(
+vmm_sys_util::ioctl_iowr_nr!(
     KVM_CLEAR_DIRTY_LOG,
     kvm_bindings::KVMIO,
     0xc0,
@@ -33,6 +33,8 @@ pub enum Error {
     State(&'static str, #[source] kvm_ioctls::Error),
     #[error("reading the KVM dirty log failed")]
     DirtyLog(#[source] kvm_ioctls::Error),
+    #[error("clearing the KVM dirty log failed")]
+    ClearDirtyLog(#[source] kvm_ioctls::Error),
 }
 
 /// Saved state of the in-kernel devices and the KVM clock.
@@ -192,7 +194,7 @@ impl KvmVm {
                     vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &clear)
                 };
                 if ret < 0 {
-                    return Err(Error::DirtyLog(kvm_ioctls::Error::last()));
+                    return Err(Error::ClearDirtyLog(kvm_ioctls::Error::last()));
                 }
             }
         }

@@ -1,0 +1,132 @@
+//! Bad input to `ftvm run`: one clear error line and a non-zero exit, never a panic.
+use ftvm_tests::{assert_clear_error, ftvm, require_kvm, TempDir};
+
+#[test]
+fn nine_vcpus_are_refused_naming_the_limit_of_8() {
+    let out = ftvm(&["run", "--guest", "counter", "--vcpus", "9"]);
+    assert_clear_error(&out, "1 to 8 vCPUs");
+}
+
+#[test]
+fn zero_vcpus_are_refused() {
+    let out = ftvm(&["run", "--guest", "counter", "--vcpus", "0"]);
+    assert_clear_error(&out, "0 vCPUs requested");
+}
+
+#[test]
+fn too_little_memory_is_refused() {
+    let out = ftvm(&["run", "--guest", "counter", "--mem-mib", "4"]);
+    assert_clear_error(&out, "too small (minimum 16 MiB)");
+}
+
+#[test]
+fn missing_kernel_is_refused() {
+    let out = ftvm(&["run", "--kernel", "/nonexistent/vmlinuz"]);
+    assert_clear_error(&out, "cannot read kernel /nonexistent/vmlinuz");
+}
+
+#[test]
+fn garbage_kernel_is_refused() {
+    require_kvm!();
+    let dir = TempDir::new("garbage-kernel");
+    let k = dir.path("garbage");
+    std::fs::write(&k, vec![0x5au8; 8192]).unwrap();
+    let out = ftvm(&["run", "--kernel", k.to_str().unwrap()]);
+    assert_clear_error(&out, "neither an ELF nor a Linux bzImage");
+}
+
+#[test]
+fn elf_without_pvh_note_is_refused() {
+    require_kvm!();
+    // Any ordinary host executable is an ELF without a PVH note.
+    let out = ftvm(&["run", "--kernel", "/bin/true"]);
+    assert_clear_error(&out, "cannot create the VM");
+}
+
+#[test]
+fn unknown_guest_is_refused_with_the_list() {
+    let out = ftvm(&["run", "--guest", "nosuch"]);
+    assert_clear_error(&out, "built-in guests: counter");
+}
+
+#[test]
+fn missing_state_file_is_refused() {
+    let out = ftvm(&["run", "--restore", "/nonexistent/state"]);
+    assert_clear_error(&out, "cannot open state file /nonexistent/state");
+}
+
+#[test]
+fn garbage_state_file_is_refused() {
+    let dir = TempDir::new("garbage-state");
+    let s = dir.path("state");
+    std::fs::write(&s, b"this is not a state file at all, just text").unwrap();
+    let out = ftvm(&["run", "--restore", s.to_str().unwrap()]);
+    assert_clear_error(&out, "not an ftvm state file");
+}
+
+/// Saves a real state file to corrupt.
+fn saved_state(dir: &TempDir) -> std::path::PathBuf {
+    let s = dir.path("state");
+    let out = ftvm(&[
+        "run",
+        "--guest",
+        "counter",
+        "--cmdline",
+        "count=100000 rate=1000",
+        "--serial-out",
+        dir.path("serial").to_str().unwrap(),
+        "--save-after-ms",
+        "100",
+        "--save",
+        s.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s
+}
+
+#[test]
+fn bit_flipped_state_file_is_refused() {
+    require_kvm!();
+    let dir = TempDir::new("flip-state");
+    let s = saved_state(&dir);
+    let mut bytes = std::fs::read(&s).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&s, &bytes).unwrap();
+    let out = ftvm(&["run", "--restore", s.to_str().unwrap()]);
+    assert_clear_error(&out, "checksum mismatch");
+}
+
+#[test]
+fn truncated_state_file_is_refused() {
+    require_kvm!();
+    let dir = TempDir::new("trunc-state");
+    let s = saved_state(&dir);
+    let bytes = std::fs::read(&s).unwrap();
+    std::fs::write(&s, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let out = ftvm(&["run", "--restore", s.to_str().unwrap()]);
+    assert_clear_error(&out, "state file is corrupt");
+}
+
+#[test]
+fn newer_major_version_state_file_is_refused() {
+    require_kvm!();
+    let dir = TempDir::new("newer-state");
+    let s = saved_state(&dir);
+    let mut bytes = std::fs::read(&s).unwrap();
+    bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+    std::fs::write(&s, &bytes).unwrap();
+    let out = ftvm(&["run", "--restore", s.to_str().unwrap()]);
+    assert_clear_error(&out, "newer than this ftvm understands");
+}
+
+#[test]
+fn save_without_delay_is_a_usage_error() {
+    let out = ftvm(&["run", "--guest", "counter", "--save", "/tmp/x"]);
+    assert_clear_error(&out, "--save-after-ms");
+}
