@@ -52,3 +52,13 @@ pub fn write_u64(mem: &GuestMemory, addr: u64, v: u64) -> Result<(), vm_memory::
     use vm_memory::Bytes;
     mem.write_obj(v, GuestAddress(addr))
 }
+
+/// Writes `bytes` into guest memory at `addr` (tracked as a VMM write).
+pub fn write_bytes(
+    mem: &GuestMemory,
+    addr: u64,
+    bytes: &[u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    use vm_memory::Bytes;
+    mem.write_slice(bytes, GuestAddress(addr))
+}
