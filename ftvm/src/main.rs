@@ -27,6 +27,13 @@ enum Cmd {
     ///
     /// The serial console goes to stdout, or is appended to --serial-out. When the guest
     /// writes the exit device, ftvm exits with the guest's code.
+    #[command(
+        after_help = "Exit status: the guest's own exit code; 1 on an ftvm error (one \
+        `ftvm: error: ...` line); 2 on a usage error.\n\nExamples:\n  ftvm run --guest counter \
+        --cmdline \"count=20 rate=10\"\n  ftvm run --guest smp --vcpus 4\n  ftvm run --guest counter \
+        --cmdline \"count=300 rate=100\" --serial-out out.txt --save-after-ms 1000 --save vm.state\n  \
+        ftvm run --restore vm.state --serial-out out.txt"
+    )]
     Run(RunArgs),
     /// List the built-in test guests.
     Guests,
@@ -35,34 +42,49 @@ enum Cmd {
 #[derive(Args)]
 struct RunArgs {
     /// Built-in test guest to boot (see `ftvm guests`).
-    #[arg(long, conflicts_with_all = ["kernel", "restore"])]
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["kernel", "restore"])]
     guest: Option<String>,
     /// Kernel image to boot: a PVH ELF, or a Linux bzImage (Linux/x86 boot protocol, 64-bit entry).
-    #[arg(long, conflicts_with = "restore")]
+    #[arg(long, value_name = "PATH", conflicts_with = "restore")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk for a Linux kernel.
-    #[arg(long, requires = "kernel")]
+    #[arg(long, value_name = "PATH", requires = "kernel")]
     initrd: Option<PathBuf>,
     /// Kernel / guest command line (e.g. "count=1000 rate=0" for the counter guest).
-    #[arg(long, default_value = "", conflicts_with = "restore")]
+    #[arg(
+        long,
+        value_name = "STR",
+        default_value = "",
+        conflicts_with = "restore"
+    )]
     cmdline: String,
     /// Number of vCPUs (1 to 8: the FT limit applies to every VM).
-    #[arg(long, default_value_t = 1, conflicts_with = "restore")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        conflicts_with = "restore"
+    )]
     vcpus: u32,
     /// Guest memory in MiB (at least 16).
-    #[arg(long = "mem-mib", default_value_t = 128, conflicts_with = "restore")]
+    #[arg(
+        long = "mem-mib",
+        value_name = "M",
+        default_value_t = 128,
+        conflicts_with = "restore"
+    )]
     mem_mib: u64,
     /// Append the serial console to this file instead of writing it to stdout.
-    #[arg(long = "serial-out")]
+    #[arg(long = "serial-out", value_name = "FILE")]
     serial_out: Option<PathBuf>,
     /// Pause the VM after this many milliseconds, write its full state to --save and exit 0.
-    #[arg(long = "save-after-ms", requires = "save")]
+    #[arg(long = "save-after-ms", value_name = "T", requires = "save")]
     save_after_ms: Option<u64>,
     /// Where --save-after-ms writes the VM state.
-    #[arg(long, requires = "save_after_ms")]
+    #[arg(long, value_name = "STATE", requires = "save_after_ms")]
     save: Option<PathBuf>,
     /// Continue a VM from a state file written by --save (in this new process).
-    #[arg(long)]
+    #[arg(long, value_name = "STATE")]
     restore: Option<PathBuf>,
 }
 
@@ -114,7 +136,7 @@ fn boot_source(a: &RunArgs) -> Result<BootSource> {
 fn run(a: RunArgs) -> Result<u8> {
     let serial = serial_sink(a.serial_out.as_deref())?;
     let mut vm = match &a.restore {
-        Some(state) => Vmm::restore(state, serial, false)
+        Some(state) => Vmm::restore(state, serial, vmm::DirtyTracking::Off)
             .with_context(|| format!("cannot restore VM from {}", state.display()))?,
         None => {
             let vcpus = vmm::check_vcpus(a.vcpus)?;
@@ -122,7 +144,7 @@ fn run(a: RunArgs) -> Result<u8> {
             let cfg = VmConfig {
                 vcpus,
                 mem_mib: a.mem_mib,
-                track_dirty: false,
+                dirty: vmm::DirtyTracking::Off,
             };
             Vmm::boot(&cfg, &src, serial).context("cannot create the VM")?
         }

@@ -4,7 +4,7 @@ use ftvm_tests::require_kvm;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm::{BootSource, VmConfig, VmEvent, Vmm};
+use vmm::{BootSource, DirtyTracking, VmConfig, VmEvent, Vmm};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -31,8 +31,18 @@ fn wait_for(c: &Capture, text: &str) {
 }
 
 #[test]
-fn known_guest_page_set_is_reported_exactly() {
+fn known_guest_page_set_is_reported_exactly_with_the_bitmap() {
     require_kvm!();
+    known_page_set(DirtyTracking::Bitmap);
+}
+
+#[test]
+fn known_guest_page_set_is_reported_exactly_with_the_dirty_ring() {
+    require_kvm!();
+    known_page_set(DirtyTracking::Ring);
+}
+
+fn known_page_set(dirty: DirtyTracking) {
     let (base_mib, count, stride) = (32u64, 64u64, 3u64);
     let elf = guests::by_name("pages").unwrap().elf.to_vec();
     let src = BootSource::Kernel {
@@ -43,7 +53,7 @@ fn known_guest_page_set_is_reported_exactly() {
     let cfg = VmConfig {
         vcpus: 1,
         mem_mib: 64,
-        track_dirty: true,
+        dirty,
     };
     let serial = Capture::default();
     let mut vm = Vmm::boot(&cfg, &src, Box::new(serial.clone())).expect("boot");

@@ -6,8 +6,12 @@
 //! - **VMM writes**: vm-memory's per-region bitmap, set by every write the VMM makes through
 //!   the `GuestMemory` API (device data, boot structures, host handshakes).
 //!
-//! KVM's dirty ring (`KVM_CAP_DIRTY_LOG_RING`) is the alternative; see the README's
-//! "Dirty tracking" note for why the bitmap is used today.
+//! KVM's per-vCPU dirty ring ([`crate::vstate::dirty_ring`]) is the alternative backend
+//! (`DirtyTracking::Ring`). The bitmap is the default: measured side by side
+//! (`cargo run --release -p ftvm-benches -- foundation`, results in the README), it harvests as
+//! fast or faster whenever the guest dirties pages in guests up to 256 MiB and is within
+//! 0.03 ms at 1 GiB, and it never stalls the guest, whereas a full ring stops the vCPU until the
+//! VMM harvests.
 use crate::layout::PAGE_SIZE;
 use crate::memory::GuestMemory;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};

@@ -38,6 +38,7 @@ use vstate::vm::KvmVm;
 
 pub use boot::BootSource;
 pub use vstate::vcpu::VmEvent;
+pub use vstate::vm::DirtyTracking;
 
 /// Most vCPUs a VM may have (vSphere FT's per-VM limit, which ftvm enforces for every VM).
 pub const MAX_VCPUS: u8 = 8;
@@ -88,8 +89,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub struct VmConfig {
     pub vcpus: u8,
     pub mem_mib: u64,
-    /// Log guest writes in KVM's dirty log (for FT and dirty-tracking tests).
-    pub track_dirty: bool,
+    /// How guest writes are logged (for FT and dirty-tracking tests).
+    pub dirty: DirtyTracking,
 }
 
 impl Default for VmConfig {
@@ -97,7 +98,7 @@ impl Default for VmConfig {
         VmConfig {
             vcpus: 1,
             mem_mib: 128,
-            track_dirty: false,
+            dirty: DirtyTracking::Off,
         }
     }
 }
@@ -122,6 +123,7 @@ pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     devices: Arc<Mutex<Devices>>,
     events: Receiver<VmEvent>,
+    rings: Vec<Mutex<vstate::dirty_ring::DirtyRing>>,
     kvm: KvmVm,
     mem: GuestMemory,
     mem_mib: u64,
@@ -134,7 +136,7 @@ impl Vmm {
     pub fn boot(cfg: &VmConfig, src: &BootSource, serial_out: SerialOut) -> Result<Self> {
         let nvcpus = check_vcpus(u32::from(cfg.vcpus))?;
         let mem = memory::create(cfg.mem_mib)?;
-        let kvm = KvmVm::new(&mem, cfg.track_dirty)?;
+        let kvm = KvmVm::new(&mem, cfg.dirty)?;
         let entry = boot::load(&mem, src, cfg.mem_mib << 20, nvcpus)?;
         let devices = Self::devices(&kvm, serial_out, None)?;
         let mut vcpus = Vec::new();
@@ -160,11 +162,11 @@ impl Vmm {
     }
 
     /// Recreates a VM from a state file written by [`Vmm::save`]. The vCPUs start paused.
-    pub fn restore(path: &Path, serial_out: SerialOut, track_dirty: bool) -> Result<Self> {
+    pub fn restore(path: &Path, serial_out: SerialOut, dirty: DirtyTracking) -> Result<Self> {
         let file = persist::open(path)?;
         let mem_mib = file.state.mem_mib;
         let mem = memory::create(mem_mib)?;
-        let kvm = KvmVm::new(&mem, track_dirty)?;
+        let kvm = KvmVm::new(&mem, dirty)?;
         let state = file.load_memory(&mem)?;
         kvm.restore(&state.vm)?;
         let devices = Self::devices(&kvm, serial_out, Some(&state.devices.serial))?;
@@ -198,6 +200,12 @@ impl Vmm {
         vcpus: Vec<Vcpu>,
     ) -> Result<Self> {
         vcpu::install_kick_handler().map_err(Error::Signal)?;
+        let mut rings = Vec::new();
+        if kvm.tracking() == DirtyTracking::Ring {
+            for v in &vcpus {
+                rings.push(Mutex::new(v.map_dirty_ring(kvm.ring_bytes())?));
+            }
+        }
         let candidates = kvm
             .kvm
             .get_msr_index_list()
@@ -232,6 +240,7 @@ impl Vmm {
             vcpus: handles,
             devices,
             events,
+            rings,
             kvm,
             mem,
             mem_mib,
@@ -381,11 +390,20 @@ impl Vmm {
         self.vcpus.len()
     }
 
-    /// Pages written since the last harvest, by the guest (needs `track_dirty`) and by the
+    /// Pages written since the last harvest, by the guest (needs dirty tracking) and by the
     /// VMM. Pause the VM first for a consistent cut.
     pub fn dirty_pages(&self) -> Result<DirtyPages> {
-        let mut guest = self.kvm.harvest_dirty()?;
+        let mut guest = if self.rings.is_empty() {
+            self.kvm.harvest_dirty()?
+        } else {
+            let mut entries = Vec::new();
+            for r in &self.rings {
+                r.lock().unwrap().harvest(&mut entries);
+            }
+            self.kvm.finish_ring_harvest(&entries)?
+        };
         guest.sort_unstable();
+        guest.dedup();
         let mut vmm = dirty::harvest_vmm_writes(&self.mem);
         vmm.sort_unstable();
         Ok(DirtyPages { guest, vmm })

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{Bytes, GuestAddress};
 
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
 pub const TRAILER_MAGIC: [u8; 4] = *b"FTVE";
@@ -102,6 +102,7 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Writes `state` and the contents of `mem` to `path` (atomically: a temp file renamed).
+/// The VM must be paused: guest memory is read in place.
 pub fn save(path: &Path, state: &VmState, mem: &GuestMemory) -> Result<(), Error> {
     let tmp = path.with_extension("partial");
     let file = File::create(&tmp).map_err(|e| Error::Open(tmp.display().to_string(), e))?;
@@ -119,43 +120,32 @@ pub fn save(path: &Path, state: &VmState, mem: &GuestMemory) -> Result<(), Error
     w.write_all(&(meta.len() as u64).to_le_bytes())
         .map_err(Error::Write)?;
     w.write_all(&meta).map_err(Error::Write)?;
-    let mut page = vec![0u8; PAGE_SIZE as usize];
-    for region in mem.iter() {
-        let base = region.start_addr().0;
-        let pages = region.len() / PAGE_SIZE;
-        let mut run: Vec<u8> = Vec::new();
-        let mut run_start = 0u64;
-        let flush_run =
-            |w: &mut CrcWriter<_>, run: &mut Vec<u8>, start: u64| -> Result<(), Error> {
-                if run.is_empty() {
-                    return Ok(());
-                }
-                let n = (run.len() as u64 / PAGE_SIZE) as u32;
-                w.write_all(&start.to_le_bytes()).map_err(Error::Write)?;
-                w.write_all(&n.to_le_bytes()).map_err(Error::Write)?;
-                w.write_all(&0u32.to_le_bytes()).map_err(Error::Write)?;
-                w.write_all(run).map_err(Error::Write)?;
-                run.clear();
-                Ok(())
-            };
-        for p in 0..pages {
-            region
-                .read_slice(&mut page, MemoryRegionAddress(p * PAGE_SIZE))
-                .map_err(Error::Memory)?;
-            let gpa = base + p * PAGE_SIZE;
-            if is_zero(&page) {
-                flush_run(&mut w, &mut run, run_start)?;
+    let page_len = PAGE_SIZE as usize;
+    for (base, host, len) in crate::memory::host_regions(mem) {
+        // SAFETY: `host..host+len` is a live mapping owned by `mem`. The caller has paused the
+        // VM and the VMM writes nothing into guest memory while saving, so nothing mutates it
+        // during this shared borrow. Reading in place avoids copying every page out first.
+        let ram = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+        let page = |i: usize| &ram[i * page_len..(i + 1) * page_len];
+        let pages = len / page_len;
+        let mut p = 0;
+        while p < pages {
+            if is_zero(page(p)) {
+                p += 1;
                 continue;
             }
-            if run.is_empty() {
-                run_start = gpa;
+            let start = p;
+            while p < pages && p - start < MAX_RUN_PAGES as usize && !is_zero(page(p)) {
+                p += 1;
             }
-            run.extend_from_slice(&page);
-            if run.len() as u64 / PAGE_SIZE == u64::from(MAX_RUN_PAGES) {
-                flush_run(&mut w, &mut run, run_start)?;
-            }
+            let gpa = base + (start * page_len) as u64;
+            w.write_all(&gpa.to_le_bytes()).map_err(Error::Write)?;
+            w.write_all(&((p - start) as u32).to_le_bytes())
+                .map_err(Error::Write)?;
+            w.write_all(&0u32.to_le_bytes()).map_err(Error::Write)?;
+            w.write_all(&ram[start * page_len..p * page_len])
+                .map_err(Error::Write)?;
         }
-        flush_run(&mut w, &mut run, run_start)?;
     }
     w.write_all(&u64::MAX.to_le_bytes()).map_err(Error::Write)?;
     w.write_all(&[0u8; 8]).map_err(Error::Write)?;

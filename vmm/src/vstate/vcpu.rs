@@ -39,6 +39,8 @@ pub enum Error {
     Ioctl(u8, &'static str, #[source] kvm_ioctls::Error),
     #[error("vCPU {0}: only {1} of {2} MSRs could be set")]
     PartialMsrs(u8, usize, usize),
+    #[error("vCPU {0}: mapping its dirty ring failed")]
+    DirtyRing(u8, #[source] std::io::Error),
     #[error("vCPU {0}: saved state is malformed: {1}")]
     BadState(u8, &'static str),
 }
@@ -82,6 +84,11 @@ impl Vcpu {
             .create_vcpu(u64::from(id))
             .map_err(|e| Error::Create(id, e))?;
         Ok(Vcpu { id, fd })
+    }
+
+    /// Maps this vCPU's dirty ring (the VM must be in ring mode).
+    pub fn map_dirty_ring(&self, bytes: usize) -> Result<super::dirty_ring::DirtyRing, Error> {
+        super::dirty_ring::DirtyRing::map(&self.fd, bytes).map_err(|e| Error::DirtyRing(self.id, e))
     }
 
     fn ioctl<T>(&self, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Error> {
@@ -289,6 +296,8 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 }
 
 static MMIO_WARNINGS: AtomicU64 = AtomicU64::new(0);
+static RING_FULL_WARNINGS: AtomicU64 = AtomicU64::new(0);
+const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
 
 /// The channels and shared devices a vCPU thread works with.
 pub struct VcpuIo {
@@ -390,6 +399,14 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::Hlt) => None,
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                // The VMM harvests rings at its own pace; wait for it rather than spin.
+                if RING_FULL_WARNINGS.fetch_add(1, Ordering::Relaxed) < 5 {
+                    tracing::warn!(vcpu = id, "dirty ring full; waiting for a harvest");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                None
+            }
             Ok(VcpuExit::Shutdown) => Some(VmEvent::Shutdown { vcpu: id }),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmEvent::Error {
                 vcpu: id,

@@ -12,6 +12,21 @@ use serde::{Deserialize, Serialize};
 use std::os::fd::AsRawFd;
 
 const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1;
+/// Dirty ring size per vCPU: 64 Ki entries of 16 bytes (KVM caps it; 1 MiB on the dev host).
+pub const DIRTY_RING_BYTES: usize = 1 << 20;
+vmm_sys_util::ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, kvm_bindings::KVMIO, 0xc7);
+
+/// How guest writes are tracked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyTracking {
+    /// Not tracked (plain runs).
+    #[default]
+    Off,
+    /// KVM's dirty bitmap, cleared manually where the kernel supports it.
+    Bitmap,
+    /// KVM's per-vCPU dirty ring; must be harvested regularly (a full ring stalls the vCPU).
+    Ring,
+}
 vmm_sys_util::ioctl_iowr_nr!(
     KVM_CLEAR_DIRTY_LOG,
     kvm_bindings::KVMIO,
@@ -35,6 +50,10 @@ pub enum Error {
     DirtyLog(#[source] kvm_ioctls::Error),
     #[error("clearing the KVM dirty log failed")]
     ClearDirtyLog(#[source] kvm_ioctls::Error),
+    #[error("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")]
+    NoDirtyRing,
+    #[error("resetting the KVM dirty rings failed")]
+    ResetDirtyRings(#[source] kvm_ioctls::Error),
 }
 
 /// Saved state of the in-kernel devices and the KVM clock.
@@ -52,16 +71,19 @@ pub struct KvmVm {
     pub kvm: Kvm,
     pub fd: VmFd,
     pub supported_cpuid: CpuId,
-    track_dirty: bool,
+    tracking: DirtyTracking,
+    /// Bytes of each vCPU's dirty ring (ring mode only).
+    ring_bytes: usize,
     manual_clear: bool,
     /// (slot, guest address, size) of each memory slot.
     slots: Vec<(u32, u64, usize)>,
 }
 
 impl KvmVm {
-    /// Creates the VM, its in-kernel irqchip and PIT, and registers `mem`. With `track_dirty`,
-    /// KVM logs guest writes (with manual clearing where the kernel has it).
-    pub fn new(mem: &GuestMemory, track_dirty: bool) -> Result<Self, Error> {
+    /// Creates the VM, its in-kernel irqchip and PIT, and registers `mem`, logging guest
+    /// writes as `tracking` says. (Ring mode must be chosen here, before any vCPU exists.)
+    pub fn new(mem: &GuestMemory, tracking: DirtyTracking) -> Result<Self, Error> {
+        let track_dirty = tracking != DirtyTracking::Off;
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let fd = kvm.create_vm().map_err(Error::CreateVm)?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
@@ -79,7 +101,24 @@ impl KvmVm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Setup("supported CPUID", e))?;
         let mut manual_clear = false;
-        if track_dirty && fd.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into()) > 0 {
+        let mut ring_bytes = 0;
+        if tracking == DirtyTracking::Ring {
+            let max = fd.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING.into());
+            if max <= 0 {
+                return Err(Error::NoDirtyRing);
+            }
+            ring_bytes = DIRTY_RING_BYTES.min(max as usize);
+            let mut cap = kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING,
+                ..Default::default()
+            };
+            cap.args[0] = ring_bytes as u64;
+            fd.enable_cap(&cap)
+                .map_err(|e| Error::Setup("dirty ring", e))?;
+        }
+        if tracking == DirtyTracking::Bitmap
+            && fd.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into()) > 0
+        {
             let mut cap = kvm_enable_cap {
                 cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                 ..Default::default()
@@ -91,7 +130,8 @@ impl KvmVm {
             kvm,
             fd,
             supported_cpuid,
-            track_dirty,
+            tracking,
+            ring_bytes,
             manual_clear,
             slots: Vec::new(),
         };
@@ -163,11 +203,41 @@ impl KvmVm {
         Ok(())
     }
 
-    /// Guest-physical addresses of pages the guest wrote since the last call; clears the log.
-    /// Call with the vCPUs paused for a consistent cut.
+    /// How guest writes are tracked.
+    pub fn tracking(&self) -> DirtyTracking {
+        self.tracking
+    }
+
+    /// Bytes of each vCPU's dirty ring (0 unless in ring mode).
+    pub fn ring_bytes(&self) -> usize {
+        self.ring_bytes
+    }
+
+    /// Turns `(slot, page offset)` ring entries into guest-physical addresses and lets KVM
+    /// reuse the harvested entries (re-protecting their pages).
+    pub fn finish_ring_harvest(&self, entries: &[(u32, u64)]) -> Result<Vec<u64>, Error> {
+        let pages = entries
+            .iter()
+            .filter_map(|&(slot, off)| {
+                self.slots
+                    .iter()
+                    .find(|s| s.0 == slot)
+                    .map(|s| s.1 + off * crate::layout::PAGE_SIZE)
+            })
+            .collect();
+        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and only touches KVM's own state.
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl(&self.fd, KVM_RESET_DIRTY_RINGS()) };
+        if ret < 0 {
+            return Err(Error::ResetDirtyRings(kvm_ioctls::Error::last()));
+        }
+        Ok(pages)
+    }
+
+    /// Guest-physical addresses of pages the guest wrote since the last call according to the
+    /// dirty bitmap; clears it. Call with the vCPUs paused for a consistent cut.
     pub fn harvest_dirty(&self) -> Result<Vec<u64>, Error> {
         let mut pages = Vec::new();
-        if !self.track_dirty {
+        if self.tracking != DirtyTracking::Bitmap {
             return Ok(pages);
         }
         for &(slot, gpa, len) in &self.slots {
