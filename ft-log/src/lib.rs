@@ -1,7 +1,120 @@
-//! The FT log: the ordered stream a primary sends its secondary.
+//! The FT log: the ordered stream a primary sends its secondary, and the few records that flow
+//! back.
 //!
-//! **Not implemented yet** (issue "Fault tolerance core"). This crate will own the record types
-//! (epoch begin/end with page hash, nondeterministic events, dirty-page batches with zero-page
-//! and XOR-delta+LZ4 encodings, vCPU/device state, output offsets, ack, heartbeat), their
-//! framing (`header = { len | type | flags } · payload · crc32c`), versioning, and a decoder
-//! that never panics or allocates unboundedly on hostile bytes.
+//! # Stream
+//!
+//! ```text
+//!  primary                                   secondary
+//!     │── Hello {versions, role, vm} ───────────▶│   version negotiation, first frame each way
+//!     │◀─────────────────────────── Hello ───────│
+//!     │                                          │
+//!     │── EpochBegin(k) ────────────────────────▶│   per epoch k:
+//!     │── Event* (port/MMIO reads, interrupts,   │     nondeterministic inputs, in order
+//!     │          device input, clock, entropy) ─▶│
+//!     │── Pages* (zero | raw | xor+lz4 | hash) ─▶│     the pages dirtied in epoch k
+//!     │── VcpuState* / DeviceState* ────────────▶│     state at the end of epoch k
+//!     │── Output* (stream, cumulative offset) ──▶│     output produced in epoch k (held!)
+//!     │── EpochEnd(k) {pages, hash, offsets} ───▶│     secondary stages, verifies, commits
+//!     │◀──────────────────────────── Ack(k) ─────│     primary releases epoch k's output
+//!     │◀──── Heartbeat ────▶ (both ways, on their own stream so pages never starve them)
+//! ```
+//!
+//! The secondary applies an epoch only when its `EpochEnd` arrives intact and matches what was
+//! received (page count, page hash); anything torn or corrupt is discarded whole, so the
+//! committed standby image is never touched by a bad epoch. Where an epoch is deterministic
+//! (one vCPU, no asynchronous injection) the events alone suffice and pages may be sent as
+//! `Hash` entries to verify instead of copy — the record/replay path, kept possible by the
+//! format from version 1.
+//!
+//! # Frame
+//!
+//! Every record travels in one frame (all integers little-endian):
+//!
+//! ```text
+//! offset size field
+//! 0      2    magic "FT"
+//! 2      1    version (1)
+//! 3      1    kind (RecordKind; 0 = Invalid is never sent)
+//! 4      2    flags (0; unknown bits are refused)
+//! 6      2    reserved (0)
+//! 8      4    payload length (≤ MAX_PAYLOAD)
+//! 12     8    epoch
+//! 20     len  payload (per kind, see `record.rs`)
+//! 20+len 4    crc32c of bytes 0 .. 20+len
+//! ```
+//!
+//! The decoder ([`frame::Decoder`]) is streaming and zero-copy: it splits frames off a
+//! `BytesMut` receive buffer, never allocates more than one frame's payload (bounded by
+//! [`frame::MAX_PAYLOAD`], checked before any payload is buffered), and reports corruption
+//! as [`Error::Corruption`], never a panic. A torn tail is simply "need more bytes".
+pub mod frame;
+pub mod page;
+pub mod record;
+
+pub use frame::{Decoder, Frame, MAX_PAYLOAD};
+pub use page::{PageData, PageEntry, PAGE_SIZE};
+pub use record::{Event, EventKind, Hello, Record, RecordKind, Role};
+
+/// Protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// Oldest protocol version this build still speaks.
+pub const MIN_VERSION: u8 = 1;
+
+/// Errors of the FT log codec.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The bytes cannot be a valid FT log (bad magic, checksum, length, field).
+    #[error("corrupt FT log: {0}")]
+    Corruption(String),
+    /// A valid frame of a version or kind this build does not know.
+    #[error("unsupported FT log {0}")]
+    Unsupported(String),
+    /// Version negotiation found no common version.
+    #[error("no common FT log version: ours {ours_min}..={ours_max}, peer's {theirs_min}..={theirs_max}")]
+    NoCommonVersion {
+        ours_min: u8,
+        ours_max: u8,
+        theirs_min: u8,
+        theirs_max: u8,
+    },
+    /// A page could not be applied (bad delta, hash mismatch).
+    #[error("page at {gpa:#x}: {what}")]
+    Page { gpa: u64, what: String },
+}
+
+pub(crate) fn corrupt(msg: impl Into<String>) -> Error {
+    Error::Corruption(msg.into())
+}
+
+/// Picks the protocol version both sides speak: the highest in both ranges.
+pub fn negotiate(theirs_min: u8, theirs_max: u8) -> Result<u8, Error> {
+    let v = VERSION.min(theirs_max);
+    if v < MIN_VERSION.max(theirs_min) || theirs_min > theirs_max {
+        return Err(Error::NoCommonVersion {
+            ours_min: MIN_VERSION,
+            ours_max: VERSION,
+            theirs_min,
+            theirs_max,
+        });
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_picks_highest_common_or_refuses() {
+        assert_eq!(negotiate(1, 1), Ok(1));
+        assert_eq!(negotiate(1, 9), Ok(1));
+        assert!(matches!(
+            negotiate(2, 3),
+            Err(Error::NoCommonVersion { .. })
+        ));
+        assert!(matches!(
+            negotiate(3, 1),
+            Err(Error::NoCommonVersion { .. })
+        ));
+    }
+}
