@@ -19,6 +19,7 @@
 //! EpochEnd     pages u32 | events u32 | page_hash u64 | n u16 | pad 6 | n × (stream u8 | pad 7 | end u64)
 //! Ack          (empty)
 //! Heartbeat    seq u64 | sent_us u64
+//! Shutdown     code u8 | pad 7        (the guest ended with `code` after this epoch: no takeover)
 //! ```
 use crate::frame::{self, Frame, HEADER_LEN, MAX_PAYLOAD, TRAILER_LEN};
 use crate::page::{PageEntry, ENTRY_HEADER};
@@ -40,6 +41,7 @@ pub enum RecordKind {
     EpochEnd = 8,
     Ack = 9,
     Heartbeat = 10,
+    Shutdown = 11,
 }
 
 impl RecordKind {
@@ -56,6 +58,7 @@ impl RecordKind {
             8 => EpochEnd,
             9 => Ack,
             10 => Heartbeat,
+            11 => Shutdown,
             0 => return Err(corrupt("record kind 0 (Invalid)")),
             k => return Err(Error::Unsupported(format!("record kind {k}"))),
         })
@@ -138,6 +141,10 @@ pub enum Record {
         seq: u64,
         sent_us: u64,
     },
+    /// The guest ended with this exit code; the protected VM is gone, nothing to take over.
+    Shutdown {
+        code: u8,
+    },
 }
 
 /// Bounds-checked reader over a payload.
@@ -209,6 +216,7 @@ impl Record {
             Record::EpochEnd(_) => RecordKind::EpochEnd,
             Record::Ack => RecordKind::Ack,
             Record::Heartbeat { .. } => RecordKind::Heartbeat,
+            Record::Shutdown { .. } => RecordKind::Shutdown,
         }
     }
 
@@ -315,6 +323,10 @@ impl Record {
             Record::Heartbeat { seq, sent_us } => {
                 p.put_u64_le(*seq);
                 p.put_u64_le(*sent_us);
+            }
+            Record::Shutdown { code } => {
+                p.put_u8(*code);
+                p.put_bytes(0, 7);
             }
         }
         p
@@ -495,6 +507,11 @@ impl Record {
                     seq,
                     sent_us: r.u64("heartbeat")?,
                 }
+            }
+            RecordKind::Shutdown => {
+                let code = r.u8("shutdown")?;
+                r.pad(7, "shutdown")?;
+                Record::Shutdown { code }
             }
         };
         r.finish(&format!("{kind:?}"))?;

@@ -1,7 +1,11 @@
-//! `ftvm`: the one binary. Today: `ftvm run` (a VM without FT) and `ftvm guests`.
+//! `ftvm`: the one binary: `ftvm run` (a VM without FT), `ftvm primary` / `ftvm secondary`
+//! (a protected pair, see [`ft`]) and `ftvm guests`.
 //!
 //! Exit status: a guest run exits with the guest's own exit code; an ftvm error prints one
 //! `ftvm: error: …` line (with its causes) and exits 1; a usage error exits 2.
+mod datastore;
+mod ft;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::fs::OpenOptions;
@@ -35,45 +39,87 @@ enum Cmd {
         ftvm run --restore vm.state --serial-out out.txt"
     )]
     Run(RunArgs),
+    /// Run a protected VM as the primary of an FT pair (start the secondary first).
+    ///
+    /// The guest runs in epochs; each epoch's dirty pages and state stream to the secondary
+    /// at --peer, and the guest's console output is released only once the secondary has
+    /// acknowledged the epoch that produced it.
+    #[command(
+        after_help = "Exit status: the guest's exit code; 3 if this side lost the arbitration \
+        after losing its secondary and halted; 1 on an ftvm error."
+    )]
+    Primary(PrimaryArgs),
+    /// Run the standby of an FT pair; it takes over if the primary is lost.
+    #[command(
+        after_help = "Exit status: the guest's exit code (after a takeover, or when the \
+        guest ended on the primary); 3 if it lost the arbitration and halted; 1 on an ftvm error."
+    )]
+    Secondary(SecondaryArgs),
     /// List the built-in test guests.
     Guests,
 }
 
 #[derive(Args)]
-struct RunArgs {
+struct PrimaryArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// The secondary's FT link address (UDP, QUIC).
+    #[arg(long, value_name = "ADDR")]
+    peer: std::net::SocketAddr,
+    /// Shared datastore directory (keys, heartbeat, arbitration); the same for both sides.
+    #[arg(long, value_name = "DIR")]
+    datastore: PathBuf,
+    /// Append the released console output to this file (put it on the datastore so a new
+    /// primary can finish releasing exactly once); stdout if absent.
+    #[arg(long = "serial-out", value_name = "FILE")]
+    serial_out: Option<PathBuf>,
+    /// Longest epoch, in milliseconds.
+    #[arg(long = "epoch-ms", value_name = "MS", default_value_t = 20)]
+    epoch_ms: u64,
+    /// Shortest epoch when guest output is waiting, in milliseconds.
+    #[arg(long = "min-epoch-ms", value_name = "MS", default_value_t = 2)]
+    min_epoch_ms: u64,
+}
+
+#[derive(Args)]
+struct SecondaryArgs {
+    /// FT link address to listen on (UDP, QUIC).
+    #[arg(long, value_name = "ADDR")]
+    listen: std::net::SocketAddr,
+    /// Shared datastore directory; the same as the primary's.
+    #[arg(long, value_name = "DIR")]
+    datastore: PathBuf,
+    /// The console file after a takeover (the same file as the primary's --serial-out).
+    #[arg(long = "serial-out", value_name = "FILE")]
+    serial_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct GuestArgs {
     /// Built-in test guest to boot (see `ftvm guests`).
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["kernel", "restore"])]
+    #[arg(long, value_name = "NAME", conflicts_with = "kernel")]
     guest: Option<String>,
     /// Kernel image to boot: a PVH ELF, or a Linux bzImage (Linux/x86 boot protocol, 64-bit entry).
-    #[arg(long, value_name = "PATH", conflicts_with = "restore")]
+    #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk for a Linux kernel.
     #[arg(long, value_name = "PATH", requires = "kernel")]
     initrd: Option<PathBuf>,
     /// Kernel / guest command line (e.g. "count=1000 rate=0" for the counter guest).
-    #[arg(
-        long,
-        value_name = "STR",
-        default_value = "",
-        conflicts_with = "restore"
-    )]
+    #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
     /// Number of vCPUs (1 to 8: the FT limit applies to every VM).
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 1,
-        conflicts_with = "restore"
-    )]
+    #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: u32,
     /// Guest memory in MiB (at least 16).
-    #[arg(
-        long = "mem-mib",
-        value_name = "M",
-        default_value_t = 128,
-        conflicts_with = "restore"
-    )]
+    #[arg(long = "mem-mib", value_name = "M", default_value_t = 128)]
     mem_mib: u64,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
     /// Append the serial console to this file instead of writing it to stdout.
     #[arg(long = "serial-out", value_name = "FILE")]
     serial_out: Option<PathBuf>,
@@ -84,7 +130,7 @@ struct RunArgs {
     #[arg(long, value_name = "STATE", requires = "save_after_ms")]
     save: Option<PathBuf>,
     /// Continue a VM from a state file written by --save (in this new process).
-    #[arg(long, value_name = "STATE")]
+    #[arg(long, value_name = "STATE", conflicts_with_all = ["guest", "kernel", "cmdline", "vcpus", "mem_mib"])]
     restore: Option<PathBuf>,
 }
 
@@ -101,7 +147,7 @@ fn serial_sink(path: Option<&Path>) -> Result<SerialOut> {
     })
 }
 
-fn boot_source(a: &RunArgs) -> Result<BootSource> {
+fn boot_source(a: &GuestArgs) -> Result<BootSource> {
     let (image, initrd) = match (&a.guest, &a.kernel) {
         (Some(name), None) => {
             let g = guests::by_name(name).with_context(|| {
@@ -124,7 +170,7 @@ fn boot_source(a: &RunArgs) -> Result<BootSource> {
             };
             (image, initrd)
         }
-        _ => bail!("give --guest NAME, --kernel PATH or --restore STATE"),
+        _ => bail!("give --guest NAME or --kernel PATH (or, for `run`, --restore STATE)"),
     };
     Ok(BootSource::Kernel {
         image,
@@ -139,11 +185,11 @@ fn run(a: RunArgs) -> Result<u8> {
         Some(state) => Vmm::restore(state, serial, vmm::DirtyTracking::Off)
             .with_context(|| format!("cannot restore VM from {}", state.display()))?,
         None => {
-            let vcpus = vmm::check_vcpus(a.vcpus)?;
-            let src = boot_source(&a)?;
+            let vcpus = vmm::check_vcpus(a.guest.vcpus)?;
+            let src = boot_source(&a.guest)?;
             let cfg = VmConfig {
                 vcpus,
-                mem_mib: a.mem_mib,
+                mem_mib: a.guest.mem_mib,
                 dirty: vmm::DirtyTracking::Off,
             };
             Vmm::boot(&cfg, &src, serial).context("cannot create the VM")?
@@ -182,6 +228,28 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Run(a) => run(a),
+        Cmd::Primary(a) => (|| {
+            let vcpus = vmm::check_vcpus(a.guest.vcpus)?;
+            let cfg = ft::PrimaryConfig {
+                vm: VmConfig {
+                    vcpus,
+                    mem_mib: a.guest.mem_mib,
+                    ..Default::default()
+                },
+                boot: boot_source(&a.guest)?,
+                peer: a.peer,
+                datastore: a.datastore,
+                serial_out: a.serial_out,
+                epoch: Duration::from_millis(a.epoch_ms.max(1)),
+                min_epoch: Duration::from_millis(a.min_epoch_ms.min(a.epoch_ms)),
+            };
+            ft::primary(cfg)
+        })(),
+        Cmd::Secondary(a) => ft::secondary(ft::SecondaryConfig {
+            listen: a.listen,
+            datastore: a.datastore,
+            serial_out: a.serial_out,
+        }),
         Cmd::Guests => {
             for g in guests::ALL {
                 println!("{:<10} {}", g.name, g.summary);

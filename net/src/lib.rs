@@ -16,7 +16,7 @@ pub mod link;
 pub mod verify;
 
 pub use identity::Identity;
-pub use link::{Link, LinkConfig, LinkStats};
+pub use link::{Link, LinkConfig, LinkStats, PeerCert};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,19 +1,21 @@
 //! The QUIC connection and its two streams (FT log, heartbeats).
 use crate::verify::{PinnedClient, PinnedServer};
 use crate::{Error, Identity};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use ft_log::{Decoder, Frame, Hello, Record};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Endpoint, RecvStream, SendStream, TransportConfig, VarInt};
 use rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 const ALPN: &[u8] = b"ftvm-ft/1";
 /// Server name used in the handshake (not checked: the certificate is pinned).
 const SERVER_NAME: &str = "ftvm-peer";
+
+/// A certificate as pinned by the other side.
+pub type PeerCert = CertificateDer<'static>;
 
 /// What a side needs to bring up the link.
 #[derive(Debug, Clone)]
@@ -174,20 +176,42 @@ pub struct LinkStats {
     pub rtt: Duration,
 }
 
-/// One half of an established FT link: a stream of ft-log frames and a heartbeat stream.
-pub struct Half {
+/// The sending side of one stream.
+pub struct Sender {
     tx: SendStream,
+    frames: u64,
+}
+
+impl Sender {
+    /// Sends already-encoded ft-log frames.
+    pub async fn send_frames(&mut self, bytes: &[u8], frames: u64) -> Result<(), Error> {
+        self.frames += frames;
+        self.tx.write_all(bytes).await.map_err(Error::Write)
+    }
+
+    /// Sends one record.
+    pub async fn send_record(&mut self, epoch: u64, r: &Record) -> Result<(), Error> {
+        let mut b = BytesMut::new();
+        r.encode(epoch, &mut b);
+        self.send_frames(&b, 1).await
+    }
+
+    /// Sends a heartbeat record.
+    pub async fn send_heartbeat(&mut self, seq: u64, sent_us: u64) -> Result<(), Error> {
+        self.send_record(0, &Record::Heartbeat { seq, sent_us })
+            .await
+    }
+}
+
+/// The receiving side of one stream.
+pub struct Receiver {
     rx: RecvStream,
     buf: BytesMut,
     decoder: Decoder,
 }
 
-impl Half {
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        self.tx.write_all(bytes).await.map_err(Error::Write)
-    }
-
-    async fn recv(&mut self) -> Result<Frame, Error> {
+impl Receiver {
+    async fn recv_frame(&mut self) -> Result<Frame, Error> {
         loop {
             if let Some(f) = self.decoder.decode(&mut self.buf).map_err(Error::Log)? {
                 return Ok(f);
@@ -203,17 +227,69 @@ impl Half {
             }
         }
     }
+
+    /// The next record.
+    pub async fn recv_record(&mut self) -> Result<(u64, Record), Error> {
+        let f = self.recv_frame().await?;
+        Record::decode(&f).map_err(Error::Log)
+    }
+
+    /// The next heartbeat, waiting at most `timeout`.
+    pub async fn recv_heartbeat(&mut self, timeout: Duration) -> Result<(u64, u64), Error> {
+        let rec = tokio::time::timeout(timeout, self.recv_record())
+            .await
+            .map_err(|_| Error::Timeout(timeout))??;
+        match rec {
+            (_, Record::Heartbeat { seq, sent_us }) => Ok((seq, sent_us)),
+            (_, other) => Err(Error::Log(ft_log::Error::Corruption(format!(
+                "{:?} on the heartbeat stream",
+                other.kind()
+            )))),
+        }
+    }
+
+    /// Frames decoded so far.
+    pub fn frames(&self) -> u64 {
+        self.decoder.frames
+    }
+}
+
+/// The connection itself: statistics and closing.
+#[derive(Clone)]
+pub struct Control {
+    conn: quinn::Connection,
+    _endpoint: Option<Endpoint>,
+}
+
+impl Control {
+    pub fn stats(&self) -> LinkStats {
+        let s = self.conn.stats();
+        LinkStats {
+            bytes_sent: s.udp_tx.bytes,
+            bytes_received: s.udp_rx.bytes,
+            rtt: s.path.rtt,
+            ..Default::default()
+        }
+    }
+
+    /// Closes the connection with a reason the peer sees.
+    pub fn close(&self, reason: &str) {
+        self.conn.close(VarInt::from_u32(0), reason.as_bytes());
+    }
+}
+
+/// A link taken apart so each stream direction can live in its own task.
+pub struct Parts {
+    pub log_tx: Sender,
+    pub log_rx: Receiver,
+    pub hb_tx: Sender,
+    pub hb_rx: Receiver,
+    pub control: Control,
 }
 
 /// An established, authenticated FT link.
 pub struct Link {
-    conn: quinn::Connection,
-    /// The client side owns its endpoint for as long as the link lives.
-    _endpoint: Option<Endpoint>,
-    pub log: Half,
-    pub heartbeat: Half,
-    frames_sent: AtomicU64,
-    frames_received: AtomicU64,
+    parts: Parts,
 }
 
 impl Link {
@@ -228,20 +304,34 @@ impl Link {
         // Heartbeats go out before queued page data.
         let _ = hb_tx.set_priority(10);
         let _ = log_tx.set_priority(0);
-        let half = |tx, rx| Half {
-            tx,
+        let rx = |rx| Receiver {
             rx,
             buf: BytesMut::new(),
             decoder: Decoder::new(),
         };
         Link {
-            conn,
-            _endpoint: endpoint,
-            log: half(log_tx, log_rx),
-            heartbeat: half(hb_tx, hb_rx),
-            frames_sent: AtomicU64::new(0),
-            frames_received: AtomicU64::new(0),
+            parts: Parts {
+                log_tx: Sender {
+                    tx: log_tx,
+                    frames: 0,
+                },
+                log_rx: rx(log_rx),
+                hb_tx: Sender {
+                    tx: hb_tx,
+                    frames: 0,
+                },
+                hb_rx: rx(hb_rx),
+                control: Control {
+                    conn,
+                    _endpoint: endpoint,
+                },
+            },
         }
+    }
+
+    /// Takes the link apart (for separate sender / receiver / heartbeat tasks).
+    pub fn into_parts(self) -> Parts {
+        self.parts
     }
 
     /// Sends our `Hello` first on both streams (which also makes them visible to the peer),
@@ -264,69 +354,36 @@ impl Link {
         }
     }
 
-    /// Sends already-encoded ft-log frames on the log stream.
-    pub async fn send_log(&mut self, frames: &[u8]) -> Result<(), Error> {
-        self.log.send(frames).await
-    }
-
     /// Sends one record on the log stream.
     pub async fn send_record(&mut self, epoch: u64, r: &Record) -> Result<(), Error> {
-        let mut b = BytesMut::new();
-        r.encode(epoch, &mut b);
-        self.frames_sent.fetch_add(1, Ordering::Relaxed);
-        self.log.send(&b).await
+        self.parts.log_tx.send_record(epoch, r).await
     }
 
     /// Receives the next record from the log stream.
     pub async fn recv_record(&mut self) -> Result<(u64, Record), Error> {
-        let f = self.log.recv().await?;
-        self.frames_received.fetch_add(1, Ordering::Relaxed);
-        Record::decode(&f).map_err(Error::Log)
+        self.parts.log_rx.recv_record().await
     }
 
     /// Sends a heartbeat on the heartbeat stream.
     pub async fn send_heartbeat(&mut self, seq: u64, sent_us: u64) -> Result<(), Error> {
-        let mut b = BytesMut::new();
-        Record::Heartbeat { seq, sent_us }.encode(0, &mut b);
-        self.heartbeat.send(&b).await
+        self.parts.hb_tx.send_heartbeat(seq, sent_us).await
     }
 
     /// Waits for the peer's next heartbeat, up to `timeout`.
     pub async fn recv_heartbeat(&mut self, timeout: Duration) -> Result<(u64, u64), Error> {
-        let f = tokio::time::timeout(timeout, self.heartbeat.recv())
-            .await
-            .map_err(|_| Error::Timeout(timeout))??;
-        match Record::decode(&f).map_err(Error::Log)? {
-            (_, Record::Heartbeat { seq, sent_us }) => Ok((seq, sent_us)),
-            (_, other) => Err(Error::Log(ft_log::Error::Corruption(format!(
-                "{:?} on the heartbeat stream",
-                other.kind()
-            )))),
-        }
+        self.parts.hb_rx.recv_heartbeat(timeout).await
     }
 
     pub fn stats(&self) -> LinkStats {
-        let s = self.conn.stats();
         LinkStats {
-            bytes_sent: s.udp_tx.bytes,
-            bytes_received: s.udp_rx.bytes,
-            frames_sent: self.frames_sent.load(Ordering::Relaxed),
-            frames_received: self.frames_received.load(Ordering::Relaxed),
-            rtt: s.path.rtt,
+            frames_sent: self.parts.log_tx.frames,
+            frames_received: self.parts.log_rx.frames(),
+            ..self.parts.control.stats()
         }
     }
 
     /// Closes the connection with a reason the peer sees.
     pub fn close(&self, reason: &str) {
-        self.conn.close(VarInt::from_u32(0), reason.as_bytes());
-    }
-
-    /// Raw payload bytes helper for callers that batch frames themselves.
-    pub fn encode(records: &[(u64, Record)]) -> Bytes {
-        let mut b = BytesMut::new();
-        for (e, r) in records {
-            r.encode(*e, &mut b);
-        }
-        b.freeze()
+        self.parts.control.close(reason)
     }
 }

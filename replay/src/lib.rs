@@ -101,6 +101,11 @@ impl Secondary {
         &self.mem
     }
 
+    /// Gives up the standby memory (for a takeover: the new VM runs on it directly).
+    pub fn into_memory(self) -> GuestMemory {
+        self.mem
+    }
+
     /// The committed vCPU and device state.
     pub fn state(&self) -> &CommittedState {
         &self.state
@@ -153,7 +158,7 @@ impl Secondary {
                 offset,
                 data,
             } => self.with_staging(epoch, |s| s.outputs.push((stream, offset, data))),
-            Record::Heartbeat { .. } | Record::Hello(_) => Ok(vec![]),
+            Record::Heartbeat { .. } | Record::Hello(_) | Record::Shutdown { .. } => Ok(vec![]),
             Record::Ack => Err(Error::Protocol("Ack sent to the secondary".into())),
         }
     }

@@ -48,6 +48,11 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// Guest RAM size in MiB given its regions `(gpa, host, len)`.
+pub fn mem_mib_of<T>(regions: &[(u64, T, usize)]) -> u64 {
+    regions.iter().map(|r| r.2 as u64).sum::<u64>() >> 20
+}
+
 /// E820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
 /// E820 type of reserved memory.

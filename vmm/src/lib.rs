@@ -78,6 +78,8 @@ pub enum Error {
     GuestShutdown(u8),
     #[error("state file has {0} vCPUs; the VM has {1}")]
     StateMismatch(usize, usize),
+    #[error("guest memory has {have} bytes; the state needs {expected}")]
+    MemoryMismatch { have: u64, expected: u64 },
     #[error("flushing serial output")]
     Flush(#[source] std::io::Error),
 }
@@ -164,10 +166,29 @@ impl Vmm {
     /// Recreates a VM from a state file written by [`Vmm::save`]. The vCPUs start paused.
     pub fn restore(path: &Path, serial_out: SerialOut, dirty: DirtyTracking) -> Result<Self> {
         let file = persist::open(path)?;
-        let mem_mib = file.state.mem_mib;
-        let mem = memory::create(mem_mib)?;
-        let kvm = KvmVm::new(&mem, dirty)?;
+        let mem = memory::create(file.state.mem_mib)?;
         let state = file.load_memory(&mem)?;
+        Self::from_state(mem, state, serial_out, dirty)
+    }
+
+    /// Recreates a VM from guest memory that already holds its contents and the rest of its
+    /// state (a restored file, or an FT standby taking over). The vCPUs start paused.
+    pub fn from_state(
+        mem: GuestMemory,
+        state: persist::VmState,
+        serial_out: SerialOut,
+        dirty: DirtyTracking,
+    ) -> Result<Self> {
+        let mem_mib = state.mem_mib;
+        let expected: u64 = layout::ram_ranges(mem_mib << 20).iter().map(|r| r.1).sum();
+        let have: u64 = memory::host_regions(&mem).iter().map(|r| r.2 as u64).sum();
+        if state.vcpus.is_empty() || state.vcpus.len() > MAX_VCPUS as usize {
+            return Err(Error::VcpuCount(state.vcpus.len() as u32));
+        }
+        if have != expected {
+            return Err(Error::MemoryMismatch { have, expected });
+        }
+        let kvm = KvmVm::new(&mem, dirty)?;
         kvm.restore(&state.vm)?;
         let devices = Self::devices(&kvm, serial_out, Some(&state.devices.serial))?;
         let mut vcpus = Vec::new();

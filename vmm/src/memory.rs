@@ -62,3 +62,13 @@ pub fn write_bytes(
     use vm_memory::Bytes;
     mem.write_slice(bytes, GuestAddress(addr))
 }
+
+/// Reads guest memory at `addr` into `out`.
+pub fn read_bytes(
+    mem: &GuestMemory,
+    addr: u64,
+    out: &mut [u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    use vm_memory::Bytes;
+    mem.read_slice(out, GuestAddress(addr))
+}

@@ -101,6 +101,18 @@ fn is_zero(page: &[u8]) -> bool {
     pre.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && post.iter().all(|b| *b == 0)
 }
 
+/// Encodes one part of the VM state (a vCPU, the devices, …) for the FT log.
+pub fn encode_part<T: Serialize>(part: &T) -> Result<Vec<u8>, Error> {
+    codec().serialize(part).map_err(Error::Encode)
+}
+
+/// Decodes a part encoded by [`encode_part`]; bounded, never panics on hostile bytes.
+pub fn decode_part<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    codec()
+        .deserialize(bytes)
+        .map_err(|e| corrupt(format!("state part: {e}")))
+}
+
 /// Writes `state` and the contents of `mem` to `path` (atomically: a temp file renamed).
 /// The VM must be paused: guest memory is read in place.
 pub fn save(path: &Path, state: &VmState, mem: &GuestMemory) -> Result<(), Error> {

@@ -1,0 +1,619 @@
+//! `ftvm primary` and `ftvm secondary`: a protected pair.
+//!
+//! The primary runs the guest in epochs. At each epoch boundary it pauses the vCPUs, harvests
+//! the dirty pages, captures vCPU and device state, takes the guest output the epoch produced,
+//! resumes the guest, and streams the epoch to the secondary. That output is **held** until the
+//! secondary acknowledges the epoch (the output rule). The secondary ([`replay::Secondary`])
+//! commits each epoch all-or-nothing into its standby memory and acknowledges it.
+//!
+//! When the secondary loses the primary (link heartbeats stop and the primary's datastore
+//! heartbeat goes stale) it must win the datastore arbitration, then it takes over: it
+//! releases exactly the committed output the outside world has not seen (comparing the
+//! append-only `--serial-out` file's length with the committed output), and runs the VM on
+//! from the last committed epoch. A primary that loses its secondary must win the same
+//! arbitration to go on unprotected; the loser halts. Never two live copies.
+use crate::datastore::Datastore;
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::{Bytes, BytesMut};
+use ft_log::page::{PageData, PageEntry, PAGE_SIZE};
+use ft_log::record::{encode_pages, EpochEnd, EpochHasher};
+use ft_log::{Hello, Record, Role};
+use net::link::{connect, Listener, Parts};
+use net::{Identity, LinkConfig};
+use std::collections::VecDeque;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use vm_memory_bytes::read_page;
+use vmm::persist::{decode_part, encode_part, VmState};
+use vmm::{DirtyTracking, VmConfig, VmEvent, Vmm};
+
+/// Heartbeats on the FT link, each way.
+const HB_INTERVAL: Duration = Duration::from_millis(20);
+/// Link heartbeats missing this long: the peer is lost on the link.
+const HB_TIMEOUT: Duration = Duration::from_millis(500);
+/// The primary's datastore heartbeat period, and the age at which it counts as stale.
+const DS_HB_INTERVAL: Duration = Duration::from_millis(50);
+const DS_HB_STALE: Duration = Duration::from_millis(600);
+/// Epochs streamed but not yet acknowledged before the primary throttles the guest.
+const MAX_IN_FLIGHT: usize = 4;
+/// Device-state ids in the FT log.
+const DEV_KVM: u16 = 0;
+const DEV_VMM: u16 = 1;
+/// Present in an epoch when the guest ended in it; payload: the exit code.
+const DEV_EXIT: u16 = 2;
+/// How long a secondary waits for its primary to connect.
+const PRIMARY_WAIT: Duration = Duration::from_secs(120);
+/// Exit status of a side that lost arbitration and halted.
+pub const HALTED: u8 = 3;
+
+mod vm_memory_bytes {
+    use vmm::memory::GuestMemory;
+    /// Reads the page at `gpa` of `mem`.
+    pub fn read_page(mem: &GuestMemory, gpa: u64, out: &mut [u8]) -> anyhow::Result<()> {
+        use vmm::memory::read_bytes;
+        read_bytes(mem, gpa, out).map_err(|e| anyhow::anyhow!("reading guest page {gpa:#x}: {e}"))
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ft-net")
+        .enable_all()
+        .build()
+        .context("starting the FT link runtime")
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// Heartbeats both ways; `lost` is set when the peer's stop arriving.
+fn spawn_heartbeats(
+    rt: &tokio::runtime::Runtime,
+    parts: &mut Option<(net::link::Sender, net::link::Receiver)>,
+    lost: Arc<AtomicBool>,
+) {
+    let (mut tx, mut rx) = parts.take().expect("heartbeat streams");
+    rt.spawn(async move {
+        let mut seq = 1;
+        while tx.send_heartbeat(seq, now_us()).await.is_ok() {
+            seq += 1;
+            tokio::time::sleep(HB_INTERVAL).await;
+        }
+    });
+    rt.spawn(async move {
+        while rx.recv_heartbeat(HB_TIMEOUT).await.is_ok() {}
+        lost.store(true, Ordering::SeqCst);
+    });
+}
+
+/// Guest console output collected by the serial device, held until released.
+#[derive(Clone, Default)]
+struct HeldOutput(Arc<Mutex<Vec<u8>>>);
+
+impl Write for HeldOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl HeldOutput {
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+    fn is_empty(&self) -> bool {
+        self.0.lock().unwrap().is_empty()
+    }
+}
+
+/// Where released output goes: the append-only file, or stdout.
+fn sink(path: Option<&Path>) -> Result<Box<dyn Write + Send>> {
+    Ok(match path {
+        None => Box::new(std::io::stdout()),
+        Some(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open --serial-out {}", p.display()))?,
+        ),
+    })
+}
+
+/// Settings of `ftvm primary`.
+pub struct PrimaryConfig {
+    pub vm: VmConfig,
+    pub boot: vmm::BootSource,
+    pub peer: SocketAddr,
+    pub datastore: PathBuf,
+    pub serial_out: Option<PathBuf>,
+    pub epoch: Duration,
+    pub min_epoch: Duration,
+}
+
+struct Primary {
+    rt: tokio::runtime::Runtime,
+    vm: Vmm,
+    held: HeldOutput,
+    out: Box<dyn Write + Send>,
+    log_tx: net::link::Sender,
+    acks: mpsc::Receiver<u64>,
+    lost: Arc<AtomicBool>,
+    /// (epoch, output) streamed, not yet acknowledged.
+    pending: VecDeque<(u64, Vec<u8>)>,
+    out_offset: u64,
+    ds: Arc<Datastore>,
+}
+
+/// Runs a protected VM as the primary. Returns the guest's exit code.
+pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
+    let ds = Arc::new(Datastore::open(&cfg.datastore)?);
+    ds.new_session()?;
+    let rt = runtime()?;
+    let held = HeldOutput::default();
+    let vm_cfg = VmConfig {
+        dirty: DirtyTracking::Bitmap,
+        ..cfg.vm
+    };
+    let vm =
+        Vmm::boot(&vm_cfg, &cfg.boot, Box::new(held.clone())).context("cannot create the VM")?;
+    let me = Identity::load_or_create(&ds.keys(), "primary")?;
+    let peer_cert = ds.wait_for_cert("secondary", Duration::from_secs(60))?;
+    let link_cfg = LinkConfig {
+        identity: me,
+        peer_cert,
+        idle_timeout: Duration::from_secs(2),
+    };
+    let hello = Hello {
+        min_version: ft_log::MIN_VERSION,
+        max_version: ft_log::VERSION,
+        role: Role::Primary,
+        vcpus: vm_cfg.vcpus,
+        mem_mib: vm_cfg.mem_mib,
+        vm_id: [0; 16],
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let link = loop {
+        match rt.block_on(connect(cfg.peer, &link_cfg, &hello)) {
+            Ok((link, _, _)) => break link,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("secondary not reachable yet: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e).context(format!("cannot reach the secondary at {}", cfg.peer)),
+        }
+    };
+    let Parts {
+        log_tx,
+        mut log_rx,
+        hb_tx,
+        hb_rx,
+        control: _control,
+    } = link.into_parts();
+    let lost = Arc::new(AtomicBool::new(false));
+    spawn_heartbeats(&rt, &mut Some((hb_tx, hb_rx)), lost.clone());
+    let (ack_tx, acks) = mpsc::channel();
+    let lost2 = lost.clone();
+    rt.spawn(async move {
+        while let Ok((epoch, rec)) = log_rx.recv_record().await {
+            if rec == Record::Ack && ack_tx.send(epoch).is_err() {
+                return;
+            }
+        }
+        lost2.store(true, Ordering::SeqCst);
+    });
+    let ds2 = ds.clone();
+    std::thread::Builder::new()
+        .name("ds-heartbeat".into())
+        .spawn(move || loop {
+            if let Err(e) = ds2.touch_heartbeat("primary") {
+                tracing::warn!("{e:#}");
+            }
+            std::thread::sleep(DS_HB_INTERVAL);
+        })?;
+    let out = sink(cfg.serial_out.as_deref())?;
+    let mut p = Primary {
+        rt,
+        vm,
+        held,
+        out,
+        log_tx,
+        acks,
+        lost,
+        pending: VecDeque::new(),
+        out_offset: 0,
+        ds,
+    };
+    p.run(&cfg)
+}
+
+impl Primary {
+    fn run(&mut self, cfg: &PrimaryConfig) -> Result<u8> {
+        // Epoch 0: the whole initial image, before the guest runs (stop-and-copy sync).
+        self.vm.dirty_pages()?;
+        let all = all_nonzero_pages(self.vm.memory())?;
+        let ended = self.stream_epoch(0, &all, None)?;
+        debug_assert!(!ended);
+        while !self.pending.is_empty() {
+            self.wait_ack()?;
+        }
+        self.vm.resume()?;
+        for epoch in 1.. {
+            // Run the epoch; close it early (after min_epoch) when output is waiting.
+            let t0 = Instant::now();
+            let mut ended = None;
+            loop {
+                if let Some(ev) = self.vm.wait_event(Some(Duration::from_micros(500))) {
+                    ended = Some(ev);
+                    break;
+                }
+                let el = t0.elapsed();
+                if el >= cfg.epoch || (el >= cfg.min_epoch && !self.held.is_empty()) {
+                    break;
+                }
+                self.release_acked();
+                if self.lost.load(Ordering::SeqCst) {
+                    return self.peer_lost();
+                }
+            }
+            self.vm.pause()?;
+            let dirty = self.vm.dirty_pages()?.all();
+            let exit_code = match &ended {
+                None => None,
+                Some(VmEvent::Exit(c)) => Some(*c),
+                Some(other) => bail!("guest stopped: {other:?}"),
+            };
+            self.stream_epoch(epoch, &dirty, exit_code)?;
+            if exit_code.is_none() {
+                self.vm.resume()?;
+            }
+            while self.pending.len() > MAX_IN_FLIGHT {
+                self.wait_ack()?;
+            }
+            self.release_acked();
+            if let Some(code) = exit_code {
+                while !self.pending.is_empty() {
+                    self.wait_ack()?;
+                }
+                let _ = self
+                    .rt
+                    .block_on(self.log_tx.send_record(epoch, &Record::Shutdown { code }));
+                self.vm.stop();
+                return Ok(code);
+            }
+        }
+        unreachable!()
+    }
+
+    /// Captures and streams epoch `epoch` with the given dirty pages; holds its output.
+    fn stream_epoch(&mut self, epoch: u64, pages: &[u64], exit: Option<u8>) -> Result<bool> {
+        let state = self.vm.capture()?;
+        let output = self.held.take();
+        let mem = self.vm.memory();
+        let mut hasher = EpochHasher::new();
+        let mut entries = Vec::with_capacity(pages.len());
+        let mut page = [0u8; PAGE_SIZE];
+        for &gpa in pages {
+            read_page(mem, gpa, &mut page)?;
+            hasher.add(gpa, &page);
+            let data = if page.iter().all(|b| *b == 0) {
+                PageData::Zero
+            } else {
+                PageData::Raw(Bytes::copy_from_slice(&page))
+            };
+            entries.push(PageEntry { gpa, data });
+        }
+        let mut b = BytesMut::new();
+        let mut frames = 0;
+        let mut rec = |r: Record, b: &mut BytesMut| {
+            r.encode(epoch, b);
+            frames += 1;
+        };
+        rec(
+            Record::EpochBegin {
+                vcpus: state.vcpus.len() as u8,
+            },
+            &mut b,
+        );
+        let n_page_frames = encode_pages(&entries, epoch, &mut b);
+        for v in &state.vcpus {
+            rec(
+                Record::VcpuState {
+                    vcpu: v.id,
+                    state: Bytes::from(encode_part(v)?),
+                },
+                &mut b,
+            );
+        }
+        rec(
+            Record::DeviceState {
+                device: DEV_KVM,
+                state: Bytes::from(encode_part(&state.vm)?),
+            },
+            &mut b,
+        );
+        rec(
+            Record::DeviceState {
+                device: DEV_VMM,
+                state: Bytes::from(encode_part(&state.devices)?),
+            },
+            &mut b,
+        );
+        if let Some(code) = exit {
+            rec(
+                Record::DeviceState {
+                    device: DEV_EXIT,
+                    state: Bytes::copy_from_slice(&[code]),
+                },
+                &mut b,
+            );
+        }
+        let end_off = self.out_offset + output.len() as u64;
+        if !output.is_empty() {
+            rec(
+                Record::Output {
+                    stream: 0,
+                    offset: self.out_offset,
+                    data: Bytes::from(output.clone()),
+                },
+                &mut b,
+            );
+        }
+        rec(
+            Record::EpochEnd(EpochEnd {
+                pages: entries.len() as u32,
+                events: 0,
+                page_hash: hasher.finish(),
+                outputs: vec![(0, end_off)],
+            }),
+            &mut b,
+        );
+        let frames = frames + n_page_frames as u64;
+        if let Err(e) = self.rt.block_on(self.log_tx.send_frames(&b, frames)) {
+            tracing::warn!(epoch, "sending the epoch failed: {e}");
+            self.lost.store(true, Ordering::SeqCst);
+        }
+        self.out_offset = end_off;
+        self.pending.push_back((epoch, output));
+        Ok(exit.is_some())
+    }
+
+    /// Releases the output of every acknowledged epoch, in order.
+    fn release_acked(&mut self) {
+        while let Ok(k) = self.acks.try_recv() {
+            self.release_through(k);
+        }
+    }
+
+    fn release_through(&mut self, k: u64) {
+        while self.pending.front().is_some_and(|(e, _)| *e <= k) {
+            let (_, out) = self.pending.pop_front().unwrap();
+            if let Err(e) = self.out.write_all(&out).and_then(|_| self.out.flush()) {
+                tracing::warn!("releasing guest output failed: {e}");
+            }
+        }
+    }
+
+    /// Blocks until one more acknowledgement arrives (or the secondary is lost).
+    fn wait_ack(&mut self) -> Result<()> {
+        loop {
+            match self.acks.recv_timeout(Duration::from_millis(5)) {
+                Ok(k) => {
+                    self.release_through(k);
+                    return Ok(());
+                }
+                Err(_) if self.lost.load(Ordering::SeqCst) => {
+                    let code = self.peer_lost()?;
+                    std::process::exit(code.into());
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// The secondary is gone: win arbitration and run on unprotected, or halt.
+    fn peer_lost(&mut self) -> Result<u8> {
+        let _ = self.vm.pause();
+        if !self.ds.arbitrate("primary")? {
+            eprintln!("ftvm primary: lost the secondary and the arbitration: the secondary is live; halting");
+            self.vm.stop();
+            return Ok(HALTED);
+        }
+        eprintln!("ftvm primary: lost the secondary; continuing unprotected");
+        // Nobody else can show a different future now: release everything held.
+        while let Some((_, out)) = self.pending.pop_front() {
+            let _ = self.out.write_all(&out);
+        }
+        self.vm.resume()?;
+        loop {
+            let ev = self.vm.wait_event(Some(Duration::from_millis(5)));
+            let held = self.held.take();
+            let _ = self.out.write_all(&held);
+            let _ = self.out.flush();
+            if let Some(ev) = ev {
+                let code = self.vm.finish(ev)?;
+                let held = self.held.take();
+                let _ = self.out.write_all(&held);
+                let _ = self.out.flush();
+                return Ok(code);
+            }
+        }
+    }
+}
+
+fn all_nonzero_pages(mem: &vmm::memory::GuestMemory) -> Result<Vec<u64>> {
+    let mut pages = Vec::new();
+    let mut page = [0u8; PAGE_SIZE];
+    for (base, _, len) in vmm::memory::host_regions(mem) {
+        for off in (0..len as u64).step_by(PAGE_SIZE) {
+            read_page(mem, base + off, &mut page)?;
+            if page.iter().any(|b| *b != 0) {
+                pages.push(base + off);
+            }
+        }
+    }
+    Ok(pages)
+}
+
+/// Settings of `ftvm secondary`.
+pub struct SecondaryConfig {
+    pub listen: SocketAddr,
+    pub datastore: PathBuf,
+    pub serial_out: Option<PathBuf>,
+}
+
+/// Runs the standby. Returns the guest's exit code (after a takeover, or when the primary
+/// reports the guest ended), or [`HALTED`] if it lost the arbitration.
+pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
+    let ds = Datastore::open(&cfg.datastore)?;
+    let rt = runtime()?;
+    let me = Identity::load_or_create(&ds.keys(), "secondary")?;
+    let peer_cert = ds.wait_for_cert("primary", Duration::from_secs(120))?;
+    let link_cfg = LinkConfig {
+        identity: me,
+        peer_cert,
+        idle_timeout: Duration::from_secs(2),
+    };
+    let hello = Hello {
+        min_version: ft_log::MIN_VERSION,
+        max_version: ft_log::VERSION,
+        role: Role::Secondary,
+        vcpus: 0,
+        mem_mib: 0,
+        vm_id: [0; 16],
+    };
+    let listener = rt.block_on(async { Listener::bind(cfg.listen, &link_cfg) })?;
+    eprintln!("ftvm secondary: listening on {}", listener.local_addr());
+    let (link, peer, _) = rt
+        .block_on(async { tokio::time::timeout(PRIMARY_WAIT, listener.accept(&hello)).await })
+        .map_err(|_| anyhow!("no primary connected within {PRIMARY_WAIT:?}"))??;
+    vmm::check_vcpus(u32::from(peer.vcpus))?;
+    let mem = vmm::memory::create(peer.mem_mib).context("the primary's guest memory size")?;
+    let mut sec = replay::Secondary::new(mem);
+    let Parts {
+        mut log_tx,
+        mut log_rx,
+        hb_tx,
+        hb_rx,
+        control: _control,
+    } = link.into_parts();
+    let lost = Arc::new(AtomicBool::new(false));
+    spawn_heartbeats(&rt, &mut Some((hb_tx, hb_rx)), lost.clone());
+    // Receive and commit epochs until the primary is gone or the guest ended.
+    let outcome: Result<Option<u8>> = rt.block_on(async {
+        loop {
+            let rec = tokio::select! {
+                r = log_rx.recv_record() => r,
+                _ = wait_flag(&lost) => return Ok(None),
+            };
+            match rec {
+                Ok((_, Record::Shutdown { code })) => return Ok(Some(code)),
+                Ok((e, r)) => match sec.on_record(e, r) {
+                    Ok(actions) => {
+                        for replay::Action::Ack(k) in actions {
+                            if log_tx.send_record(k, &Record::Ack).await.is_err() {
+                                return Ok(None);
+                            }
+                        }
+                    }
+                    Err(err) => tracing::warn!("{err}"),
+                },
+                Err(e) => {
+                    tracing::info!("FT link lost: {e}");
+                    return Ok(None);
+                }
+            }
+        }
+    });
+    if let Some(code) = outcome? {
+        eprintln!("ftvm secondary: the guest ended on the primary (exit {code})");
+        return Ok(code);
+    }
+    // The primary is lost on the link. Give a primary that is still alive (its datastore
+    // heartbeat is fresh) the chance to win the arbitration first.
+    let t = Instant::now();
+    while ds.heartbeat_age("primary").is_some_and(|a| a < DS_HB_STALE)
+        && t.elapsed() < 4 * DS_HB_STALE
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !ds.arbitrate("secondary")? {
+        eprintln!(
+            "ftvm secondary: lost the primary on the link but it won the arbitration; halting"
+        );
+        return Ok(HALTED);
+    }
+    drop(rt);
+    takeover(sec, cfg.serial_out.as_deref())
+}
+
+async fn wait_flag(flag: &AtomicBool) {
+    while !flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Goes live on the last committed epoch.
+fn takeover(sec: replay::Secondary, serial_out: Option<&Path>) -> Result<u8> {
+    let epoch = sec.committed_epoch().ok_or_else(|| {
+        anyhow!("the primary was lost before the initial sync completed; nothing to take over")
+    })?;
+    eprintln!("ftvm secondary: taking over at epoch {epoch}");
+    let st = sec.state();
+    let mut vcpus = Vec::new();
+    for blob in st.vcpus.values() {
+        vcpus.push(decode_part::<vmm::vstate::vcpu::VcpuState>(blob)?);
+    }
+    let part = |id| {
+        st.devices
+            .get(&id)
+            .ok_or_else(|| anyhow!("committed state lacks device {id}"))
+    };
+    let vm = decode_part(part(DEV_KVM)?)?;
+    let devices = decode_part(part(DEV_VMM)?)?;
+    let exit = st.devices.get(&DEV_EXIT).and_then(|b| b.first().copied());
+    // Release exactly the committed output the outside world has not seen.
+    let mut out = sink(serial_out)?;
+    let released = match serial_out {
+        Some(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+        None => sec.output().end(0), // stdout: what it showed cannot be known; do not repeat
+    };
+    let missing = sec.output().unreleased(0, released).ok_or_else(|| {
+        anyhow!(
+            "--serial-out holds {released} bytes, more than the committed output ({})",
+            sec.output().end(0)
+        )
+    })?;
+    out.write_all(missing)?;
+    out.flush()?;
+    if let Some(code) = exit {
+        return Ok(code);
+    }
+    let mem_mib = vmm::layout::mem_mib_of(&vmm::memory::host_regions(sec.memory()));
+    let state = VmState {
+        mem_mib,
+        vcpus,
+        vm,
+        devices,
+    };
+    let mut vm = Vmm::from_state(sec.into_memory(), state, out, DirtyTracking::Off)?;
+    vm.resume()?;
+    let ev = vm.wait_event(None).unwrap_or(VmEvent::Error {
+        vcpu: 0,
+        msg: "all vCPUs gone".into(),
+    });
+    Ok(vm.finish(ev)?)
+}

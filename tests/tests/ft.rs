@@ -1,0 +1,210 @@
+//! A protected pair on the real KVM: `ftvm secondary` + `ftvm primary` as real processes on
+//! loopback, with a shared datastore directory.
+use ftvm_tests::{counter_output, ftvm_bin, require_kvm, Rng, TempDir};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// FT tests run one at a time: two pairs sharing 2 cores could starve heartbeats.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Waits until the pair is protecting and releasing output (the console has a first line).
+fn wait_protected(dir: &TempDir, pair: &mut Pair) {
+    let t = Instant::now();
+    while console(dir).is_empty() {
+        if let Some(st) = pair.primary.try_wait().unwrap() {
+            panic!(
+                "primary exited early ({st}): {}",
+                pair.primary.wait_with_output_ref()
+            );
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the pair never released output"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Pair {
+    secondary: Child,
+    primary: Child,
+}
+
+fn start_pair(dir: &TempDir, guest: &str, cmdline: &str) -> Pair {
+    let port = free_udp_port();
+    let addr = format!("127.0.0.1:{port}");
+    let ds = dir.path("ds");
+    let console = ds.join("console.txt");
+    let secondary = Command::new(ftvm_bin())
+        .args(["secondary", "--listen", &addr, "--datastore"])
+        .arg(&ds)
+        .arg("--serial-out")
+        .arg(&console)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let primary = Command::new(ftvm_bin())
+        .args([
+            "primary",
+            "--guest",
+            guest,
+            "--cmdline",
+            cmdline,
+            "--peer",
+            &addr,
+            "--datastore",
+        ])
+        .arg(&ds)
+        .arg("--serial-out")
+        .arg(&console)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Pair { secondary, primary }
+}
+
+fn wait(child: &mut Child, timeout: Duration, what: &str) -> ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if t.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output_ref();
+            panic!("{what} did not finish within {timeout:?}: {out}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+trait StderrText {
+    fn wait_with_output_ref(&mut self) -> String;
+}
+
+impl StderrText for Child {
+    fn wait_with_output_ref(&mut self) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(mut e) = self.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+fn console(dir: &TempDir) -> String {
+    std::fs::read_to_string(dir.path("ds").join("console.txt")).unwrap_or_default()
+}
+
+#[test]
+fn protected_counter_without_failure_prints_everything_once() {
+    require_kvm!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("ft-clean");
+    let mut pair = start_pair(&dir, "counter", "count=200 rate=0");
+    let p = wait(&mut pair.primary, Duration::from_secs(60), "primary");
+    let s = wait(&mut pair.secondary, Duration::from_secs(30), "secondary");
+    assert_eq!(
+        p.code(),
+        Some(0),
+        "primary: {}",
+        pair.primary.wait_with_output_ref()
+    );
+    assert_eq!(
+        s.code(),
+        Some(0),
+        "secondary: {}",
+        pair.secondary.wait_with_output_ref()
+    );
+    assert_eq!(console(&dir), counter_output(200));
+}
+
+/// The continuity scenario: the primary is SIGKILLed at a random moment; the secondary takes
+/// over and the shared console file holds 1..N, each exactly once, in order.
+#[test]
+fn counter_survives_sigkill_of_the_primary_at_20_random_moments() {
+    require_kvm!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = Rng::from_env("ft_continuity");
+    const N: u64 = 300;
+    let mut took_over = 0;
+    for round in 0..20 {
+        let dir = TempDir::new("ft-kill");
+        let mut pair = start_pair(&dir, "counter", &format!("count={N} rate=200"));
+        wait_protected(&dir, &mut pair);
+        let ms = rng.range(0, 1500);
+        std::thread::sleep(Duration::from_millis(ms));
+        let _ = pair.primary.kill(); // SIGKILL
+        let _ = pair.primary.wait();
+        let s = wait(&mut pair.secondary, Duration::from_secs(60), "secondary");
+        let err = pair.secondary.wait_with_output_ref();
+        assert_eq!(
+            s.code(),
+            Some(0),
+            "round {round} (kill at {ms} ms): secondary: {err}"
+        );
+        assert_eq!(
+            console(&dir),
+            counter_output(N),
+            "round {round}: killed at {ms} ms; secondary: {err}"
+        );
+        took_over += err.contains("taking over") as u32;
+        eprintln!(
+            "round {round}: killed {ms} ms into the run: {}",
+            err.lines().last().unwrap_or("")
+        );
+    }
+    assert!(
+        took_over >= 15,
+        "only {took_over} of 20 kills hit a running guest"
+    );
+}
+
+#[test]
+fn dirtier_checksum_after_failover_equals_uninterrupted_run() {
+    require_kvm!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cmdline = "mib=16 pages_per_sec=4000 secs=2";
+    let plain = Command::new(ftvm_bin())
+        .args(["run", "--guest", "dirtier", "--cmdline", cmdline])
+        .output()
+        .unwrap();
+    assert_eq!(plain.status.code(), Some(0));
+    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    let mut rng = Rng::from_env("ft_dirtier");
+    for round in 0..3 {
+        let dir = TempDir::new("ft-dirtier");
+        let mut pair = start_pair(&dir, "dirtier", cmdline);
+        // The dirtier prints only at the end: wait for the primary's datastore heartbeat.
+        let t = Instant::now();
+        while !dir.path("ds").join("primary.heartbeat").exists()
+            && t.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ms = rng.range(300, 1500);
+        std::thread::sleep(Duration::from_millis(ms));
+        let _ = pair.primary.kill();
+        let _ = pair.primary.wait();
+        let s = wait(&mut pair.secondary, Duration::from_secs(60), "secondary");
+        let err = pair.secondary.wait_with_output_ref();
+        assert_eq!(s.code(), Some(0), "round {round}: {err}");
+        assert!(
+            err.contains("taking over"),
+            "round {round}: killed at {ms} ms but no takeover: {err}"
+        );
+        assert_eq!(console(&dir), expected, "round {round}: killed at {ms} ms");
+    }
+}
