@@ -277,11 +277,13 @@ impl Primary {
                 Some(other) => bail!("guest stopped: {other:?}"),
             };
             self.stream_epoch(epoch, &dirty, exit_code)?;
-            if exit_code.is_none() {
-                self.vm.resume()?;
-            }
+            // Backpressure: with too many epochs unacknowledged the guest stays paused until
+            // the secondary catches up, rather than the primary buffering without bound.
             while self.pending.len() > MAX_IN_FLIGHT {
                 self.wait_ack()?;
+            }
+            if exit_code.is_none() {
+                self.vm.resume()?;
             }
             self.release_acked();
             if let Some(code) = exit_code {

@@ -139,8 +139,13 @@ fn counter_survives_sigkill_of_the_primary_at_20_random_moments() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = Rng::from_env("ft_continuity");
     const N: u64 = 300;
+    // FTVM_FT_ROUNDS=200 turns this into the soak run.
+    let rounds: u32 = std::env::var("FTVM_FT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     let mut took_over = 0;
-    for round in 0..20 {
+    for round in 0..rounds {
         let dir = TempDir::new("ft-kill");
         let mut pair = start_pair(&dir, "counter", &format!("count={N} rate=200"));
         wait_protected(&dir, &mut pair);
@@ -207,4 +212,122 @@ fn dirtier_checksum_after_failover_equals_uninterrupted_run() {
         );
         assert_eq!(console(&dir), expected, "round {round}: killed at {ms} ms");
     }
+}
+
+/// Two network namespaces joined by a veth pair: the primary's host and the secondary's.
+struct Hosts {
+    a: String,
+    b: String,
+    link_a: String,
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Hosts {
+    fn new(tag: u32) -> Self {
+        let (a, b) = (format!("ftvm-a{tag}"), format!("ftvm-b{tag}"));
+        let (va, vb) = (format!("fva{tag}"), format!("fvb{tag}"));
+        let _ = Command::new("ip").args(["netns", "del", &a]).output();
+        let _ = Command::new("ip").args(["netns", "del", &b]).output();
+        sh(&["ip", "netns", "add", &a]);
+        sh(&["ip", "netns", "add", &b]);
+        sh(&[
+            "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
+        ]);
+        sh(&["ip", "link", "set", &va, "netns", &a]);
+        sh(&["ip", "link", "set", &vb, "netns", &b]);
+        sh(&["ip", "-n", &a, "addr", "add", "10.231.0.1/24", "dev", &va]);
+        sh(&["ip", "-n", &b, "addr", "add", "10.231.0.2/24", "dev", &vb]);
+        for (ns, dev) in [(&a, &va), (&b, &vb)] {
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        Hosts { a, b, link_a: va }
+    }
+    fn cut(&self) {
+        sh(&["ip", "-n", &self.a, "link", "set", &self.link_a, "down"]);
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.a]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.b]).output();
+    }
+}
+
+/// No split brain: the FT link is cut while both processes live; exactly one side stays live
+/// (the primary, whose datastore heartbeat is fresh, wins the arbitration; the secondary halts),
+/// and the console still holds 1..N exactly once.
+#[test]
+fn link_cut_leaves_exactly_one_live_side() {
+    require_kvm!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let hosts = Hosts::new(std::process::id() % 10_000);
+    let dir = TempDir::new("ft-cut");
+    let ds = dir.path("ds");
+    let console_path = ds.join("console.txt");
+    let in_ns = |ns: &str| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(ftvm_bin());
+        c
+    };
+    let secondary = in_ns(&hosts.b)
+        .args(["secondary", "--listen", "10.231.0.2:47100", "--datastore"])
+        .arg(&ds)
+        .arg("--serial-out")
+        .arg(&console_path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let primary = in_ns(&hosts.a)
+        .args([
+            "primary",
+            "--guest",
+            "counter",
+            "--cmdline",
+            "count=400 rate=200",
+            "--peer",
+            "10.231.0.2:47100",
+        ])
+        .arg("--datastore")
+        .arg(&ds)
+        .arg("--serial-out")
+        .arg(&console_path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pair = Pair { secondary, primary };
+    wait_protected(&dir, &mut pair);
+    std::thread::sleep(Duration::from_millis(300));
+    hosts.cut();
+    let p = wait(&mut pair.primary, Duration::from_secs(60), "primary");
+    let s = wait(&mut pair.secondary, Duration::from_secs(60), "secondary");
+    let (perr, serr) = (
+        pair.primary.wait_with_output_ref(),
+        pair.secondary.wait_with_output_ref(),
+    );
+    let live = [p.code() == Some(0), s.code() == Some(0)];
+    assert_eq!(
+        live.iter().filter(|l| **l).count(),
+        1,
+        "primary {p} ({perr}); secondary {s} ({serr})"
+    );
+    assert_eq!(p.code(), Some(0), "the primary should have won: {perr}");
+    assert_eq!(
+        s.code(),
+        Some(3),
+        "the secondary should have halted: {serr}"
+    );
+    assert_eq!(console(&dir), counter_output(400));
 }
