@@ -25,6 +25,10 @@ impl Datastore {
         })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn keys(&self) -> PathBuf {
         self.dir.join("keys")
     }

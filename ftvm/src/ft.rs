@@ -12,6 +12,7 @@
 //! append-only `--serial-out` file's length with the committed output), and runs the VM on
 //! from the last committed epoch. A primary that loses its secondary must win the same
 //! arbitration to go on unprotected; the loser halts. Never two live copies.
+use crate::ctl::{self, Status};
 use crate::datastore::Datastore;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
@@ -156,6 +157,15 @@ struct Primary {
     pending: VecDeque<(u64, Vec<u8>)>,
     out_offset: u64,
     ds: Arc<Datastore>,
+    control: net::link::Control,
+    status: Arc<Mutex<Status>>,
+    rate_mark: (Instant, u64),
+}
+
+/// `ftvm ctl test-failover`: the primary fails the way a dying host does, all at once.
+fn fail_now() {
+    // SAFETY: sending SIGKILL to ourselves has no memory-safety implications.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
 }
 
 /// Runs a protected VM as the primary. Returns the guest's exit code.
@@ -201,8 +211,18 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         mut log_rx,
         hb_tx,
         hb_rx,
-        control: _control,
+        control,
     } = link.into_parts();
+    let status = Arc::new(Mutex::new(Status {
+        role: "primary",
+        protected: true,
+        ..Default::default()
+    }));
+    ctl::serve(
+        ctl::socket_path(ds.path(), "primary"),
+        status.clone(),
+        Some(fail_now),
+    )?;
     let lost = Arc::new(AtomicBool::new(false));
     spawn_heartbeats(&rt, &mut Some((hb_tx, hb_rx)), lost.clone());
     let (ack_tx, acks) = mpsc::channel();
@@ -236,6 +256,9 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         pending: VecDeque::new(),
         out_offset: 0,
         ds,
+        control,
+        status,
+        rate_mark: (Instant::now(), 0),
     };
     p.run(&cfg)
 }
@@ -269,6 +292,7 @@ impl Primary {
                     return self.peer_lost();
                 }
             }
+            let paused_at = Instant::now();
             self.vm.pause()?;
             let dirty = self.vm.dirty_pages()?.all();
             let exit_code = match &ended {
@@ -285,6 +309,7 @@ impl Primary {
             if exit_code.is_none() {
                 self.vm.resume()?;
             }
+            self.update_status(epoch, paused_at.elapsed());
             self.release_acked();
             if let Some(code) = exit_code {
                 while !self.pending.is_empty() {
@@ -393,6 +418,20 @@ impl Primary {
         Ok(exit.is_some())
     }
 
+    fn update_status(&mut self, epoch: u64, pause: Duration) {
+        let sent = self.control.stats().bytes_sent;
+        let (t, b) = self.rate_mark;
+        let mut st = self.status.lock().unwrap();
+        st.epoch = epoch;
+        st.lag_epochs = self.pending.len() as u64;
+        st.bytes_sent = sent;
+        st.last_pause_us = pause.as_micros() as u64;
+        if t.elapsed() >= Duration::from_secs(1) {
+            st.bytes_per_sec = ((sent - b) as f64 / t.elapsed().as_secs_f64()) as u64;
+            self.rate_mark = (Instant::now(), sent);
+        }
+    }
+
     /// Releases the output of every acknowledged epoch, in order.
     fn release_acked(&mut self) {
         while let Ok(k) = self.acks.try_recv() {
@@ -435,6 +474,11 @@ impl Primary {
             return Ok(HALTED);
         }
         eprintln!("ftvm primary: lost the secondary; continuing unprotected");
+        {
+            let mut st = self.status.lock().unwrap();
+            st.protected = false;
+            st.note = "secondary lost; running unprotected".into();
+        }
         // Nobody else can show a different future now: release everything held.
         while let Some((_, out)) = self.pending.pop_front() {
             let _ = self.out.write_all(&out);
@@ -505,6 +549,16 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     vmm::check_vcpus(u32::from(peer.vcpus))?;
     let mem = vmm::memory::create(peer.mem_mib).context("the primary's guest memory size")?;
     let mut sec = replay::Secondary::new(mem);
+    let status = Arc::new(Mutex::new(Status {
+        role: "secondary",
+        protected: true,
+        ..Default::default()
+    }));
+    ctl::serve(
+        ctl::socket_path(ds.path(), "secondary"),
+        status.clone(),
+        None,
+    )?;
     let Parts {
         mut log_tx,
         mut log_rx,
@@ -526,6 +580,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
                 Ok((e, r)) => match sec.on_record(e, r) {
                     Ok(actions) => {
                         for replay::Action::Ack(k) in actions {
+                            status.lock().unwrap().epoch = k;
                             if log_tx.send_record(k, &Record::Ack).await.is_err() {
                                 return Ok(None);
                             }
@@ -559,6 +614,12 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
         return Ok(HALTED);
     }
     drop(rt);
+    {
+        let mut st = status.lock().unwrap();
+        st.role = "primary";
+        st.protected = false;
+        st.note = format!("took over at epoch {}", sec.committed_epoch().unwrap_or(0));
+    }
     takeover(sec, cfg.serial_out.as_deref())
 }
 

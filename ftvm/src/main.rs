@@ -3,6 +3,7 @@
 //!
 //! Exit status: a guest run exits with the guest's own exit code; an ftvm error prints one
 //! `ftvm: error: …` line (with its causes) and exits 1; a usage error exits 2.
+mod ctl;
 mod datastore;
 mod ft;
 
@@ -55,8 +56,26 @@ enum Cmd {
         guest ended on the primary); 3 if it lost the arbitration and halted; 1 on an ftvm error."
     )]
     Secondary(SecondaryArgs),
+    /// Drive a running pair: `status` (epoch, lag, bytes/s, protected or not) or
+    /// `test-failover` (fail the primary as a dying host would; the secondary takes over).
+    Ctl(CtlArgs),
     /// List the built-in test guests.
     Guests,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The pair's shared datastore directory.
+    #[arg(long, value_name = "DIR")]
+    datastore: PathBuf,
+    #[arg(value_enum)]
+    command: CtlCommand,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CtlCommand {
+    Status,
+    TestFailover,
 }
 
 #[derive(Args)]
@@ -218,6 +237,43 @@ fn run(a: RunArgs) -> Result<u8> {
     Ok(vm.finish(ev)?)
 }
 
+fn run_ctl(a: CtlArgs) -> Result<u8> {
+    match a.command {
+        CtlCommand::Status => {
+            let mut any = false;
+            for role in ["primary", "secondary"] {
+                if let Ok(line) = ctl::request(&a.datastore, role, ctl::Request::Status) {
+                    println!("{role}: {line}");
+                    any = true;
+                }
+            }
+            if !any {
+                bail!("neither side answers on {}/ctl-*.sock (is a pair running with this --datastore?)", a.datastore.display());
+            }
+            Ok(0)
+        }
+        CtlCommand::TestFailover => {
+            let t0 = std::time::Instant::now();
+            let reply = ctl::request(&a.datastore, "primary", ctl::Request::TestFailover)?;
+            println!("primary: {reply}");
+            // The secondary answers as the new primary once it has taken over.
+            while t0.elapsed() < Duration::from_secs(30) {
+                if let Ok(line) = ctl::request(&a.datastore, "secondary", ctl::Request::Status) {
+                    if line.starts_with("role=primary") {
+                        println!(
+                            "secondary is live after {} ms: {line}",
+                            t0.elapsed().as_millis()
+                        );
+                        return Ok(0);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            bail!("the secondary did not go live within 30 s")
+        }
+    }
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -250,6 +306,7 @@ fn main() {
             datastore: a.datastore,
             serial_out: a.serial_out,
         }),
+        Cmd::Ctl(a) => run_ctl(a),
         Cmd::Guests => {
             for g in guests::ALL {
                 println!("{:<10} {}", g.name, g.summary);

@@ -331,3 +331,67 @@ fn link_cut_leaves_exactly_one_live_side() {
     );
     assert_eq!(console(&dir), counter_output(400));
 }
+
+/// `ftvm ctl status` and `ftvm ctl test-failover` on a running pair.
+#[test]
+fn ctl_status_and_test_failover_on_a_running_pair() {
+    require_kvm!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("ft-ctl");
+    let mut pair = start_pair(&dir, "counter", "count=400 rate=200");
+    wait_protected(&dir, &mut pair);
+    let ds = dir.path("ds");
+    let ctl = |cmd: &str| {
+        Command::new(ftvm_bin())
+            .args(["ctl", "--datastore"])
+            .arg(&ds)
+            .arg(cmd)
+            .output()
+            .unwrap()
+    };
+    let st = ctl("status");
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert_eq!(
+        st.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(
+        text.contains("primary: role=primary protected=true"),
+        "{text}"
+    );
+    assert!(
+        text.contains("secondary: role=secondary protected=true"),
+        "{text}"
+    );
+    let fo = ctl("test-failover");
+    let text = String::from_utf8_lossy(&fo.stdout);
+    assert_eq!(
+        fo.status.code(),
+        Some(0),
+        "{text} {}",
+        String::from_utf8_lossy(&fo.stderr)
+    );
+    assert!(text.contains("secondary is live after"), "{text}");
+    let p = wait(&mut pair.primary, Duration::from_secs(10), "primary");
+    assert_eq!(
+        p.code(),
+        None,
+        "the primary must have died by SIGKILL, not exited: {p}"
+    );
+    let s = wait(&mut pair.secondary, Duration::from_secs(60), "secondary");
+    assert_eq!(
+        s.code(),
+        Some(0),
+        "{}",
+        pair.secondary.wait_with_output_ref()
+    );
+    assert_eq!(console(&dir), counter_output(400));
+    let bad = ctl("status");
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "no side should answer once the VM has ended"
+    );
+}
