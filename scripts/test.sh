@@ -15,6 +15,21 @@ fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt || true
 
+# A real Linux kernel for the boot-protocol test: Debian's kernel package, unpacked (no install).
+if [ -z "${FTVM_LINUX_KERNEL:-}" ]; then
+    kdir=target/linux
+    if ! ls "$kdir"/boot/vmlinuz-* >/dev/null 2>&1; then
+        echo "==> fetching Debian's kernel package for the Linux boot test"
+        mkdir -p "$kdir"
+        [ "$(id -u)" -eq 0 ] && apt-get update -qq || true
+        pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+        (cd "$kdir" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb --fsys-tarfile ./*.deb | tar -x ./boot/ && rm -f ./*.deb) \
+            || echo "warning: could not fetch $pkg; the real-kernel test will fail" >&2
+    fi
+    FTVM_LINUX_KERNEL=$(ls "$PWD/$kdir"/boot/vmlinuz-* 2>/dev/null | head -1)
+    export FTVM_LINUX_KERNEL
+fi
+
 if [ ! -w /dev/kvm ] && [ "${FTVM_SKIP_KVM_TESTS:-}" != 1 ]; then
     echo "warning: /dev/kvm is not usable by $(id -un); KVM tests will fail (FTVM_SKIP_KVM_TESTS=1 skips them)" >&2
 fi

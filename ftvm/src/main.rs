@@ -58,6 +58,7 @@ enum Cmd {
     Secondary(SecondaryArgs),
     /// Drive a running pair: `status` (epoch, lag, bytes/s, protected or not) or
     /// `test-failover` (fail the primary as a dying host would; the secondary takes over).
+    /// `test-restart-secondary`, `ft-off`, `suspend` and `resume` are not implemented yet.
     Ctl(CtlArgs),
     /// List the built-in test guests.
     Guests,
@@ -76,6 +77,14 @@ struct CtlArgs {
 enum CtlCommand {
     Status,
     TestFailover,
+    /// Not implemented yet.
+    TestRestartSecondary,
+    /// Not implemented yet.
+    FtOff,
+    /// Not implemented yet.
+    Suspend,
+    /// Not implemented yet.
+    Resume,
 }
 
 #[derive(Args)]
@@ -270,6 +279,15 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
                 std::thread::sleep(Duration::from_millis(5));
             }
             bail!("the secondary did not go live within 30 s")
+        }
+        CtlCommand::TestRestartSecondary
+        | CtlCommand::FtOff
+        | CtlCommand::Suspend
+        | CtlCommand::Resume => {
+            let word = clap::ValueEnum::to_possible_value(&a.command)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            bail!("`ftvm ctl {word}` is not implemented yet: it needs a secondary to join a running VM (see the README's Status)")
         }
     }
 }

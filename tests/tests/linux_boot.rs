@@ -49,3 +49,47 @@ fn bzimage_reaches_64bit_entry_with_boot_params_in_rsi() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A real Linux kernel: Debian's `linux-image-*-amd64` bzImage (fetched by
+/// `scripts/test.sh` into `FTVM_LINUX_KERNEL`). It cannot boot in useful time on a PVM host,
+/// but after two seconds from its 64-bit entry the vCPU must still be in long mode, running
+/// kernel code elsewhere in guest RAM, with no triple fault or KVM error.
+#[test]
+fn debian_kernel_runs_from_its_64bit_entry() {
+    require_kvm!();
+    let path = std::env::var_os("FTVM_LINUX_KERNEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "FTVM_LINUX_KERNEL is not set: scripts/test.sh fetches Debian's kernel and sets it"
+            )
+        });
+    let image = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let src = vmm::BootSource::Kernel {
+        image,
+        initrd: None,
+        cmdline: "console=ttyS0 earlyprintk=ttyS0".into(),
+    };
+    let cfg = vmm::VmConfig {
+        vcpus: 1,
+        mem_mib: 256,
+        dirty: vmm::DirtyTracking::Off,
+    };
+    let mut vm =
+        vmm::Vmm::boot(&cfg, &src, Box::new(std::io::sink())).expect("boot the Debian kernel");
+    let entry = vmm::layout::HIMEM_START + 0x200;
+    vm.resume().unwrap();
+    let ev = vm.wait_event(Some(std::time::Duration::from_secs(2)));
+    assert_eq!(ev, None, "the kernel stopped: {ev:?}");
+    let st = vm.capture().unwrap();
+    let v = &st.vcpus[0];
+    let (rip, efer, cs_l) = (v.regs.rip, v.sregs.efer, v.sregs.cs.l);
+    assert_ne!(efer & (1 << 10), 0, "left long mode (EFER {efer:#x})");
+    assert_eq!(cs_l, 1, "not in a 64-bit code segment");
+    assert_ne!(rip, entry, "never left the entry point");
+    assert!(
+        (vmm::layout::HIMEM_START..256 << 20).contains(&rip),
+        "RIP {rip:#x} outside guest RAM"
+    );
+    vm.stop();
+}
