@@ -446,9 +446,12 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("foundation") => foundation(&args[1..]),
+        Some("ft") => ft::run(&args[1..]),
         _ => {
-            eprintln!("usage: ftvm-bench foundation [--runs N] [--sizes 64,256,1024]");
+            eprintln!("usage: ftvm-bench foundation [--runs N] [--sizes 64,256,1024]\n       ftvm-bench ft [--runs N] [--jobs J]");
             std::process::exit(2);
         }
     }
 }
+
+mod ft;

@@ -34,12 +34,12 @@ use vmm::persist::{decode_part, encode_part, VmState};
 use vmm::{DirtyTracking, VmConfig, VmEvent, Vmm};
 
 /// Heartbeats on the FT link, each way.
-const HB_INTERVAL: Duration = Duration::from_millis(20);
+const HB_INTERVAL: Duration = Duration::from_millis(10);
 /// Link heartbeats missing this long: the peer is lost on the link.
-const HB_TIMEOUT: Duration = Duration::from_millis(500);
+const HB_TIMEOUT: Duration = Duration::from_millis(150);
 /// The primary's datastore heartbeat period, and the age at which it counts as stale.
-const DS_HB_INTERVAL: Duration = Duration::from_millis(50);
-const DS_HB_STALE: Duration = Duration::from_millis(600);
+const DS_HB_INTERVAL: Duration = Duration::from_millis(20);
+const DS_HB_STALE: Duration = Duration::from_millis(200);
 /// Epochs streamed but not yet acknowledged before the primary throttles the guest.
 const MAX_IN_FLIGHT: usize = 4;
 /// Device-state ids in the FT log.
@@ -134,6 +134,17 @@ fn sink(path: Option<&Path>) -> Result<Box<dyn Write + Send>> {
     })
 }
 
+/// One epoch as captured while the guest was paused.
+struct Snapshot {
+    epoch: u64,
+    state: VmState,
+    pages: Vec<u64>,
+    /// The pages' contents, back to back.
+    data: Bytes,
+    output: Vec<u8>,
+    exit: Option<u8>,
+}
+
 /// Settings of `ftvm primary`.
 pub struct PrimaryConfig {
     pub vm: VmConfig,
@@ -160,6 +171,9 @@ struct Primary {
     control: net::link::Control,
     status: Arc<Mutex<Status>>,
     rate_mark: (Instant, u64),
+    /// Per epoch: (pause, dirty pages) for the exit summary.
+    epochs: Vec<(Duration, usize)>,
+    started: Instant,
 }
 
 /// `ftvm ctl test-failover`: the primary fails the way a dying host does, all at once.
@@ -259,6 +273,8 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         control,
         status,
         rate_mark: (Instant::now(), 0),
+        epochs: Vec::new(),
+        started: Instant::now(),
     };
     p.run(&cfg)
 }
@@ -268,10 +284,12 @@ impl Primary {
         // Epoch 0: the whole initial image, before the guest runs (stop-and-copy sync).
         self.vm.dirty_pages()?;
         let all = all_nonzero_pages(self.vm.memory())?;
-        let ended = self.stream_epoch(0, &all, None)?;
-        debug_assert!(!ended);
+        let snap = self.snapshot(0, &all, None)?;
+        self.stream(snap)?;
         while !self.pending.is_empty() {
-            self.wait_ack()?;
+            if !self.wait_ack() {
+                return self.peer_lost(None);
+            }
         }
         self.vm.resume()?;
         for epoch in 1.. {
@@ -289,7 +307,7 @@ impl Primary {
                 }
                 self.release_acked();
                 if self.lost.load(Ordering::SeqCst) {
-                    return self.peer_lost();
+                    return self.peer_lost(None);
                 }
             }
             let paused_at = Instant::now();
@@ -300,46 +318,86 @@ impl Primary {
                 Some(VmEvent::Exit(c)) => Some(*c),
                 Some(other) => bail!("guest stopped: {other:?}"),
             };
-            self.stream_epoch(epoch, &dirty, exit_code)?;
+            let snap = self.snapshot(epoch, &dirty, exit_code)?;
             // Backpressure: with too many epochs unacknowledged the guest stays paused until
             // the secondary catches up, rather than the primary buffering without bound.
+            // (`pending` already holds this epoch's output.)
             while self.pending.len() > MAX_IN_FLIGHT {
-                self.wait_ack()?;
+                if !self.wait_ack() {
+                    return self.peer_lost(exit_code);
+                }
             }
             if exit_code.is_none() {
                 self.vm.resume()?;
             }
-            self.update_status(epoch, paused_at.elapsed());
+            let pause = paused_at.elapsed();
+            self.stream(snap)?;
+            self.epochs.push((pause, dirty.len()));
+            self.update_status(epoch, pause);
             self.release_acked();
             if let Some(code) = exit_code {
                 while !self.pending.is_empty() {
-                    self.wait_ack()?;
+                    if !self.wait_ack() {
+                        return self.peer_lost(exit_code);
+                    }
                 }
                 let _ = self
                     .rt
                     .block_on(self.log_tx.send_record(epoch, &Record::Shutdown { code }));
                 self.vm.stop();
+                self.print_summary();
                 return Ok(code);
             }
         }
         unreachable!()
     }
 
-    /// Captures and streams epoch `epoch` with the given dirty pages; holds its output.
-    fn stream_epoch(&mut self, epoch: u64, pages: &[u64], exit: Option<u8>) -> Result<bool> {
+    /// With the vCPUs paused: captures epoch `epoch`'s state, copies its dirty pages and takes
+    /// its output. Everything slow (hashing, encoding, sending) happens later, in
+    /// [`Primary::stream`], while the guest runs again.
+    fn snapshot(&mut self, epoch: u64, pages: &[u64], exit: Option<u8>) -> Result<Snapshot> {
         let state = self.vm.capture()?;
         let output = self.held.take();
-        let mem = self.vm.memory();
+        // Held from this moment: whatever happens next, this output is released exactly when
+        // its epoch is acknowledged, or by whichever side goes live.
+        self.pending.push_back((epoch, output.clone()));
+        let mut buf = BytesMut::zeroed(pages.len() * PAGE_SIZE);
+        for (i, &gpa) in pages.iter().enumerate() {
+            read_page(
+                self.vm.memory(),
+                gpa,
+                &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+            )?;
+        }
+        Ok(Snapshot {
+            epoch,
+            state,
+            pages: pages.to_vec(),
+            data: buf.freeze(),
+            output,
+            exit,
+        })
+    }
+
+    /// Streams a snapshot (guest running) and holds its output until acknowledged.
+    fn stream(&mut self, snap: Snapshot) -> Result<()> {
+        let Snapshot {
+            epoch,
+            state,
+            pages,
+            data,
+            output,
+            exit,
+        } = snap;
         let mut hasher = EpochHasher::new();
         let mut entries = Vec::with_capacity(pages.len());
-        let mut page = [0u8; PAGE_SIZE];
-        for &gpa in pages {
-            read_page(mem, gpa, &mut page)?;
+        for (i, &gpa) in pages.iter().enumerate() {
+            let page = data.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE);
             hasher.add(gpa, &page);
             let data = if page.iter().all(|b| *b == 0) {
                 PageData::Zero
             } else {
-                PageData::Raw(Bytes::copy_from_slice(&page))
+                PageData::Raw(page)
             };
             entries.push(PageEntry { gpa, data });
         }
@@ -414,8 +472,39 @@ impl Primary {
             self.lost.store(true, Ordering::SeqCst);
         }
         self.out_offset = end_off;
-        self.pending.push_back((epoch, output));
-        Ok(exit.is_some())
+        Ok(())
+    }
+
+    /// One stderr line with the epoch statistics (benchmarks parse it).
+    fn print_summary(&self) {
+        let mut pauses: Vec<u64> = self.epochs.iter().map(|e| e.0.as_micros() as u64).collect();
+        let mut pages: Vec<usize> = self.epochs.iter().map(|e| e.1).collect();
+        pauses.sort_unstable();
+        pages.sort_unstable();
+        let q = |v: &[u64], f: f64| {
+            v.get(((v.len().max(1) - 1) as f64 * f) as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        let qp = |f: f64| {
+            pages
+                .get(((pages.len().max(1) - 1) as f64 * f) as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        let secs = self.started.elapsed().as_secs_f64();
+        let sent = self.control.stats().bytes_sent;
+        eprintln!(
+            "ftvm primary: summary epochs={} pause_us_p50={} pause_us_p99={} pause_us_max={} dirty_pages_p50={} dirty_pages_p99={} bytes_sent={} bytes_per_sec={}",
+            pauses.len(),
+            q(&pauses, 0.5),
+            q(&pauses, 0.99),
+            pauses.last().copied().unwrap_or(0),
+            qp(0.5),
+            qp(0.99),
+            sent,
+            (sent as f64 / secs) as u64
+        );
     }
 
     fn update_status(&mut self, epoch: u64, pause: Duration) {
@@ -448,25 +537,23 @@ impl Primary {
         }
     }
 
-    /// Blocks until one more acknowledgement arrives (or the secondary is lost).
-    fn wait_ack(&mut self) -> Result<()> {
+    /// Blocks until one more acknowledgement arrives: `true`; or the secondary is lost: `false`.
+    fn wait_ack(&mut self) -> bool {
         loop {
             match self.acks.recv_timeout(Duration::from_millis(5)) {
                 Ok(k) => {
                     self.release_through(k);
-                    return Ok(());
+                    return true;
                 }
-                Err(_) if self.lost.load(Ordering::SeqCst) => {
-                    let code = self.peer_lost()?;
-                    std::process::exit(code.into());
-                }
+                Err(_) if self.lost.load(Ordering::SeqCst) => return false,
                 Err(_) => {}
             }
         }
     }
 
-    /// The secondary is gone: win arbitration and run on unprotected, or halt.
-    fn peer_lost(&mut self) -> Result<u8> {
+    /// The secondary is gone: win arbitration and run on unprotected, or halt. `ended`: the
+    /// guest already exited with this code (nothing left to run).
+    fn peer_lost(&mut self, ended: Option<u8>) -> Result<u8> {
         let _ = self.vm.pause();
         if !self.ds.arbitrate("primary")? {
             eprintln!("ftvm primary: lost the secondary and the arbitration: the secondary is live; halting");
@@ -482,6 +569,12 @@ impl Primary {
         // Nobody else can show a different future now: release everything held.
         while let Some((_, out)) = self.pending.pop_front() {
             let _ = self.out.write_all(&out);
+        }
+        if let Some(code) = ended {
+            let _ = self.out.write_all(&self.held.take());
+            let _ = self.out.flush();
+            self.vm.stop();
+            return Ok(code);
         }
         self.vm.resume()?;
         loop {
