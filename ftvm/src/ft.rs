@@ -22,7 +22,6 @@ use ft_log::{Hello, Record, Role};
 use net::link::{connect, Listener, Parts};
 use net::{Identity, LinkConfig};
 use std::collections::VecDeque;
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -77,6 +76,27 @@ fn now_us() -> u64 {
         .as_micros() as u64
 }
 
+/// This side's link settings: its identity (created on first use) and the peer's certificate
+/// (waited for, up to `wait`, until the peer has published it in the datastore).
+fn link_config(ds: &Datastore, me: &str, peer: &str, wait: Duration) -> Result<LinkConfig> {
+    Ok(LinkConfig {
+        identity: Identity::load_or_create(&ds.keys(), me)?,
+        peer_cert: ds.wait_for_cert(peer, wait)?,
+        idle_timeout: Duration::from_secs(2),
+    })
+}
+
+fn hello(role: Role, vcpus: u8, mem_mib: u64) -> Hello {
+    Hello {
+        min_version: ft_log::MIN_VERSION,
+        max_version: ft_log::VERSION,
+        role,
+        vcpus,
+        mem_mib,
+        vm_id: [0; 16],
+    }
+}
+
 /// Heartbeats both ways; `lost` is set when the peer's stop arriving.
 fn spawn_heartbeats(
     rt: &tokio::runtime::Runtime,
@@ -118,20 +138,6 @@ impl HeldOutput {
     fn is_empty(&self) -> bool {
         self.0.lock().unwrap().is_empty()
     }
-}
-
-/// Where released output goes: the append-only file, or stdout.
-fn sink(path: Option<&Path>) -> Result<Box<dyn Write + Send>> {
-    Ok(match path {
-        None => Box::new(std::io::stdout()),
-        Some(p) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("cannot open --serial-out {}", p.display()))?,
-        ),
-    })
 }
 
 /// One epoch as captured while the guest was paused.
@@ -194,21 +200,8 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
     };
     let vm =
         Vmm::boot(&vm_cfg, &cfg.boot, Box::new(held.clone())).context("cannot create the VM")?;
-    let me = Identity::load_or_create(&ds.keys(), "primary")?;
-    let peer_cert = ds.wait_for_cert("secondary", Duration::from_secs(60))?;
-    let link_cfg = LinkConfig {
-        identity: me,
-        peer_cert,
-        idle_timeout: Duration::from_secs(2),
-    };
-    let hello = Hello {
-        min_version: ft_log::MIN_VERSION,
-        max_version: ft_log::VERSION,
-        role: Role::Primary,
-        vcpus: vm_cfg.vcpus,
-        mem_mib: vm_cfg.mem_mib,
-        vm_id: [0; 16],
-    };
+    let link_cfg = link_config(&ds, "primary", "secondary", Duration::from_secs(60))?;
+    let hello = hello(Role::Primary, vm_cfg.vcpus, vm_cfg.mem_mib);
     let deadline = Instant::now() + Duration::from_secs(30);
     let link = loop {
         match rt.block_on(connect(cfg.peer, &link_cfg, &hello)) {
@@ -258,7 +251,7 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
             }
             std::thread::sleep(DS_HB_INTERVAL);
         })?;
-    let out = sink(cfg.serial_out.as_deref())?;
+    let out = crate::serial_sink(cfg.serial_out.as_deref())?;
     let mut p = Primary {
         rt,
         vm,
@@ -619,21 +612,8 @@ pub struct SecondaryConfig {
 pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     let ds = Datastore::open(&cfg.datastore)?;
     let rt = runtime()?;
-    let me = Identity::load_or_create(&ds.keys(), "secondary")?;
-    let peer_cert = ds.wait_for_cert("primary", Duration::from_secs(120))?;
-    let link_cfg = LinkConfig {
-        identity: me,
-        peer_cert,
-        idle_timeout: Duration::from_secs(2),
-    };
-    let hello = Hello {
-        min_version: ft_log::MIN_VERSION,
-        max_version: ft_log::VERSION,
-        role: Role::Secondary,
-        vcpus: 0,
-        mem_mib: 0,
-        vm_id: [0; 16],
-    };
+    let link_cfg = link_config(&ds, "secondary", "primary", Duration::from_secs(120))?;
+    let hello = hello(Role::Secondary, 0, 0);
     let listener = rt.block_on(async { Listener::bind(cfg.listen, &link_cfg) })?;
     eprintln!("ftvm secondary: listening on {}", listener.local_addr());
     let (link, peer, _) = rt
@@ -742,7 +722,7 @@ fn takeover(sec: replay::Secondary, serial_out: Option<&Path>) -> Result<u8> {
     let devices = decode_part(part(DEV_VMM)?)?;
     let exit = st.devices.get(&DEV_EXIT).and_then(|b| b.first().copied());
     // Release exactly the committed output the outside world has not seen.
-    let mut out = sink(serial_out)?;
+    let mut out = crate::serial_sink(serial_out)?;
     let released = match serial_out {
         Some(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
         None => sec.output().end(0), // stdout: what it showed cannot be known; do not repeat

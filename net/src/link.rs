@@ -1,5 +1,5 @@
 //! The QUIC connection and its two streams (FT log, heartbeats).
-use crate::verify::{PinnedClient, PinnedServer};
+use crate::verify::Pinned;
 use crate::{Error, Identity};
 use bytes::BytesMut;
 use ft_log::{Decoder, Frame, Hello, Record};
@@ -56,7 +56,7 @@ fn server_config(cfg: &LinkConfig) -> Result<quinn::ServerConfig, Error> {
     let mut tls = rustls::ServerConfig::builder_with_provider(p.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(Error::Tls)?
-        .with_client_cert_verifier(PinnedClient::new(cfg.peer_cert.clone(), &p))
+        .with_client_cert_verifier(Pinned::new(cfg.peer_cert.clone(), &p))
         .with_single_cert(vec![cfg.identity.cert.clone()], cfg.identity.key())
         .map_err(Error::Tls)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -72,7 +72,7 @@ fn client_config(cfg: &LinkConfig) -> Result<quinn::ClientConfig, Error> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(Error::Tls)?
         .dangerous()
-        .with_custom_certificate_verifier(PinnedServer::new(cfg.peer_cert.clone(), &p))
+        .with_custom_certificate_verifier(Pinned::new(cfg.peer_cert.clone(), &p))
         .with_client_auth_cert(vec![cfg.identity.cert.clone()], cfg.identity.key())
         .map_err(Error::Tls)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];

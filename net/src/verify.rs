@@ -22,23 +22,42 @@ fn check(
     }
 }
 
-/// Client side: the server must present the pinned certificate.
+/// Accepts exactly one peer certificate. Used on both sides: as the client's verifier of the
+/// server, and as the server's (mandatory) verifier of the client.
 #[derive(Debug)]
-pub struct PinnedServer {
+pub struct Pinned {
     pinned: CertificateDer<'static>,
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl PinnedServer {
+impl Pinned {
     pub fn new(pinned: CertificateDer<'static>, provider: &Arc<CryptoProvider>) -> Arc<Self> {
-        Arc::new(PinnedServer {
+        Arc::new(Pinned {
             pinned,
             algs: provider.signature_verification_algorithms,
         })
     }
+
+    fn tls12(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(m, c, d, &self.algs)
+    }
+
+    fn tls13(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(m, c, d, &self.algs)
+    }
 }
 
-impl ServerCertVerifier for PinnedServer {
+impl ServerCertVerifier for Pinned {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -55,7 +74,7 @@ impl ServerCertVerifier for PinnedServer {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(m, c, d, &self.algs)
+        self.tls12(m, c, d)
     }
     fn verify_tls13_signature(
         &self,
@@ -63,30 +82,14 @@ impl ServerCertVerifier for PinnedServer {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(m, c, d, &self.algs)
+        self.tls13(m, c, d)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()
     }
 }
 
-/// Server side: the client must present the pinned certificate (client auth is mandatory).
-#[derive(Debug)]
-pub struct PinnedClient {
-    pinned: CertificateDer<'static>,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl PinnedClient {
-    pub fn new(pinned: CertificateDer<'static>, provider: &Arc<CryptoProvider>) -> Arc<Self> {
-        Arc::new(PinnedClient {
-            pinned,
-            algs: provider.signature_verification_algorithms,
-        })
-    }
-}
-
-impl ClientCertVerifier for PinnedClient {
+impl ClientCertVerifier for Pinned {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
@@ -104,7 +107,7 @@ impl ClientCertVerifier for PinnedClient {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(m, c, d, &self.algs)
+        self.tls12(m, c, d)
     }
     fn verify_tls13_signature(
         &self,
@@ -112,7 +115,7 @@ impl ClientCertVerifier for PinnedClient {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(m, c, d, &self.algs)
+        self.tls13(m, c, d)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()

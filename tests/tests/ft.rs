@@ -39,22 +39,31 @@ struct Pair {
     primary: Child,
 }
 
-fn start_pair(dir: &TempDir, guest: &str, cmdline: &str) -> Pair {
-    let port = free_udp_port();
-    let addr = format!("127.0.0.1:{port}");
+/// Spawns one side: `cmd` (ftvm, possibly wrapped) with `args`, the pair's datastore and the
+/// shared console file.
+fn spawn_side(mut cmd: Command, args: &[&str], dir: &TempDir) -> Child {
     let ds = dir.path("ds");
-    let console = ds.join("console.txt");
-    let secondary = Command::new(ftvm_bin())
-        .args(["secondary", "--listen", &addr, "--datastore"])
+    cmd.args(args)
+        .arg("--datastore")
         .arg(&ds)
         .arg("--serial-out")
-        .arg(&console)
+        .arg(ds.join("console.txt"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
-    let primary = Command::new(ftvm_bin())
-        .args([
+        .unwrap()
+}
+
+fn start_pair(dir: &TempDir, guest: &str, cmdline: &str) -> Pair {
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let secondary = spawn_side(
+        Command::new(ftvm_bin()),
+        &["secondary", "--listen", &addr],
+        dir,
+    );
+    let primary = spawn_side(
+        Command::new(ftvm_bin()),
+        &[
             "primary",
             "--guest",
             guest,
@@ -62,15 +71,9 @@ fn start_pair(dir: &TempDir, guest: &str, cmdline: &str) -> Pair {
             cmdline,
             "--peer",
             &addr,
-            "--datastore",
-        ])
-        .arg(&ds)
-        .arg("--serial-out")
-        .arg(&console)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        dir,
+    );
     Pair { secondary, primary }
 }
 
@@ -282,38 +285,30 @@ fn link_cut_leaves_exactly_one_live_side() {
 fn link_cut(n: u64, rate: u64, cut_after_ms: u64) {
     let hosts = Hosts::new(std::process::id() % 10_000);
     let dir = TempDir::new("ft-cut");
-    let ds = dir.path("ds");
-    let console_path = ds.join("console.txt");
     let in_ns = |ns: &str| {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns]).arg(ftvm_bin());
         c
     };
-    let secondary = in_ns(&hosts.b)
-        .args(["secondary", "--listen", "10.231.0.2:47100", "--datastore"])
-        .arg(&ds)
-        .arg("--serial-out")
-        .arg(&console_path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let primary = in_ns(&hosts.a)
-        .args([
+    let secondary = spawn_side(
+        in_ns(&hosts.b),
+        &["secondary", "--listen", "10.231.0.2:47100"],
+        &dir,
+    );
+    let cmdline = format!("count={n} rate={rate}");
+    let primary = spawn_side(
+        in_ns(&hosts.a),
+        &[
             "primary",
             "--guest",
             "counter",
             "--cmdline",
-            &format!("count={n} rate={rate}"),
+            &cmdline,
             "--peer",
             "10.231.0.2:47100",
-        ])
-        .arg("--datastore")
-        .arg(&ds)
-        .arg("--serial-out")
-        .arg(&console_path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        &dir,
+    );
     let mut pair = Pair { secondary, primary };
     wait_protected(&dir, &mut pair);
     std::thread::sleep(Duration::from_millis(cut_after_ms));
