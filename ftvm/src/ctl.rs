@@ -17,6 +17,7 @@ const MAX_REQUEST: usize = 64;
 pub enum Request {
     Status,
     TestFailover,
+    TestRestartSecondary,
 }
 
 impl Request {
@@ -29,6 +30,7 @@ impl Request {
         match text.trim() {
             "status" => Ok(Request::Status),
             "test-failover" => Ok(Request::TestFailover),
+            "test-restart-secondary" => Ok(Request::TestRestartSecondary),
             other => Err(format!(
                 "unknown request {:?}",
                 other.chars().take(32).collect::<String>()
@@ -40,6 +42,7 @@ impl Request {
         match self {
             Request::Status => "status",
             Request::TestFailover => "test-failover",
+            Request::TestRestartSecondary => "test-restart-secondary",
         }
     }
 }
@@ -54,13 +57,15 @@ pub struct Status {
     pub bytes_sent: u64,
     pub bytes_per_sec: u64,
     pub last_pause_us: u64,
+    /// Protection sessions started after the first (a new secondary joined).
+    pub sessions: u64,
     pub note: String,
 }
 
 impl Status {
     pub fn line(&self) -> String {
         format!(
-            "role={} protected={} epoch={} lag_epochs={} bytes_sent={} bytes_per_sec={} last_pause_us={}{}",
+            "role={} protected={} epoch={} lag_epochs={} bytes_sent={} bytes_per_sec={} last_pause_us={} sessions={}{}",
             self.role,
             self.protected,
             self.epoch,
@@ -68,6 +73,7 @@ impl Status {
             self.bytes_sent,
             self.bytes_per_sec,
             self.last_pause_us,
+            self.sessions,
             if self.note.is_empty() { String::new() } else { format!(" note={:?}", self.note) }
         )
     }
@@ -77,8 +83,10 @@ pub fn socket_path(datastore: &Path, role: &str) -> PathBuf {
     datastore.join(format!("ctl-{role}.sock"))
 }
 
-/// Serves requests on `path` in a thread; `on_failover` is called for `test-failover`.
-pub fn serve(path: PathBuf, status: Arc<Mutex<Status>>, on_failover: Option<fn()>) -> Result<()> {
+/// Serves requests on `path` in a thread. `kill_on`: the request that makes this side die at
+/// once, as its host would (`test-failover` for the primary, `test-restart-secondary` for the
+/// secondary).
+pub fn serve(path: PathBuf, status: Arc<Mutex<Status>>, kill_on: Option<Request>) -> Result<()> {
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
         .with_context(|| format!("cannot serve control socket {}", path.display()))?;
@@ -93,15 +101,14 @@ pub fn serve(path: PathBuf, status: Arc<Mutex<Status>>, on_failover: Option<fn()
                 let mut w = &conn;
                 let reply = match Request::parse(&line) {
                     Ok(Request::Status) => status.lock().unwrap().line(),
-                    Ok(Request::TestFailover) => match on_failover {
-                        Some(f) => {
-                            let _ = writeln!(w, "ok: failing the primary now");
-                            let _ = w.flush();
-                            f();
-                            continue;
-                        }
-                        None => "error: test-failover goes to the primary".into(),
-                    },
+                    Ok(r) if Some(r) == kill_on => {
+                        let _ = writeln!(w, "ok: failing now");
+                        let _ = w.flush();
+                        // SAFETY: sending SIGKILL to ourselves has no memory-safety implications.
+                        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                        continue;
+                    }
+                    Ok(r) => format!("error: {} does not go to this side", r.word()),
                     Err(e) => format!("error: {e}"),
                 };
                 let _ = writeln!(w, "{reply}");

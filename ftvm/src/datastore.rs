@@ -64,6 +64,28 @@ impl Datastore {
         }
     }
 
+    /// Records the command line that started the secondary (NUL-separated).
+    pub fn record_secondary_command(&self, argv: &[String]) -> Result<()> {
+        fs::write(self.dir.join("secondary.cmd"), argv.join("\0"))
+            .context("recording the secondary's command line")
+    }
+
+    /// The command line recorded by [`Datastore::record_secondary_command`].
+    pub fn secondary_command(&self) -> Result<Vec<String>> {
+        let p = self.dir.join("secondary.cmd");
+        let s = fs::read_to_string(&p).with_context(|| {
+            format!(
+                "no secondary ever ran with this datastore ({})",
+                p.display()
+            )
+        })?;
+        let argv: Vec<String> = s.split('\0').map(str::to_string).collect();
+        if argv.len() < 2 || argv.iter().any(|a| a.len() > 4096) {
+            bail!("{} is not a command line ftvm wrote", p.display());
+        }
+        Ok(argv)
+    }
+
     /// Records that `role` is alive now.
     pub fn touch_heartbeat(&self, role: &str) -> Result<()> {
         let p = self.heartbeat(role);

@@ -140,6 +140,59 @@ impl HeldOutput {
     }
 }
 
+/// The primary's end of one protection session's link.
+struct LinkSide {
+    log_tx: net::link::Sender,
+    acks: mpsc::Receiver<u64>,
+    lost: Arc<AtomicBool>,
+    control: net::link::Control,
+}
+
+impl LinkSide {
+    /// Starts heartbeats and the acknowledgement reader for an established link.
+    fn attach(rt: &tokio::runtime::Runtime, link: net::Link) -> Self {
+        let Parts {
+            log_tx,
+            mut log_rx,
+            hb_tx,
+            hb_rx,
+            control,
+        } = link.into_parts();
+        let lost = Arc::new(AtomicBool::new(false));
+        spawn_heartbeats(rt, &mut Some((hb_tx, hb_rx)), lost.clone());
+        let (ack_tx, acks) = mpsc::channel();
+        let lost2 = lost.clone();
+        rt.spawn(async move {
+            while let Ok((epoch, rec)) = log_rx.recv_record().await {
+                if rec == Record::Ack && ack_tx.send(epoch).is_err() {
+                    return;
+                }
+            }
+            lost2.store(true, Ordering::SeqCst);
+        });
+        LinkSide {
+            log_tx,
+            acks,
+            lost,
+            control,
+        }
+    }
+}
+
+/// How a protected phase ended.
+enum Protected {
+    /// The guest exited; the secondary knows.
+    Exited(u8),
+    /// The secondary was lost; `Some(code)` if the guest had already exited.
+    Lost(Option<u8>),
+}
+
+/// How an unprotected phase ended.
+enum Unprotected {
+    Exited(u8),
+    NewSecondary(Box<net::Link>),
+}
+
 /// One epoch as captured while the guest was paused.
 struct Snapshot {
     epoch: u64,
@@ -148,6 +201,8 @@ struct Snapshot {
     /// The pages' contents, back to back.
     data: Bytes,
     output: Vec<u8>,
+    /// Console-stream offset of `output`'s first byte.
+    offset: u64,
     exit: Option<u8>,
 }
 
@@ -167,25 +222,19 @@ struct Primary {
     vm: Vmm,
     held: HeldOutput,
     out: Box<dyn Write + Send>,
-    log_tx: net::link::Sender,
-    acks: mpsc::Receiver<u64>,
-    lost: Arc<AtomicBool>,
+    link: LinkSide,
+    peer: SocketAddr,
+    link_cfg: LinkConfig,
+    hello: Hello,
     /// (epoch, output) streamed, not yet acknowledged.
     pending: VecDeque<(u64, Vec<u8>)>,
     out_offset: u64,
     ds: Arc<Datastore>,
-    control: net::link::Control,
     status: Arc<Mutex<Status>>,
     rate_mark: (Instant, u64),
     /// Per epoch: (pause, dirty pages) for the exit summary.
     epochs: Vec<(Duration, usize)>,
     started: Instant,
-}
-
-/// `ftvm ctl test-failover`: the primary fails the way a dying host does, all at once.
-fn fail_now() {
-    // SAFETY: sending SIGKILL to ourselves has no memory-safety implications.
-    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
 }
 
 /// Runs a protected VM as the primary. Returns the guest's exit code.
@@ -213,13 +262,6 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
             Err(e) => return Err(e).context(format!("cannot reach the secondary at {}", cfg.peer)),
         }
     };
-    let Parts {
-        log_tx,
-        mut log_rx,
-        hb_tx,
-        hb_rx,
-        control,
-    } = link.into_parts();
     let status = Arc::new(Mutex::new(Status {
         role: "primary",
         protected: true,
@@ -228,20 +270,9 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
     ctl::serve(
         ctl::socket_path(ds.path(), "primary"),
         status.clone(),
-        Some(fail_now),
+        Some(ctl::Request::TestFailover),
     )?;
-    let lost = Arc::new(AtomicBool::new(false));
-    spawn_heartbeats(&rt, &mut Some((hb_tx, hb_rx)), lost.clone());
-    let (ack_tx, acks) = mpsc::channel();
-    let lost2 = lost.clone();
-    rt.spawn(async move {
-        while let Ok((epoch, rec)) = log_rx.recv_record().await {
-            if rec == Record::Ack && ack_tx.send(epoch).is_err() {
-                return;
-            }
-        }
-        lost2.store(true, Ordering::SeqCst);
-    });
+    let link = LinkSide::attach(&rt, link);
     let ds2 = ds.clone();
     std::thread::Builder::new()
         .name("ds-heartbeat".into())
@@ -257,13 +288,13 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         vm,
         held,
         out,
-        log_tx,
-        acks,
-        lost,
+        link,
+        peer: cfg.peer,
+        link_cfg,
+        hello,
         pending: VecDeque::new(),
         out_offset: 0,
         ds,
-        control,
         status,
         rate_mark: (Instant::now(), 0),
         epochs: Vec::new(),
@@ -274,14 +305,103 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
 
 impl Primary {
     fn run(&mut self, cfg: &PrimaryConfig) -> Result<u8> {
-        // Epoch 0: the whole initial image, before the guest runs (stop-and-copy sync).
+        loop {
+            let ended = match self.protect(cfg)? {
+                Protected::Exited(code) => {
+                    self.vm.stop();
+                    self.print_summary();
+                    return Ok(code);
+                }
+                Protected::Lost(ended) => ended,
+            };
+            let _ = self.vm.pause();
+            if !self.ds.arbitrate("primary")? {
+                eprintln!("ftvm primary: lost the secondary and the arbitration: the secondary is live; halting");
+                self.vm.stop();
+                return Ok(HALTED);
+            }
+            eprintln!("ftvm primary: lost the secondary; continuing unprotected");
+            {
+                let mut st = self.status.lock().unwrap();
+                st.protected = false;
+                st.note = "secondary lost; running unprotected".into();
+            }
+            // Nobody else can show a different future now: release everything held.
+            while let Some((_, out)) = self.pending.pop_front() {
+                let _ = self.out.write_all(&out);
+            }
+            if let Some(code) = ended {
+                self.release_held();
+                self.vm.stop();
+                return Ok(code);
+            }
+            match self.unprotected()? {
+                Unprotected::Exited(code) => return Ok(code),
+                Unprotected::NewSecondary(link) => {
+                    eprintln!("ftvm primary: a new secondary connected; re-protecting");
+                    self.ds.new_session()?;
+                    self.link = LinkSide::attach(&self.rt, *link);
+                    let mut st = self.status.lock().unwrap();
+                    st.protected = true;
+                    st.sessions += 1;
+                    st.note.clear();
+                }
+            }
+        }
+    }
+
+    /// Runs the guest unprotected (output released at once) while connecting to a new
+    /// secondary in the background; returns when the guest ends or a secondary is back (with
+    /// the guest paused).
+    fn unprotected(&mut self) -> Result<Unprotected> {
+        let (tx, rx) = mpsc::channel();
+        let (peer, cfg, hello) = (self.peer, self.link_cfg.clone(), self.hello.clone());
+        self.rt.spawn(async move {
+            loop {
+                if let Ok((link, _, _)) = connect(peer, &cfg, &hello).await {
+                    let _ = tx.send(Box::new(link));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        self.vm.resume()?;
+        loop {
+            let ev = self.vm.wait_event(Some(Duration::from_millis(5)));
+            self.release_held();
+            if let Some(ev) = ev {
+                let code = self.vm.finish(ev)?;
+                self.release_held();
+                return Ok(Unprotected::Exited(code));
+            }
+            if let Ok(link) = rx.try_recv() {
+                self.vm.pause()?;
+                self.release_held();
+                return Ok(Unprotected::NewSecondary(link));
+            }
+        }
+    }
+
+    /// Unprotected: writes the guest's output straight out.
+    fn release_held(&mut self) {
+        let held = self.held.take();
+        if !held.is_empty() {
+            self.out_offset += held.len() as u64;
+            let _ = self.out.write_all(&held);
+            let _ = self.out.flush();
+        }
+    }
+
+    /// One protection session: full sync (epoch 0, guest paused), then epochs until the guest
+    /// ends or the secondary is lost.
+    fn protect(&mut self, cfg: &PrimaryConfig) -> Result<Protected> {
         self.vm.dirty_pages()?;
         let all = all_nonzero_pages(self.vm.memory())?;
         let snap = self.snapshot(0, &all, None)?;
         self.stream(snap)?;
         while !self.pending.is_empty() {
             if !self.wait_ack() {
-                return self.peer_lost(None);
+                return Ok(Protected::Lost(None));
             }
         }
         self.vm.resume()?;
@@ -299,8 +419,8 @@ impl Primary {
                     break;
                 }
                 self.release_acked();
-                if self.lost.load(Ordering::SeqCst) {
-                    return self.peer_lost(None);
+                if self.link.lost.load(Ordering::SeqCst) {
+                    return Ok(Protected::Lost(None));
                 }
             }
             let paused_at = Instant::now();
@@ -317,7 +437,7 @@ impl Primary {
             // (`pending` already holds this epoch's output.)
             while self.pending.len() > MAX_IN_FLIGHT {
                 if !self.wait_ack() {
-                    return self.peer_lost(exit_code);
+                    return Ok(Protected::Lost(exit_code));
                 }
             }
             if exit_code.is_none() {
@@ -331,15 +451,15 @@ impl Primary {
             if let Some(code) = exit_code {
                 while !self.pending.is_empty() {
                     if !self.wait_ack() {
-                        return self.peer_lost(exit_code);
+                        return Ok(Protected::Lost(exit_code));
                     }
                 }
-                let _ = self
-                    .rt
-                    .block_on(self.log_tx.send_record(epoch, &Record::Shutdown { code }));
-                self.vm.stop();
-                self.print_summary();
-                return Ok(code);
+                let _ = self.rt.block_on(
+                    self.link
+                        .log_tx
+                        .send_record(epoch, &Record::Shutdown { code }),
+                );
+                return Ok(Protected::Exited(code));
             }
         }
         unreachable!()
@@ -352,8 +472,11 @@ impl Primary {
         let state = self.vm.capture()?;
         let output = self.held.take();
         // Held from this moment: whatever happens next, this output is released exactly when
-        // its epoch is acknowledged, or by whichever side goes live.
+        // its epoch is acknowledged, or by whichever side goes live. Offsets are absolute in
+        // the console stream and advance as output leaves the guest.
         self.pending.push_back((epoch, output.clone()));
+        let offset = self.out_offset;
+        self.out_offset += output.len() as u64;
         let mut buf = BytesMut::zeroed(pages.len() * PAGE_SIZE);
         for (i, &gpa) in pages.iter().enumerate() {
             read_page(
@@ -368,6 +491,7 @@ impl Primary {
             pages: pages.to_vec(),
             data: buf.freeze(),
             output,
+            offset,
             exit,
         })
     }
@@ -380,6 +504,7 @@ impl Primary {
             pages,
             data,
             output,
+            offset,
             exit,
         } = snap;
         let mut hasher = EpochHasher::new();
@@ -439,13 +564,13 @@ impl Primary {
                 &mut b,
             );
         }
-        let end_off = self.out_offset + output.len() as u64;
+        let end_off = offset + output.len() as u64;
         if !output.is_empty() {
             rec(
                 Record::Output {
                     stream: 0,
-                    offset: self.out_offset,
-                    data: Bytes::from(output.clone()),
+                    offset,
+                    data: Bytes::from(output),
                 },
                 &mut b,
             );
@@ -460,11 +585,10 @@ impl Primary {
             &mut b,
         );
         let frames = frames + n_page_frames as u64;
-        if let Err(e) = self.rt.block_on(self.log_tx.send_frames(&b, frames)) {
+        if let Err(e) = self.rt.block_on(self.link.log_tx.send_frames(&b, frames)) {
             tracing::warn!(epoch, "sending the epoch failed: {e}");
-            self.lost.store(true, Ordering::SeqCst);
+            self.link.lost.store(true, Ordering::SeqCst);
         }
-        self.out_offset = end_off;
         Ok(())
     }
 
@@ -486,7 +610,7 @@ impl Primary {
                 .unwrap_or(0)
         };
         let secs = self.started.elapsed().as_secs_f64();
-        let sent = self.control.stats().bytes_sent;
+        let sent = self.link.control.stats().bytes_sent;
         eprintln!(
             "ftvm primary: summary epochs={} pause_us_p50={} pause_us_p99={} pause_us_max={} dirty_pages_p50={} dirty_pages_p99={} bytes_sent={} bytes_per_sec={}",
             pauses.len(),
@@ -501,7 +625,7 @@ impl Primary {
     }
 
     fn update_status(&mut self, epoch: u64, pause: Duration) {
-        let sent = self.control.stats().bytes_sent;
+        let sent = self.link.control.stats().bytes_sent;
         let (t, b) = self.rate_mark;
         let mut st = self.status.lock().unwrap();
         st.epoch = epoch;
@@ -516,7 +640,7 @@ impl Primary {
 
     /// Releases the output of every acknowledged epoch, in order.
     fn release_acked(&mut self) {
-        while let Ok(k) = self.acks.try_recv() {
+        while let Ok(k) = self.link.acks.try_recv() {
             self.release_through(k);
         }
     }
@@ -533,54 +657,13 @@ impl Primary {
     /// Blocks until one more acknowledgement arrives: `true`; or the secondary is lost: `false`.
     fn wait_ack(&mut self) -> bool {
         loop {
-            match self.acks.recv_timeout(Duration::from_millis(5)) {
+            match self.link.acks.recv_timeout(Duration::from_millis(5)) {
                 Ok(k) => {
                     self.release_through(k);
                     return true;
                 }
-                Err(_) if self.lost.load(Ordering::SeqCst) => return false,
+                Err(_) if self.link.lost.load(Ordering::SeqCst) => return false,
                 Err(_) => {}
-            }
-        }
-    }
-
-    /// The secondary is gone: win arbitration and run on unprotected, or halt. `ended`: the
-    /// guest already exited with this code (nothing left to run).
-    fn peer_lost(&mut self, ended: Option<u8>) -> Result<u8> {
-        let _ = self.vm.pause();
-        if !self.ds.arbitrate("primary")? {
-            eprintln!("ftvm primary: lost the secondary and the arbitration: the secondary is live; halting");
-            self.vm.stop();
-            return Ok(HALTED);
-        }
-        eprintln!("ftvm primary: lost the secondary; continuing unprotected");
-        {
-            let mut st = self.status.lock().unwrap();
-            st.protected = false;
-            st.note = "secondary lost; running unprotected".into();
-        }
-        // Nobody else can show a different future now: release everything held.
-        while let Some((_, out)) = self.pending.pop_front() {
-            let _ = self.out.write_all(&out);
-        }
-        if let Some(code) = ended {
-            let _ = self.out.write_all(&self.held.take());
-            let _ = self.out.flush();
-            self.vm.stop();
-            return Ok(code);
-        }
-        self.vm.resume()?;
-        loop {
-            let ev = self.vm.wait_event(Some(Duration::from_millis(5)));
-            let held = self.held.take();
-            let _ = self.out.write_all(&held);
-            let _ = self.out.flush();
-            if let Some(ev) = ev {
-                let code = self.vm.finish(ev)?;
-                let held = self.held.take();
-                let _ = self.out.write_all(&held);
-                let _ = self.out.flush();
-                return Ok(code);
             }
         }
     }
@@ -611,6 +694,8 @@ pub struct SecondaryConfig {
 /// reports the guest ended), or [`HALTED`] if it lost the arbitration.
 pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     let ds = Datastore::open(&cfg.datastore)?;
+    // How to start another secondary like this one (`ftvm ctl test-restart-secondary`).
+    ds.record_secondary_command(&std::env::args().collect::<Vec<_>>())?;
     let rt = runtime()?;
     let link_cfg = link_config(&ds, "secondary", "primary", Duration::from_secs(120))?;
     let hello = hello(Role::Secondary, 0, 0);
@@ -630,7 +715,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     ctl::serve(
         ctl::socket_path(ds.path(), "secondary"),
         status.clone(),
-        None,
+        Some(ctl::Request::TestRestartSecondary),
     )?;
     let Parts {
         mut log_tx,

@@ -58,7 +58,8 @@ enum Cmd {
     Secondary(SecondaryArgs),
     /// Drive a running pair: `status` (epoch, lag, bytes/s, protected or not) or
     /// `test-failover` (fail the primary as a dying host would; the secondary takes over).
-    /// `test-restart-secondary`, `ft-off`, `suspend` and `resume` are not implemented yet.
+    /// `test-restart-secondary` (fail the secondary; start a new one, which syncs and restores
+    /// protection). `ft-off`, `suspend` and `resume` are not implemented yet.
     Ctl(CtlArgs),
     /// List the built-in test guests.
     Guests,
@@ -77,7 +78,6 @@ struct CtlArgs {
 enum CtlCommand {
     Status,
     TestFailover,
-    /// Not implemented yet.
     TestRestartSecondary,
     /// Not implemented yet.
     FtOff,
@@ -280,10 +280,58 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
             }
             bail!("the secondary did not go live within 30 s")
         }
-        CtlCommand::TestRestartSecondary
-        | CtlCommand::FtOff
-        | CtlCommand::Suspend
-        | CtlCommand::Resume => {
+        CtlCommand::TestRestartSecondary => {
+            // Remember the primary's session count, fail the secondary, start a new one the
+            // same way the first was started, and wait for protection to come back.
+            let sessions = |line: &str| -> Option<u64> {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix("sessions="))
+                    .and_then(|v| v.parse().ok())
+            };
+            let before = ctl::request(&a.datastore, "primary", ctl::Request::Status)?;
+            let before = sessions(&before).context("primary status lacks sessions")?;
+            let argv = datastore::Datastore::open(&a.datastore)?.secondary_command()?;
+            let t0 = std::time::Instant::now();
+            let reply = ctl::request(
+                &a.datastore,
+                "secondary",
+                ctl::Request::TestRestartSecondary,
+            )?;
+            println!("secondary: {reply}");
+            // Let the old one's control socket go away before the new one binds it.
+            std::thread::sleep(Duration::from_millis(50));
+            let log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(a.datastore.join("secondary.log"))?;
+            std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting the new secondary")?;
+            println!("new secondary started: {}", argv[1..].join(" "));
+            while t0.elapsed() < Duration::from_secs(60) {
+                if let Ok(line) = ctl::request(&a.datastore, "primary", ctl::Request::Status) {
+                    if sessions(&line).is_some_and(|s| s > before)
+                        && line.contains("protected=true")
+                    {
+                        println!(
+                            "protection restored after {} ms: {line}",
+                            t0.elapsed().as_millis()
+                        );
+                        return Ok(0);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            bail!(
+                "protection did not come back within 60 s (see {}/secondary.log)",
+                a.datastore.display()
+            )
+        }
+        CtlCommand::FtOff | CtlCommand::Suspend | CtlCommand::Resume => {
             let word = clap::ValueEnum::to_possible_value(&a.command)
                 .map(|v| v.get_name().to_string())
                 .unwrap_or_default();

@@ -259,7 +259,7 @@ impl Secondary {
         }
         self.state.vcpus.extend(s.vcpus);
         self.state.devices.extend(s.devices);
-        self.output.commit(&s.outputs);
+        self.output.commit(&s.outputs, &end.outputs);
         self.committed = Some(epoch);
         Ok(())
     }

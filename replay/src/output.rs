@@ -34,6 +34,20 @@ impl OutputLog {
         self.streams.get(&stream).map_or(0, Stream::end)
     }
 
+    /// Where `stream` continues: its committed end, or — for a stream this secondary has not
+    /// seen yet (it joined a VM that already produced output) — where the epoch says it starts.
+    fn start(&self, stream: u8, records: &[(u8, u64, Bytes)], announced: &[(u8, u64)]) -> u64 {
+        if let Some(st) = self.streams.get(&stream) {
+            return st.end();
+        }
+        records
+            .iter()
+            .find(|r| r.0 == stream)
+            .map(|r| r.1)
+            .or_else(|| announced.iter().find(|a| a.0 == stream).map(|a| a.1))
+            .unwrap_or(0)
+    }
+
     /// Checks an epoch's output records: contiguous from the committed end, and matching the
     /// epoch's announced end offsets.
     pub fn check(
@@ -43,7 +57,9 @@ impl OutputLog {
     ) -> Result<(), String> {
         let mut ends: BTreeMap<u8, u64> = BTreeMap::new();
         for (s, off, data) in records {
-            let at = *ends.entry(*s).or_insert_with(|| self.end(*s));
+            let at = *ends
+                .entry(*s)
+                .or_insert_with(|| self.start(*s, records, announced));
             if *off != at {
                 return Err(format!(
                     "output stream {s}: record at offset {off}, expected {at}"
@@ -52,7 +68,10 @@ impl OutputLog {
             ends.insert(*s, off + data.len() as u64);
         }
         for (s, end) in announced {
-            let got = ends.get(s).copied().unwrap_or_else(|| self.end(*s));
+            let got = ends
+                .get(s)
+                .copied()
+                .unwrap_or_else(|| self.start(*s, records, announced));
             if got != *end {
                 return Err(format!(
                     "output stream {s}: ends at {got}, EpochEnd says {end}"
@@ -62,10 +81,33 @@ impl OutputLog {
         Ok(())
     }
 
-    /// Appends checked records.
-    pub fn commit(&mut self, records: &[(u8, u64, Bytes)]) {
+    /// Appends checked records (the first epoch a secondary sees also sets where each stream
+    /// starts).
+    pub fn commit(&mut self, records: &[(u8, u64, Bytes)], announced: &[(u8, u64)]) {
+        for &(s, _) in announced {
+            if !self.streams.contains_key(&s) {
+                let base = self.start(s, records, announced);
+                self.streams.insert(
+                    s,
+                    Stream {
+                        base,
+                        bytes: Vec::new(),
+                    },
+                );
+            }
+        }
         for (s, _, data) in records {
-            let st = self.streams.entry(*s).or_default();
+            if !self.streams.contains_key(s) {
+                let base = self.start(*s, records, announced);
+                self.streams.insert(
+                    *s,
+                    Stream {
+                        base,
+                        bytes: Vec::new(),
+                    },
+                );
+            }
+            let st = self.streams.get_mut(s).expect("inserted above");
             st.bytes.extend_from_slice(data);
             if st.bytes.len() > RETAIN_BYTES {
                 let cut = st.bytes.len() - RETAIN_BYTES;
@@ -101,7 +143,7 @@ mod tests {
         let mut o = OutputLog::default();
         let r = [rec(0, "1\n2\n"), rec(4, "3\n")];
         o.check(&r, &[(0, 6)]).unwrap();
-        o.commit(&r);
+        o.commit(&r, &[(0, 6)]);
         assert_eq!(o.unreleased(0, 0), Some(&b"1\n2\n3\n"[..]));
         assert_eq!(o.unreleased(0, 4), Some(&b"3\n"[..]));
         assert_eq!(o.unreleased(0, 6), Some(&b""[..]));
@@ -110,9 +152,33 @@ mod tests {
 
     #[test]
     fn gaps_and_wrong_ends_are_refused() {
-        let o = OutputLog::default();
+        let mut o = OutputLog::default();
+        o.commit(&[], &[(0, 0)]);
         assert!(o.check(&[rec(1, "x")], &[]).is_err());
         assert!(o.check(&[rec(0, "x")], &[(0, 5)]).is_err());
         assert!(o.check(&[], &[(0, 0)]).is_ok());
+    }
+
+    #[test]
+    fn a_secondary_joining_late_starts_the_stream_where_the_primary_is() {
+        let mut o = OutputLog::default();
+        // The console already holds 100 bytes when this secondary's first epoch arrives.
+        o.check(&[], &[(0, 100)]).unwrap();
+        o.commit(&[], &[(0, 100)]);
+        assert_eq!(o.end(0), 100);
+        assert_eq!(o.unreleased(0, 100), Some(&b""[..]));
+        assert_eq!(
+            o.unreleased(0, 50),
+            None,
+            "bytes before the join are not held"
+        );
+        let r = [rec(100, "7\n")];
+        o.check(&r, &[(0, 102)]).unwrap();
+        o.commit(&r, &[(0, 102)]);
+        assert_eq!(o.unreleased(0, 100), Some(&b"7\n"[..]));
+        assert!(
+            o.check(&[rec(90, "x")], &[]).is_err(),
+            "once started, the stream must be contiguous"
+        );
     }
 }

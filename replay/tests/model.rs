@@ -59,6 +59,9 @@ proptest! {
         let mut out_end = 0u64;
         let mut next = 0u64;
         for (writes, zero_one, text, dmg) in epochs {
+            // A secondary's first epoch legitimately sets where each output stream starts (it
+            // may join a VM that already printed), so an offset "gap" is only damage later on.
+            let dmg = if next == 0 && matches!(dmg, Damage::OutputGap) { Damage::None } else { dmg };
             // The primary's view after this epoch.
             let mut new_model = model.clone();
             for (p, off, v) in &writes {
