@@ -20,6 +20,7 @@
 //! Ack          (empty)
 //! Heartbeat    seq u64 | sent_us u64
 //! Shutdown     code u8 | pad 7        (the guest ended with `code` after this epoch: no takeover)
+//! Stop         off u8 | pad 7         (FT suspended, or turned off if off = 1: exit, no takeover)
 //! ```
 use crate::frame::{self, Frame, HEADER_LEN, MAX_PAYLOAD, TRAILER_LEN};
 use crate::page::{PageEntry, ENTRY_HEADER};
@@ -42,6 +43,7 @@ pub enum RecordKind {
     Ack = 9,
     Heartbeat = 10,
     Shutdown = 11,
+    Stop = 12,
 }
 
 impl RecordKind {
@@ -59,6 +61,7 @@ impl RecordKind {
             9 => Ack,
             10 => Heartbeat,
             11 => Shutdown,
+            12 => Stop,
             0 => return Err(corrupt("record kind 0 (Invalid)")),
             k => return Err(Error::Unsupported(format!("record kind {k}"))),
         })
@@ -145,6 +148,11 @@ pub enum Record {
     Shutdown {
         code: u8,
     },
+    /// The primary stops replicating on purpose (Suspend FT, or Turn Off FT when `off`): the
+    /// secondary exits without taking over.
+    Stop {
+        off: bool,
+    },
 }
 
 /// Bounds-checked reader over a payload.
@@ -217,6 +225,7 @@ impl Record {
             Record::Ack => RecordKind::Ack,
             Record::Heartbeat { .. } => RecordKind::Heartbeat,
             Record::Shutdown { .. } => RecordKind::Shutdown,
+            Record::Stop { .. } => RecordKind::Stop,
         }
     }
 
@@ -326,6 +335,10 @@ impl Record {
             }
             Record::Shutdown { code } => {
                 p.put_u8(*code);
+                p.put_bytes(0, 7);
+            }
+            Record::Stop { off } => {
+                p.put_u8(*off as u8);
                 p.put_bytes(0, 7);
             }
         }
@@ -512,6 +525,15 @@ impl Record {
                 let code = r.u8("shutdown")?;
                 r.pad(7, "shutdown")?;
                 Record::Shutdown { code }
+            }
+            RecordKind::Stop => {
+                let off = match r.u8("stop")? {
+                    0 => false,
+                    1 => true,
+                    x => return Err(corrupt(format!("stop: flag {x}"))),
+                };
+                r.pad(7, "stop")?;
+                Record::Stop { off }
             }
         };
         r.finish(&format!("{kind:?}"))?;

@@ -85,6 +85,7 @@ fn record() -> impl Strategy<Value = Record> {
         Just(Record::Ack),
         (any::<u64>(), any::<u64>()).prop_map(|(seq, sent_us)| Record::Heartbeat { seq, sent_us }),
         any::<u8>().prop_map(|code| Record::Shutdown { code }),
+        any::<bool>().prop_map(|off| Record::Stop { off }),
     ]
 }
 

@@ -7,10 +7,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 const MAX_REQUEST: usize = 64;
+
+/// A forwarded request and where its reply line goes.
+pub type Forward = mpsc::Sender<(Request, mpsc::Sender<String>)>;
 
 /// What `ftvm ctl` can ask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +21,8 @@ pub enum Request {
     Status,
     TestFailover,
     TestRestartSecondary,
+    Suspend,
+    FtOff,
 }
 
 impl Request {
@@ -31,6 +36,8 @@ impl Request {
             "status" => Ok(Request::Status),
             "test-failover" => Ok(Request::TestFailover),
             "test-restart-secondary" => Ok(Request::TestRestartSecondary),
+            "suspend" => Ok(Request::Suspend),
+            "ft-off" => Ok(Request::FtOff),
             other => Err(format!(
                 "unknown request {:?}",
                 other.chars().take(32).collect::<String>()
@@ -43,6 +50,8 @@ impl Request {
             Request::Status => "status",
             Request::TestFailover => "test-failover",
             Request::TestRestartSecondary => "test-restart-secondary",
+            Request::Suspend => "suspend",
+            Request::FtOff => "ft-off",
         }
     }
 }
@@ -86,7 +95,14 @@ pub fn socket_path(datastore: &Path, role: &str) -> PathBuf {
 /// Serves requests on `path` in a thread. `kill_on`: the request that makes this side die at
 /// once, as its host would (`test-failover` for the primary, `test-restart-secondary` for the
 /// secondary).
-pub fn serve(path: PathBuf, status: Arc<Mutex<Status>>, kill_on: Option<Request>) -> Result<()> {
+/// `forward`: where requests other than status and `kill_on` go (the primary's epoch loop),
+/// each with a channel for the reply line.
+pub fn serve(
+    path: PathBuf,
+    status: Arc<Mutex<Status>>,
+    kill_on: Option<Request>,
+    forward: Option<Forward>,
+) -> Result<()> {
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
         .with_context(|| format!("cannot serve control socket {}", path.display()))?;
@@ -108,7 +124,18 @@ pub fn serve(path: PathBuf, status: Arc<Mutex<Status>>, kill_on: Option<Request>
                         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
                         continue;
                     }
-                    Ok(r) => format!("error: {} does not go to this side", r.word()),
+                    Ok(r) => match &forward {
+                        Some(f) => {
+                            let (tx, rx) = mpsc::channel();
+                            match f.send((r, tx)) {
+                                Ok(()) => rx
+                                    .recv_timeout(Duration::from_secs(30))
+                                    .unwrap_or_else(|_| format!("error: {} timed out", r.word())),
+                                Err(_) => format!("error: {} cannot be done now", r.word()),
+                            }
+                        }
+                        None => format!("error: {} does not go to this side", r.word()),
+                    },
                     Err(e) => format!("error: {e}"),
                 };
                 let _ = writeln!(w, "{reply}");

@@ -70,12 +70,21 @@ impl Datastore {
             .context("recording the secondary's command line")
     }
 
+    /// Turn Off FT: forget the secondary's configuration, so `resume` has nothing to start.
+    pub fn forget_secondary(&self) -> Result<()> {
+        match fs::remove_file(self.dir.join("secondary.cmd")) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).context("forgetting the secondary's configuration"),
+        }
+    }
+
     /// The command line recorded by [`Datastore::record_secondary_command`].
     pub fn secondary_command(&self) -> Result<Vec<String>> {
         let p = self.dir.join("secondary.cmd");
         let s = fs::read_to_string(&p).with_context(|| {
             format!(
-                "no secondary ever ran with this datastore ({})",
+                "no secondary is configured in this datastore ({} is missing: FT was never on, or was turned off)",
                 p.display()
             )
         })?;

@@ -185,6 +185,11 @@ enum Protected {
     Exited(u8),
     /// The secondary was lost; `Some(code)` if the guest had already exited.
     Lost(Option<u8>),
+    /// Replication stopped on request (suspend, or FT off); the guest is paused.
+    Stopped {
+        off: bool,
+        reply: mpsc::Sender<String>,
+    },
 }
 
 /// How an unprotected phase ended.
@@ -226,6 +231,8 @@ struct Primary {
     peer: SocketAddr,
     link_cfg: LinkConfig,
     hello: Hello,
+    /// `ftvm ctl suspend | ft-off`, forwarded by the control thread.
+    requests: mpsc::Receiver<(ctl::Request, mpsc::Sender<String>)>,
     /// (epoch, output) streamed, not yet acknowledged.
     pending: VecDeque<(u64, Vec<u8>)>,
     out_offset: u64,
@@ -262,6 +269,7 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
             Err(e) => return Err(e).context(format!("cannot reach the secondary at {}", cfg.peer)),
         }
     };
+    let (forward, requests) = mpsc::channel();
     let status = Arc::new(Mutex::new(Status {
         role: "primary",
         protected: true,
@@ -271,6 +279,7 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         ctl::socket_path(ds.path(), "primary"),
         status.clone(),
         Some(ctl::Request::TestFailover),
+        Some(forward),
     )?;
     let link = LinkSide::attach(&rt, link);
     let ds2 = ds.clone();
@@ -292,6 +301,7 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         peer: cfg.peer,
         link_cfg,
         hello,
+        requests,
         pending: VecDeque::new(),
         out_offset: 0,
         ds,
@@ -313,6 +323,39 @@ impl Primary {
                     return Ok(code);
                 }
                 Protected::Lost(ended) => ended,
+                Protected::Stopped { off, reply } => {
+                    // Running unprotected requires holding the arbitration, whatever the
+                    // reason: a secondary that missed the Stop and thinks the primary died
+                    // must lose it and halt.
+                    if !self.ds.arbitrate("primary")? {
+                        let _ = reply.send(
+                            "error: the secondary went live meanwhile; this primary halts".into(),
+                        );
+                        self.vm.stop();
+                        return Ok(HALTED);
+                    }
+                    while let Some((_, out)) = self.pending.pop_front() {
+                        let _ = self.out.write_all(&out);
+                    }
+                    if off {
+                        self.ds.forget_secondary()?;
+                    }
+                    let what = if off { "FT turned off" } else { "FT suspended" };
+                    eprintln!("ftvm primary: {what}; running unprotected");
+                    {
+                        let mut st = self.status.lock().unwrap();
+                        st.protected = false;
+                        st.note = format!("{what} on request");
+                    }
+                    let _ = reply.send(format!("ok: {what}; the VM runs unprotected"));
+                    match self.unprotected()? {
+                        Unprotected::Exited(code) => return Ok(code),
+                        Unprotected::NewSecondary(link) => {
+                            self.reprotect(*link)?;
+                            continue;
+                        }
+                    }
+                }
             };
             let _ = self.vm.pause();
             if !self.ds.arbitrate("primary")? {
@@ -337,17 +380,21 @@ impl Primary {
             }
             match self.unprotected()? {
                 Unprotected::Exited(code) => return Ok(code),
-                Unprotected::NewSecondary(link) => {
-                    eprintln!("ftvm primary: a new secondary connected; re-protecting");
-                    self.ds.new_session()?;
-                    self.link = LinkSide::attach(&self.rt, *link);
-                    let mut st = self.status.lock().unwrap();
-                    st.protected = true;
-                    st.sessions += 1;
-                    st.note.clear();
-                }
+                Unprotected::NewSecondary(link) => self.reprotect(*link)?,
             }
         }
+    }
+
+    /// A new secondary connected: start a new protection session with it.
+    fn reprotect(&mut self, link: net::Link) -> Result<()> {
+        eprintln!("ftvm primary: a new secondary connected; re-protecting");
+        self.ds.new_session()?;
+        self.link = LinkSide::attach(&self.rt, link);
+        let mut st = self.status.lock().unwrap();
+        st.protected = true;
+        st.sessions += 1;
+        st.note.clear();
+        Ok(())
     }
 
     /// Runs the guest unprotected (output released at once) while connecting to a new
@@ -378,6 +425,12 @@ impl Primary {
                 self.vm.pause()?;
                 self.release_held();
                 return Ok(Unprotected::NewSecondary(link));
+            }
+            if let Ok((req, reply)) = self.requests.try_recv() {
+                let _ = reply.send(format!(
+                    "error: {} needs FT on; the VM runs unprotected",
+                    req.word()
+                ));
             }
         }
     }
@@ -421,6 +474,17 @@ impl Primary {
                 self.release_acked();
                 if self.link.lost.load(Ordering::SeqCst) {
                     return Ok(Protected::Lost(None));
+                }
+                if let Ok((req, reply)) = self.requests.try_recv() {
+                    let off = req == ctl::Request::FtOff;
+                    self.vm.pause()?;
+                    // The secondary exits without taking over; only then may everything held
+                    // be released.
+                    // No close here: closing could discard the Stop still in flight. The
+                    // secondary closes the link when it leaves.
+                    self.rt
+                        .block_on(self.link.log_tx.send_record(0, &Record::Stop { off }))?;
+                    return Ok(Protected::Stopped { off, reply });
                 }
             }
             let paused_at = Instant::now();
@@ -716,6 +780,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
         ctl::socket_path(ds.path(), "secondary"),
         status.clone(),
         Some(ctl::Request::TestRestartSecondary),
+        None,
     )?;
     let Parts {
         mut log_tx,
@@ -727,20 +792,21 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     let lost = Arc::new(AtomicBool::new(false));
     spawn_heartbeats(&rt, &mut Some((hb_tx, hb_rx)), lost.clone());
     // Receive and commit epochs until the primary is gone or the guest ended.
-    let outcome: Result<Option<u8>> = rt.block_on(async {
+    let outcome: Result<Received> = rt.block_on(async {
         loop {
             let rec = tokio::select! {
                 r = log_rx.recv_record() => r,
-                _ = wait_flag(&lost) => return Ok(None),
+                _ = wait_flag(&lost) => return Ok(Received::PrimaryLost),
             };
             match rec {
-                Ok((_, Record::Shutdown { code })) => return Ok(Some(code)),
+                Ok((_, Record::Shutdown { code })) => return Ok(Received::GuestEnded(code)),
+                Ok((_, Record::Stop { .. })) => return Ok(Received::Stopped),
                 Ok((e, r)) => match sec.on_record(e, r) {
                     Ok(actions) => {
                         for replay::Action::Ack(k) in actions {
                             status.lock().unwrap().epoch = k;
                             if log_tx.send_record(k, &Record::Ack).await.is_err() {
-                                return Ok(None);
+                                return Ok(Received::PrimaryLost);
                             }
                         }
                     }
@@ -748,14 +814,23 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
                 },
                 Err(e) => {
                     tracing::info!("FT link lost: {e}");
-                    return Ok(None);
+                    return Ok(Received::PrimaryLost);
                 }
             }
         }
     });
-    if let Some(code) = outcome? {
-        eprintln!("ftvm secondary: the guest ended on the primary (exit {code})");
-        return Ok(code);
+    match outcome? {
+        Received::Stopped => {
+            eprintln!(
+                "ftvm secondary: the primary stopped replicating (suspend or FT off); exiting"
+            );
+            return Ok(0);
+        }
+        Received::GuestEnded(code) => {
+            eprintln!("ftvm secondary: the guest ended on the primary (exit {code})");
+            return Ok(code);
+        }
+        Received::PrimaryLost => {}
     }
     // The primary is lost on the link. Give a primary that is still alive (its datastore
     // heartbeat is fresh) the chance to win the arbitration first.
@@ -779,6 +854,13 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
         st.note = format!("took over at epoch {}", sec.committed_epoch().unwrap_or(0));
     }
     takeover(sec, cfg.serial_out.as_deref())
+}
+
+/// How the secondary's receive loop ended.
+enum Received {
+    PrimaryLost,
+    GuestEnded(u8),
+    Stopped,
 }
 
 async fn wait_flag(flag: &AtomicBool) {

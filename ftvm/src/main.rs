@@ -59,7 +59,9 @@ enum Cmd {
     /// Drive a running pair: `status` (epoch, lag, bytes/s, protected or not) or
     /// `test-failover` (fail the primary as a dying host would; the secondary takes over).
     /// `test-restart-secondary` (fail the secondary; start a new one, which syncs and restores
-    /// protection). `ft-off`, `suspend` and `resume` are not implemented yet.
+    /// protection), `suspend` (stop replicating; the secondary exits, the VM runs
+    /// unprotected), `resume` (start the secondary again; it syncs), `ft-off` (as suspend, and
+    /// forget the secondary's configuration).
     Ctl(CtlArgs),
     /// List the built-in test guests.
     Guests,
@@ -79,11 +81,8 @@ enum CtlCommand {
     Status,
     TestFailover,
     TestRestartSecondary,
-    /// Not implemented yet.
     FtOff,
-    /// Not implemented yet.
     Suspend,
-    /// Not implemented yet.
     Resume,
 }
 
@@ -281,15 +280,7 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
             bail!("the secondary did not go live within 30 s")
         }
         CtlCommand::TestRestartSecondary => {
-            // Remember the primary's session count, fail the secondary, start a new one the
-            // same way the first was started, and wait for protection to come back.
-            let sessions = |line: &str| -> Option<u64> {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix("sessions="))
-                    .and_then(|v| v.parse().ok())
-            };
-            let before = ctl::request(&a.datastore, "primary", ctl::Request::Status)?;
-            let before = sessions(&before).context("primary status lacks sessions")?;
+            let before = primary_sessions(&a.datastore)?;
             let argv = datastore::Datastore::open(&a.datastore)?.secondary_command()?;
             let t0 = std::time::Instant::now();
             let reply = ctl::request(
@@ -300,44 +291,70 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
             println!("secondary: {reply}");
             // Let the old one's control socket go away before the new one binds it.
             std::thread::sleep(Duration::from_millis(50));
-            let log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(a.datastore.join("secondary.log"))?;
-            std::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .stdin(std::process::Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("starting the new secondary")?;
-            println!("new secondary started: {}", argv[1..].join(" "));
-            while t0.elapsed() < Duration::from_secs(60) {
-                if let Ok(line) = ctl::request(&a.datastore, "primary", ctl::Request::Status) {
-                    if sessions(&line).is_some_and(|s| s > before)
-                        && line.contains("protected=true")
-                    {
-                        println!(
-                            "protection restored after {} ms: {line}",
-                            t0.elapsed().as_millis()
-                        );
-                        return Ok(0);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            bail!(
-                "protection did not come back within 60 s (see {}/secondary.log)",
-                a.datastore.display()
-            )
+            start_secondary_and_wait(&a.datastore, &argv, before, t0)
         }
-        CtlCommand::FtOff | CtlCommand::Suspend | CtlCommand::Resume => {
-            let word = clap::ValueEnum::to_possible_value(&a.command)
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default();
-            bail!("`ftvm ctl {word}` is not implemented yet: it needs a secondary to join a running VM (see the README's Status)")
+        CtlCommand::Resume => {
+            let before = primary_sessions(&a.datastore)?;
+            let argv = datastore::Datastore::open(&a.datastore)?.secondary_command()?;
+            start_secondary_and_wait(&a.datastore, &argv, before, std::time::Instant::now())
+        }
+        CtlCommand::Suspend | CtlCommand::FtOff => {
+            let req = if matches!(a.command, CtlCommand::Suspend) {
+                ctl::Request::Suspend
+            } else {
+                ctl::Request::FtOff
+            };
+            println!("primary: {}", ctl::request(&a.datastore, "primary", req)?);
+            Ok(0)
         }
     }
+}
+
+fn primary_sessions(datastore: &Path) -> Result<u64> {
+    let line = ctl::request(datastore, "primary", ctl::Request::Status)?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("sessions="))
+        .and_then(|v| v.parse().ok())
+        .context("primary status lacks sessions")
+}
+
+/// Starts a secondary with the recorded command line (detached, its output appended to
+/// DIR/secondary.log) and waits until the primary has a new protection session.
+fn start_secondary_and_wait(
+    datastore: &Path,
+    argv: &[String],
+    before: u64,
+    t0: std::time::Instant,
+) -> Result<u8> {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(datastore.join("secondary.log"))?;
+    std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the new secondary")?;
+    println!("new secondary started: {}", argv[1..].join(" "));
+    while t0.elapsed() < Duration::from_secs(60) {
+        if let Ok(line) = ctl::request(datastore, "primary", ctl::Request::Status) {
+            let sessions = primary_sessions(datastore).unwrap_or(0);
+            if sessions > before && line.contains("protected=true") {
+                println!(
+                    "protection restored after {} ms: {line}",
+                    t0.elapsed().as_millis()
+                );
+                return Ok(0);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!(
+        "protection did not come back within 60 s (see {}/secondary.log)",
+        datastore.display()
+    )
 }
 
 fn main() {

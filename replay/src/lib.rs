@@ -158,7 +158,10 @@ impl Secondary {
                 offset,
                 data,
             } => self.with_staging(epoch, |s| s.outputs.push((stream, offset, data))),
-            Record::Heartbeat { .. } | Record::Hello(_) | Record::Shutdown { .. } => Ok(vec![]),
+            Record::Heartbeat { .. }
+            | Record::Hello(_)
+            | Record::Shutdown { .. }
+            | Record::Stop { .. } => Ok(vec![]),
             Record::Ack => Err(Error::Protocol("Ack sent to the secondary".into())),
         }
     }

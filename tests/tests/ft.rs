@@ -464,3 +464,112 @@ fn test_restart_secondary_restores_protection_for_a_later_failover() {
         "the new secondary did not take over: {log}"
     );
 }
+
+/// Suspend FT (the secondary exits without taking over, the VM runs on unprotected), Resume FT
+/// (a secondary is started again, syncs, protection returns — a failover then keeps the
+/// console exact), and Turn Off FT (the secondary's configuration is gone, so resume refuses).
+#[test]
+fn suspend_resume_and_ft_off_on_a_running_pair() {
+    require_kvm!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("ft-suspend");
+    const N: u64 = 1600;
+    let mut pair = start_pair(&dir, "counter", &format!("count={N} rate=200"));
+    wait_protected(&dir, &mut pair);
+    let ds = dir.path("ds");
+    let ctl = |cmd: &str| {
+        let o = Command::new(ftvm_bin())
+            .args(["ctl", "--datastore"])
+            .arg(&ds)
+            .arg(cmd)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let (code, text) = ctl("suspend");
+    assert_eq!(code, Some(0), "{text}");
+    let s = wait(
+        &mut pair.secondary,
+        Duration::from_secs(10),
+        "secondary after suspend",
+    );
+    assert_eq!(
+        s.code(),
+        Some(0),
+        "the secondary exits cleanly on suspend: {}",
+        pair.secondary.wait_with_output_ref()
+    );
+    let (_, st) = ctl("status");
+    assert!(st.contains("role=primary protected=false"), "{st}");
+    let (code, text) = ctl("suspend");
+    assert_eq!(
+        code,
+        Some(1),
+        "suspending an unprotected VM is an error: {text}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, text) = ctl("resume");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("protection restored after"), "{text}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, text) = ctl("test-failover");
+    assert_eq!(code, Some(0), "{text}");
+    let _ = pair.primary.wait();
+    let t = Instant::now();
+    while console(&dir).len() < counter_output(N).len() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        console(&dir),
+        counter_output(N),
+        "after suspend, resume and a failover"
+    );
+
+    // Turn Off FT on a fresh pair.
+    let dir = TempDir::new("ft-off");
+    let mut pair = start_pair(&dir, "counter", "count=600 rate=200");
+    wait_protected(&dir, &mut pair);
+    let ds = dir.path("ds");
+    let ctl = |cmd: &str| {
+        let o = Command::new(ftvm_bin())
+            .args(["ctl", "--datastore"])
+            .arg(&ds)
+            .arg(cmd)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let (code, text) = ctl("ft-off");
+    assert_eq!(code, Some(0), "{text}");
+    let s = wait(
+        &mut pair.secondary,
+        Duration::from_secs(10),
+        "secondary after ft-off",
+    );
+    assert_eq!(s.code(), Some(0));
+    assert!(
+        !ds.join("secondary.cmd").exists(),
+        "the secondary's configuration is deleted"
+    );
+    let (code, text) = ctl("resume");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("no secondary is configured"), "{text}");
+    let p = wait(&mut pair.primary, Duration::from_secs(60), "primary");
+    assert_eq!(p.code(), Some(0));
+    assert_eq!(console(&dir), counter_output(600));
+}
