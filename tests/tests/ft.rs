@@ -111,6 +111,32 @@ fn console(dir: &TempDir) -> String {
     std::fs::read_to_string(dir.path("ds").join("console.txt")).unwrap_or_default()
 }
 
+/// Runs `ftvm ctl --datastore DIR/ds CMD`: exit code and stdout + stderr.
+fn ctl(dir: &TempDir, cmd: &str) -> (Option<i32>, String) {
+    let o = Command::new(ftvm_bin())
+        .args(["ctl", "--datastore"])
+        .arg(dir.path("ds"))
+        .arg(cmd)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.code(), text)
+}
+
+/// Waits (up to 60 s) until the console holds `n` counter lines' worth of bytes — for runs
+/// finished by a secondary this test did not start.
+fn wait_console(dir: &TempDir, n: u64) {
+    let t = Instant::now();
+    while console(dir).len() < counter_output(n).len() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+}
+
 #[test]
 fn protected_counter_without_failure_prints_everything_once() {
     require_kvm!();
@@ -346,23 +372,8 @@ fn ctl_status_and_test_failover_on_a_running_pair() {
     let dir = TempDir::new("ft-ctl");
     let mut pair = start_pair(&dir, "counter", "count=400 rate=200");
     wait_protected(&dir, &mut pair);
-    let ds = dir.path("ds");
-    let ctl = |cmd: &str| {
-        Command::new(ftvm_bin())
-            .args(["ctl", "--datastore"])
-            .arg(&ds)
-            .arg(cmd)
-            .output()
-            .unwrap()
-    };
-    let st = ctl("status");
-    let text = String::from_utf8_lossy(&st.stdout);
-    assert_eq!(
-        st.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    let (code, text) = ctl(&dir, "status");
+    assert_eq!(code, Some(0), "{text}");
     assert!(
         text.contains("primary: role=primary protected=true"),
         "{text}"
@@ -371,14 +382,8 @@ fn ctl_status_and_test_failover_on_a_running_pair() {
         text.contains("secondary: role=secondary protected=true"),
         "{text}"
     );
-    let fo = ctl("test-failover");
-    let text = String::from_utf8_lossy(&fo.stdout);
-    assert_eq!(
-        fo.status.code(),
-        Some(0),
-        "{text} {}",
-        String::from_utf8_lossy(&fo.stderr)
-    );
+    let (code, text) = ctl(&dir, "test-failover");
+    assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("secondary is live after"), "{text}");
     let p = wait(&mut pair.primary, Duration::from_secs(10), "primary");
     assert_eq!(
@@ -394,12 +399,8 @@ fn ctl_status_and_test_failover_on_a_running_pair() {
         pair.secondary.wait_with_output_ref()
     );
     assert_eq!(console(&dir), counter_output(400));
-    let bad = ctl("status");
-    assert_eq!(
-        bad.status.code(),
-        Some(1),
-        "no side should answer once the VM has ended"
-    );
+    let (code, _) = ctl(&dir, "status");
+    assert_eq!(code, Some(1), "no side should answer once the VM has ended");
 }
 
 /// `ftvm ctl test-restart-secondary`: the secondary dies, a new one is started, syncs with the
@@ -414,22 +415,8 @@ fn test_restart_secondary_restores_protection_for_a_later_failover() {
     let mut pair = start_pair(&dir, "counter", &format!("count={N} rate=200"));
     wait_protected(&dir, &mut pair);
     let ds = dir.path("ds");
-    let ctl = |cmd: &str| {
-        Command::new(ftvm_bin())
-            .args(["ctl", "--datastore"])
-            .arg(&ds)
-            .arg(cmd)
-            .output()
-            .unwrap()
-    };
-    let rs = ctl("test-restart-secondary");
-    let text = String::from_utf8_lossy(&rs.stdout);
-    assert_eq!(
-        rs.status.code(),
-        Some(0),
-        "{text} {}",
-        String::from_utf8_lossy(&rs.stderr)
-    );
+    let (code, text) = ctl(&dir, "test-restart-secondary");
+    assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("protection restored after"), "{text}");
     let old = wait(
         &mut pair.secondary,
@@ -442,21 +429,12 @@ fn test_restart_secondary_restores_protection_for_a_later_failover() {
         "the old secondary must have died by SIGKILL: {old}"
     );
     std::thread::sleep(Duration::from_millis(300));
-    let fo = ctl("test-failover");
-    assert_eq!(
-        fo.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&fo.stdout)
-    );
+    let (code, text) = ctl(&dir, "test-failover");
+    assert_eq!(code, Some(0), "{text}");
     let p = wait(&mut pair.primary, Duration::from_secs(10), "primary");
     assert_eq!(p.code(), None, "the primary must have died by SIGKILL: {p}");
     // The new secondary (started by ctl, not by this test) runs the guest to its end.
-    let t = Instant::now();
-    while console(&dir).len() < counter_output(N).len() && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    wait_console(&dir, N);
     let log = std::fs::read_to_string(ds.join("secondary.log")).unwrap_or_default();
     assert_eq!(console(&dir), counter_output(N), "new secondary log: {log}");
     assert!(
@@ -476,24 +454,7 @@ fn suspend_resume_and_ft_off_on_a_running_pair() {
     const N: u64 = 1600;
     let mut pair = start_pair(&dir, "counter", &format!("count={N} rate=200"));
     wait_protected(&dir, &mut pair);
-    let ds = dir.path("ds");
-    let ctl = |cmd: &str| {
-        let o = Command::new(ftvm_bin())
-            .args(["ctl", "--datastore"])
-            .arg(&ds)
-            .arg(cmd)
-            .output()
-            .unwrap();
-        (
-            o.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        )
-    };
-    let (code, text) = ctl("suspend");
+    let (code, text) = ctl(&dir, "suspend");
     assert_eq!(code, Some(0), "{text}");
     let s = wait(
         &mut pair.secondary,
@@ -506,27 +467,23 @@ fn suspend_resume_and_ft_off_on_a_running_pair() {
         "the secondary exits cleanly on suspend: {}",
         pair.secondary.wait_with_output_ref()
     );
-    let (_, st) = ctl("status");
+    let (_, st) = ctl(&dir, "status");
     assert!(st.contains("role=primary protected=false"), "{st}");
-    let (code, text) = ctl("suspend");
+    let (code, text) = ctl(&dir, "suspend");
     assert_eq!(
         code,
         Some(1),
         "suspending an unprotected VM is an error: {text}"
     );
     std::thread::sleep(Duration::from_millis(300));
-    let (code, text) = ctl("resume");
+    let (code, text) = ctl(&dir, "resume");
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("protection restored after"), "{text}");
     std::thread::sleep(Duration::from_millis(300));
-    let (code, text) = ctl("test-failover");
+    let (code, text) = ctl(&dir, "test-failover");
     assert_eq!(code, Some(0), "{text}");
     let _ = pair.primary.wait();
-    let t = Instant::now();
-    while console(&dir).len() < counter_output(N).len() && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    wait_console(&dir, N);
     assert_eq!(
         console(&dir),
         counter_output(N),
@@ -538,23 +495,7 @@ fn suspend_resume_and_ft_off_on_a_running_pair() {
     let mut pair = start_pair(&dir, "counter", "count=600 rate=200");
     wait_protected(&dir, &mut pair);
     let ds = dir.path("ds");
-    let ctl = |cmd: &str| {
-        let o = Command::new(ftvm_bin())
-            .args(["ctl", "--datastore"])
-            .arg(&ds)
-            .arg(cmd)
-            .output()
-            .unwrap();
-        (
-            o.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        )
-    };
-    let (code, text) = ctl("ft-off");
+    let (code, text) = ctl(&dir, "ft-off");
     assert_eq!(code, Some(0), "{text}");
     let s = wait(
         &mut pair.secondary,
@@ -566,7 +507,7 @@ fn suspend_resume_and_ft_off_on_a_running_pair() {
         !ds.join("secondary.cmd").exists(),
         "the secondary's configuration is deleted"
     );
-    let (code, text) = ctl("resume");
+    let (code, text) = ctl(&dir, "resume");
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("no secondary is configured"), "{text}");
     let p = wait(&mut pair.primary, Duration::from_secs(60), "primary");
