@@ -28,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
-use vm_memory_bytes::read_page;
 use vmm::persist::{decode_part, encode_part, VmState};
 use vmm::{DirtyTracking, VmConfig, VmEvent, Vmm};
 
@@ -51,13 +50,9 @@ const PRIMARY_WAIT: Duration = Duration::from_secs(120);
 /// Exit status of a side that lost arbitration and halted.
 pub const HALTED: u8 = 3;
 
-mod vm_memory_bytes {
-    use vmm::memory::GuestMemory;
-    /// Reads the page at `gpa` of `mem`.
-    pub fn read_page(mem: &GuestMemory, gpa: u64, out: &mut [u8]) -> anyhow::Result<()> {
-        use vmm::memory::read_bytes;
-        read_bytes(mem, gpa, out).map_err(|e| anyhow::anyhow!("reading guest page {gpa:#x}: {e}"))
-    }
+/// Reads the page at `gpa` of `mem`.
+fn read_page(mem: &vmm::memory::GuestMemory, gpa: u64, out: &mut [u8]) -> Result<()> {
+    vmm::memory::read_bytes(mem, gpa, out).map_err(|e| anyhow!("reading guest page {gpa:#x}: {e}"))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -100,10 +95,10 @@ fn hello(role: Role, vcpus: u8, mem_mib: u64) -> Hello {
 /// Heartbeats both ways; `lost` is set when the peer's stop arriving.
 fn spawn_heartbeats(
     rt: &tokio::runtime::Runtime,
-    parts: &mut Option<(net::link::Sender, net::link::Receiver)>,
+    mut tx: net::link::Sender,
+    mut rx: net::link::Receiver,
     lost: Arc<AtomicBool>,
 ) {
-    let (mut tx, mut rx) = parts.take().expect("heartbeat streams");
     rt.spawn(async move {
         let mut seq = 1;
         while tx.send_heartbeat(seq, now_us()).await.is_ok() {
@@ -159,7 +154,7 @@ impl LinkSide {
             control,
         } = link.into_parts();
         let lost = Arc::new(AtomicBool::new(false));
-        spawn_heartbeats(rt, &mut Some((hb_tx, hb_rx)), lost.clone());
+        spawn_heartbeats(rt, hb_tx, hb_rx, lost.clone());
         let (ack_tx, acks) = mpsc::channel();
         let lost2 = lost.clone();
         rt.spawn(async move {
@@ -205,7 +200,7 @@ struct Snapshot {
     pages: Vec<u64>,
     /// The pages' contents, back to back.
     data: Bytes,
-    output: Vec<u8>,
+    output: Bytes,
     /// Console-stream offset of `output`'s first byte.
     offset: u64,
     exit: Option<u8>,
@@ -233,8 +228,9 @@ struct Primary {
     hello: Hello,
     /// `ftvm ctl suspend | ft-off`, forwarded by the control thread.
     requests: mpsc::Receiver<(ctl::Request, mpsc::Sender<String>)>,
-    /// (epoch, output) streamed, not yet acknowledged.
-    pending: VecDeque<(u64, Vec<u8>)>,
+    /// (epoch, output) taken from the guest and not yet released: held until the secondary
+    /// acknowledges the epoch.
+    pending: VecDeque<(u64, Bytes)>,
     out_offset: u64,
     ds: Arc<Datastore>,
     status: Arc<Mutex<Status>>,
@@ -316,62 +312,54 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
 impl Primary {
     fn run(&mut self, cfg: &PrimaryConfig) -> Result<u8> {
         loop {
-            let ended = match self.protect(cfg)? {
+            // Why the session ended: the secondary was lost (`stop` is None, `ended` says
+            // whether the guest had already exited), or a stop was requested.
+            let (ended, stop) = match self.protect(cfg)? {
                 Protected::Exited(code) => {
                     self.vm.stop();
                     self.print_summary();
                     return Ok(code);
                 }
-                Protected::Lost(ended) => ended,
-                Protected::Stopped { off, reply } => {
-                    // Running unprotected requires holding the arbitration, whatever the
-                    // reason: a secondary that missed the Stop and thinks the primary died
-                    // must lose it and halt.
-                    if !self.ds.arbitrate("primary")? {
-                        let _ = reply.send(
-                            "error: the secondary went live meanwhile; this primary halts".into(),
-                        );
-                        self.vm.stop();
-                        return Ok(HALTED);
-                    }
-                    while let Some((_, out)) = self.pending.pop_front() {
-                        let _ = self.out.write_all(&out);
-                    }
-                    if off {
-                        self.ds.forget_secondary()?;
-                    }
-                    let what = if off { "FT turned off" } else { "FT suspended" };
-                    eprintln!("ftvm primary: {what}; running unprotected");
-                    {
-                        let mut st = self.status.lock().unwrap();
-                        st.protected = false;
-                        st.note = format!("{what} on request");
-                    }
-                    let _ = reply.send(format!("ok: {what}; the VM runs unprotected"));
-                    match self.unprotected()? {
-                        Unprotected::Exited(code) => return Ok(code),
-                        Unprotected::NewSecondary(link) => {
-                            self.reprotect(*link)?;
-                            continue;
-                        }
-                    }
-                }
+                Protected::Lost(ended) => (ended, None),
+                Protected::Stopped { off, reply } => (None, Some((off, reply))),
             };
             let _ = self.vm.pause();
+            // Running unprotected requires holding the arbitration, whatever the reason: a
+            // secondary that thinks the primary died (or missed a Stop) must lose it and halt.
             if !self.ds.arbitrate("primary")? {
                 eprintln!("ftvm primary: lost the secondary and the arbitration: the secondary is live; halting");
+                if let Some((_, reply)) = stop {
+                    let _ = reply.send(
+                        "error: the secondary went live meanwhile; this primary halts".into(),
+                    );
+                }
                 self.vm.stop();
                 return Ok(HALTED);
             }
-            eprintln!("ftvm primary: lost the secondary; continuing unprotected");
+            // Nobody else can show a different future now: release everything held.
+            self.release_pending();
+            let note = match &stop {
+                None => "secondary lost".to_string(),
+                Some((off, _)) => {
+                    if *off {
+                        self.ds.forget_secondary()?;
+                    }
+                    (if *off {
+                        "FT turned off on request"
+                    } else {
+                        "FT suspended on request"
+                    })
+                    .to_string()
+                }
+            };
+            eprintln!("ftvm primary: {note}; running unprotected");
             {
                 let mut st = self.status.lock().unwrap();
                 st.protected = false;
-                st.note = "secondary lost; running unprotected".into();
+                st.note = format!("{note}; running unprotected");
             }
-            // Nobody else can show a different future now: release everything held.
-            while let Some((_, out)) = self.pending.pop_front() {
-                let _ = self.out.write_all(&out);
+            if let Some((_, reply)) = stop {
+                let _ = reply.send(format!("ok: {note}; the VM runs unprotected"));
             }
             if let Some(code) = ended {
                 self.release_held();
@@ -383,6 +371,14 @@ impl Primary {
                 Unprotected::NewSecondary(link) => self.reprotect(*link)?,
             }
         }
+    }
+
+    /// Releases every held epoch's output at once (no secondary can go live any more).
+    fn release_pending(&mut self) {
+        while let Some((_, out)) = self.pending.pop_front() {
+            let _ = self.out.write_all(&out);
+        }
+        let _ = self.out.flush();
     }
 
     /// A new secondary connected: start a new protection session with it.
@@ -534,11 +530,11 @@ impl Primary {
     /// [`Primary::stream`], while the guest runs again.
     fn snapshot(&mut self, epoch: u64, pages: &[u64], exit: Option<u8>) -> Result<Snapshot> {
         let state = self.vm.capture()?;
-        let output = self.held.take();
+        let output = Bytes::from(self.held.take());
         // Held from this moment: whatever happens next, this output is released exactly when
         // its epoch is acknowledged, or by whichever side goes live. Offsets are absolute in
         // the console stream and advance as output leaves the guest.
-        self.pending.push_back((epoch, output.clone()));
+        self.pending.push_back((epoch, output.clone())); // shares the buffer
         let offset = self.out_offset;
         self.out_offset += output.len() as u64;
         let mut buf = BytesMut::zeroed(pages.len() * PAGE_SIZE);
@@ -634,7 +630,7 @@ impl Primary {
                 Record::Output {
                     stream: 0,
                     offset,
-                    data: Bytes::from(output),
+                    data: output,
                 },
                 &mut b,
             );
@@ -659,17 +655,11 @@ impl Primary {
     /// One stderr line with the epoch statistics (benchmarks parse it).
     fn print_summary(&self) {
         let mut pauses: Vec<u64> = self.epochs.iter().map(|e| e.0.as_micros() as u64).collect();
-        let mut pages: Vec<usize> = self.epochs.iter().map(|e| e.1).collect();
+        let mut pages: Vec<u64> = self.epochs.iter().map(|e| e.1 as u64).collect();
         pauses.sort_unstable();
         pages.sort_unstable();
         let q = |v: &[u64], f: f64| {
             v.get(((v.len().max(1) - 1) as f64 * f) as usize)
-                .copied()
-                .unwrap_or(0)
-        };
-        let qp = |f: f64| {
-            pages
-                .get(((pages.len().max(1) - 1) as f64 * f) as usize)
                 .copied()
                 .unwrap_or(0)
         };
@@ -681,8 +671,8 @@ impl Primary {
             q(&pauses, 0.5),
             q(&pauses, 0.99),
             pauses.last().copied().unwrap_or(0),
-            qp(0.5),
-            qp(0.99),
+            q(&pages, 0.5),
+            q(&pages, 0.99),
             sent,
             (sent as f64 / secs) as u64
         );
@@ -790,7 +780,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
         control: _control,
     } = link.into_parts();
     let lost = Arc::new(AtomicBool::new(false));
-    spawn_heartbeats(&rt, &mut Some((hb_tx, hb_rx)), lost.clone());
+    spawn_heartbeats(&rt, hb_tx, hb_rx, lost.clone());
     // Receive and commit epochs until the primary is gone or the guest ended.
     let outcome: Result<Received> = rt.block_on(async {
         loop {
