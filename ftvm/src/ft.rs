@@ -572,7 +572,7 @@ impl Primary {
         for (i, &gpa) in pages.iter().enumerate() {
             let page = data.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE);
             hasher.add(gpa, &page);
-            let data = if page.iter().all(|b| *b == 0) {
+            let data = if vmm::memory::is_zero(&page) {
                 PageData::Zero
             } else {
                 PageData::Raw(page)
@@ -729,7 +729,7 @@ fn all_nonzero_pages(mem: &vmm::memory::GuestMemory) -> Result<Vec<u64>> {
     for (base, _, len) in vmm::memory::host_regions(mem) {
         for off in (0..len as u64).step_by(PAGE_SIZE) {
             read_page(mem, base + off, &mut page)?;
-            if page.iter().any(|b| *b != 0) {
+            if !vmm::memory::is_zero(&page) {
                 pages.push(base + off);
             }
         }

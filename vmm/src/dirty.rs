@@ -35,20 +35,29 @@ impl DirtyPages {
     }
 }
 
+/// Appends the address of every page whose bit is set in `words` (bit i = page i of the
+/// range starting at `base`). Shared by the KVM dirty log and the VMM-write bitmap.
+pub fn push_set_pages(base: u64, words: &[u64], pages: &mut Vec<u64>) {
+    for (w, word) in words.iter().enumerate() {
+        let mut bits = *word;
+        while bits != 0 {
+            let b = u64::from(bits.trailing_zeros());
+            pages.push(base + (w as u64 * 64 + b) * PAGE_SIZE);
+            bits &= bits - 1;
+        }
+    }
+}
+
 /// Takes and clears the VMM-write bitmap of every region.
 pub fn harvest_vmm_writes(mem: &GuestMemory) -> Vec<u64> {
     let mut pages = Vec::new();
     for region in mem.iter() {
         let base = region.start_addr().0;
-        let words = region.get_mmap().bitmap().get_and_reset();
-        for (w, word) in words.iter().enumerate() {
-            let mut bits = *word;
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                pages.push(base + (w as u64 * 64 + b) * PAGE_SIZE);
-                bits &= bits - 1;
-            }
-        }
+        push_set_pages(
+            base,
+            &region.get_mmap().bitmap().get_and_reset(),
+            &mut pages,
+        );
     }
     pages
 }

@@ -35,6 +35,13 @@ pub fn create(mem_mib: u64) -> Result<GuestMemory, Error> {
     GuestMemory::from_ranges(&ranges).map_err(|e| Error::Alloc(mem_mib, e))
 }
 
+/// Whether `bytes` (a page) is all zeros; word-at-a-time.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    // SAFETY: reinterpreting initialized bytes as u64 is sound; align_to handles alignment.
+    let (pre, words, post) = unsafe { bytes.align_to::<u64>() };
+    pre.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && post.iter().all(|b| *b == 0)
+}
+
 /// Host virtual address and length of each region, in guest-address order.
 pub fn host_regions(mem: &GuestMemory) -> Vec<(u64, *mut u8, usize)> {
     mem.iter()

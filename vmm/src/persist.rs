@@ -19,7 +19,7 @@
 //! oversized file is an error value, never a panic.
 use crate::devices::DevicesState;
 use crate::layout::{self, PAGE_SIZE};
-use crate::memory::GuestMemory;
+use crate::memory::{is_zero, GuestMemory};
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmKvmState;
 use bincode::Options;
@@ -91,14 +91,6 @@ fn codec() -> impl Options {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .with_limit(MAX_META_LEN)
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    let (pre, words, post) = unsafe {
-        // SAFETY: reinterpreting initialized bytes as u64 is sound; align_to handles alignment.
-        page.align_to::<u64>()
-    };
-    pre.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && post.iter().all(|b| *b == 0)
 }
 
 /// Encodes one part of the VM state (a vCPU, the devices, …) for the FT log.

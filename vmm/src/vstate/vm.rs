@@ -242,14 +242,7 @@ impl KvmVm {
         }
         for &(slot, gpa, len) in &self.slots {
             let mut bitmap = self.fd.get_dirty_log(slot, len).map_err(Error::DirtyLog)?;
-            for (w, word) in bitmap.iter().enumerate() {
-                let mut bits = *word;
-                while bits != 0 {
-                    let b = bits.trailing_zeros() as u64;
-                    pages.push(gpa + (w as u64 * 64 + b) * crate::layout::PAGE_SIZE);
-                    bits &= bits - 1;
-                }
-            }
+            crate::dirty::push_set_pages(gpa, &bitmap, &mut pages);
             if self.manual_clear && bitmap.iter().any(|w| *w != 0) {
                 let mut clear = kvm_clear_dirty_log {
                     slot,
