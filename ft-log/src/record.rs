@@ -22,7 +22,7 @@
 //! Shutdown     code u8 | pad 7        (the guest ended with `code` after this epoch: no takeover)
 //! Stop         off u8 | pad 7         (FT suspended, or turned off if off = 1: exit, no takeover)
 //! ```
-use crate::frame::{self, Frame, HEADER_LEN, MAX_PAYLOAD, TRAILER_LEN};
+use crate::frame::{self, Frame, MAX_PAYLOAD};
 use crate::page::{PageEntry, ENTRY_HEADER};
 use crate::{corrupt, Error};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -578,9 +578,4 @@ impl EpochHasher {
     pub fn finish(&self) -> u64 {
         self.0.digest()
     }
-}
-
-/// Bytes a frame of `payload` bytes takes on the wire.
-pub const fn frame_len(payload: usize) -> usize {
-    HEADER_LEN + payload + TRAILER_LEN
 }

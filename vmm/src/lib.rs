@@ -316,11 +316,6 @@ impl Vmm {
         Ok(())
     }
 
-    /// Whether the vCPUs are running.
-    pub fn is_running(&self) -> bool {
-        self.running
-    }
-
     /// Captures the whole VM (pausing it first if needed; it stays paused).
     pub fn capture(&mut self) -> Result<persist::VmState> {
         if self.running {
@@ -404,11 +399,6 @@ impl Vmm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
-    }
-
-    /// Number of vCPUs.
-    pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
     }
 
     /// Pages written since the last harvest, by the guest (needs dirty tracking) and by the

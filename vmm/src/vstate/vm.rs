@@ -9,7 +9,6 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
-use std::os::fd::AsRawFd;
 
 const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1;
 /// Dirty ring size per vCPU: 64 Ki entries of 16 bytes (KVM caps it; 1 MiB on the dev host).
@@ -262,9 +261,5 @@ impl KvmVm {
             }
         }
         Ok(pages)
-    }
-
-    pub fn raw_fd(&self) -> i32 {
-        self.fd.as_raw_fd()
     }
 }
