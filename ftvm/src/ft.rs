@@ -31,15 +31,32 @@ use std::time::{Duration, Instant};
 use vmm::persist::{decode_part, encode_part, VmState};
 use vmm::{DirtyTracking, VmConfig, VmEvent, Vmm};
 
-/// Heartbeats on the FT link, each way.
-const HB_INTERVAL: Duration = Duration::from_millis(10);
-/// Link heartbeats missing this long: the peer is lost on the link.
-const HB_TIMEOUT: Duration = Duration::from_millis(150);
-/// The primary's datastore heartbeat period, and the age at which it counts as stale.
-const DS_HB_INTERVAL: Duration = Duration::from_millis(20);
-const DS_HB_STALE: Duration = Duration::from_millis(200);
+/// Failure detection: the peer counts as lost when its FT-link heartbeats have been missing
+/// for `timeout`, and the primary's datastore heartbeat as stale when it is `timeout` old.
+/// Both heartbeats beat six times per timeout. Give both sides the same value.
+#[derive(Clone, Copy, Debug)]
+pub struct Detect {
+    pub timeout: Duration,
+}
+
+impl Detect {
+    /// The default, chosen by measurement (README, Performance): no false detection in the
+    /// benchmark runs under full page traffic, failover well under 100 ms.
+    pub const DEFAULT_MS: u64 = 60;
+
+    fn interval(&self) -> Duration {
+        (self.timeout / 6).max(Duration::from_millis(1))
+    }
+}
 /// Epochs streamed but not yet acknowledged before the primary throttles the guest.
 const MAX_IN_FLIGHT: usize = 4;
+/// Pre-copy sync: rounds of pages sent while the guest runs end when at most this many pages
+/// were dirtied during the last round (≈ 4 MiB: a few ms of pause to send with the state)…
+const PRECOPY_DONE_PAGES: usize = 1024;
+/// … or after this many rounds (a guest dirtying faster than the link drains never converges).
+const PRECOPY_MAX_ROUNDS: usize = 8;
+/// Pages read and sent at a time while the guest runs.
+const PRECOPY_BATCH: usize = 1024;
 /// Device-state ids in the FT log.
 const DEV_KVM: u16 = 0;
 const DEV_VMM: u16 = 1;
@@ -98,16 +115,17 @@ fn spawn_heartbeats(
     mut tx: net::link::Sender,
     mut rx: net::link::Receiver,
     lost: Arc<AtomicBool>,
+    detect: Detect,
 ) {
     rt.spawn(async move {
         let mut seq = 1;
         while tx.send_heartbeat(seq, now_us()).await.is_ok() {
             seq += 1;
-            tokio::time::sleep(HB_INTERVAL).await;
+            tokio::time::sleep(detect.interval()).await;
         }
     });
     rt.spawn(async move {
-        while rx.recv_heartbeat(HB_TIMEOUT).await.is_ok() {}
+        while rx.recv_heartbeat(detect.timeout).await.is_ok() {}
         lost.store(true, Ordering::SeqCst);
     });
 }
@@ -135,6 +153,89 @@ impl HeldOutput {
     }
 }
 
+/// How dirty pages travel on the FT link (`ftvm primary --page-encoding`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PageEncoding {
+    /// Whole pages (all-zero pages as a marker).
+    #[default]
+    Raw,
+    /// XOR against the page as the secondary holds it, LZ4-compressed, when that is at most
+    /// half a page. Costs the primary a shadow copy of every page it has sent.
+    XorLz4,
+}
+
+/// Chooses each page's wire encoding. For deltas it keeps a shadow of every page as the
+/// secondary will hold it once the epochs sent so far commit: epochs commit in order, and a
+/// discarded epoch ends the session (a new session starts from an empty shadow).
+#[derive(Default)]
+struct PageEncoder {
+    encoding: PageEncoding,
+    shadow: std::collections::HashMap<u64, Box<[u8; PAGE_SIZE]>>,
+}
+
+impl PageEncoder {
+    /// One page's entry. `delta_ok` is false when the page may already be in this epoch (the
+    /// secondary applies a delta to its committed page, not to an earlier entry).
+    fn entry(&mut self, gpa: u64, page: Bytes, delta_ok: bool) -> PageEntry {
+        let zero = vmm::memory::is_zero(&page);
+        if self.encoding == PageEncoding::Raw || zero {
+            if zero {
+                self.shadow.remove(&gpa);
+                return PageEntry {
+                    gpa,
+                    data: PageData::Zero,
+                };
+            }
+            return PageEntry {
+                gpa,
+                data: PageData::Raw(page),
+            };
+        }
+        let slot = self.shadow.entry(gpa).or_insert_with(|| {
+            // A page the secondary holds as zeros (never sent, or last sent as zero).
+            Box::new([0u8; PAGE_SIZE])
+        });
+        let data = match ft_log::page::encode_page(gpa, &page, Some(&slot[..])).data {
+            d @ PageData::XorLz4(_) if delta_ok => d,
+            _ => PageData::Raw(page.clone()),
+        };
+        slot.copy_from_slice(&page);
+        PageEntry { gpa, data }
+    }
+
+    /// Entries for `pages` whose contents are `data` back to back, hashed into `hasher`.
+    fn entries(
+        &mut self,
+        pages: &[u64],
+        data: &Bytes,
+        hasher: &mut EpochHasher,
+        delta_ok: bool,
+    ) -> Vec<PageEntry> {
+        let mut entries = Vec::with_capacity(pages.len());
+        for (i, &gpa) in pages.iter().enumerate() {
+            let page = data.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE);
+            hasher.add(gpa, &page);
+            entries.push(self.entry(gpa, page, delta_ok));
+        }
+        entries
+    }
+}
+
+/// Epoch 0 as sent so far by the pre-copy rounds.
+struct Precopy {
+    hasher: EpochHasher,
+    pages: u32,
+}
+
+/// How a pre-copy sync ended.
+enum Synced {
+    /// Epoch 0 acknowledged; the guest runs.
+    Running,
+    /// The guest ended during the sync; epoch 0 (acknowledged) carries its exit.
+    Exited(u8),
+    Lost,
+}
+
 /// The primary's end of one protection session's link.
 struct LinkSide {
     log_tx: net::link::Sender,
@@ -145,7 +246,7 @@ struct LinkSide {
 
 impl LinkSide {
     /// Starts heartbeats and the acknowledgement reader for an established link.
-    fn attach(rt: &tokio::runtime::Runtime, link: net::Link) -> Self {
+    fn attach(rt: &tokio::runtime::Runtime, link: net::Link, detect: Detect) -> Self {
         let Parts {
             log_tx,
             mut log_rx,
@@ -154,7 +255,7 @@ impl LinkSide {
             control,
         } = link.into_parts();
         let lost = Arc::new(AtomicBool::new(false));
-        spawn_heartbeats(rt, hb_tx, hb_rx, lost.clone());
+        spawn_heartbeats(rt, hb_tx, hb_rx, lost.clone(), detect);
         let (ack_tx, acks) = mpsc::channel();
         let lost2 = lost.clone();
         rt.spawn(async move {
@@ -215,6 +316,8 @@ pub struct PrimaryConfig {
     pub serial_out: Option<PathBuf>,
     pub epoch: Duration,
     pub min_epoch: Duration,
+    pub detect: Detect,
+    pub page_encoding: PageEncoding,
 }
 
 struct Primary {
@@ -226,6 +329,7 @@ struct Primary {
     peer: SocketAddr,
     link_cfg: LinkConfig,
     hello: Hello,
+    detect: Detect,
     /// `ftvm ctl suspend | ft-off`, forwarded by the control thread.
     requests: mpsc::Receiver<(ctl::Request, mpsc::Sender<String>)>,
     /// (epoch, output) taken from the guest and not yet released: held until the secondary
@@ -237,6 +341,9 @@ struct Primary {
     rate_mark: (Instant, u64),
     /// Per epoch: (pause, dirty pages) for the exit summary.
     epochs: Vec<(Duration, usize)>,
+    /// The guest's pause at the end of each pre-copy sync.
+    sync_pauses: Vec<Duration>,
+    encoder: PageEncoder,
     started: Instant,
 }
 
@@ -268,7 +375,8 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
     let (forward, requests) = mpsc::channel();
     let status = Arc::new(Mutex::new(Status {
         role: "primary",
-        protected: true,
+        protected: false,
+        note: "syncing the secondary".into(),
         ..Default::default()
     }));
     ctl::serve(
@@ -277,7 +385,8 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         Some(ctl::Request::TestFailover),
         Some(forward),
     )?;
-    let link = LinkSide::attach(&rt, link);
+    let detect = cfg.detect;
+    let link = LinkSide::attach(&rt, link, detect);
     let ds2 = ds.clone();
     std::thread::Builder::new()
         .name("ds-heartbeat".into())
@@ -285,7 +394,7 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
             if let Err(e) = ds2.touch_heartbeat("primary") {
                 tracing::warn!("{e:#}");
             }
-            std::thread::sleep(DS_HB_INTERVAL);
+            std::thread::sleep(detect.interval());
         })?;
     let out = crate::serial_sink(cfg.serial_out.as_deref())?;
     let mut p = Primary {
@@ -297,6 +406,7 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         peer: cfg.peer,
         link_cfg,
         hello,
+        detect,
         requests,
         pending: VecDeque::new(),
         out_offset: 0,
@@ -304,6 +414,11 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         status,
         rate_mark: (Instant::now(), 0),
         epochs: Vec::new(),
+        sync_pauses: Vec::new(),
+        encoder: PageEncoder {
+            encoding: cfg.page_encoding,
+            ..Default::default()
+        },
         started: Instant::now(),
     };
     p.run(&cfg)
@@ -320,7 +435,10 @@ impl Primary {
                     self.print_summary();
                     return Ok(code);
                 }
-                Protected::Lost(ended) => (ended, None),
+                Protected::Lost(ended) => {
+                    self.link.control.close("secondary lost");
+                    (ended, None)
+                }
                 Protected::Stopped { off, reply } => (None, Some((off, reply))),
             };
             let _ = self.vm.pause();
@@ -385,11 +503,10 @@ impl Primary {
     fn reprotect(&mut self, link: net::Link) -> Result<()> {
         eprintln!("ftvm primary: a new secondary connected; re-protecting");
         self.ds.new_session()?;
-        self.link = LinkSide::attach(&self.rt, link);
+        self.link = LinkSide::attach(&self.rt, link, self.detect);
         let mut st = self.status.lock().unwrap();
-        st.protected = true;
         st.sessions += 1;
-        st.note.clear();
+        st.note = "syncing the secondary".into();
         Ok(())
     }
 
@@ -441,19 +558,14 @@ impl Primary {
         }
     }
 
-    /// One protection session: full sync (epoch 0, guest paused), then epochs until the guest
-    /// ends or the secondary is lost.
+    /// One protection session: pre-copy sync (epoch 0), then epochs until the guest ends or
+    /// the secondary is lost. Called with the guest paused.
     fn protect(&mut self, cfg: &PrimaryConfig) -> Result<Protected> {
-        self.vm.dirty_pages()?;
-        let all = all_nonzero_pages(self.vm.memory())?;
-        let snap = self.snapshot(0, &all, None)?;
-        self.stream(snap)?;
-        while !self.pending.is_empty() {
-            if !self.wait_ack() {
-                return Ok(Protected::Lost(None));
-            }
+        match self.sync()? {
+            Synced::Running => {}
+            Synced::Lost => return Ok(Protected::Lost(None)),
+            Synced::Exited(code) => return Ok(self.shutdown(0, code)),
         }
-        self.vm.resume()?;
         for epoch in 1.. {
             // Run the epoch; close it early (after min_epoch) when output is waiting.
             let t0 = Instant::now();
@@ -504,25 +616,128 @@ impl Primary {
                 self.vm.resume()?;
             }
             let pause = paused_at.elapsed();
-            self.stream(snap)?;
+            self.stream(snap, None)?;
             self.epochs.push((pause, dirty.len()));
             self.update_status(epoch, pause);
             self.release_acked();
             if let Some(code) = exit_code {
-                while !self.pending.is_empty() {
-                    if !self.wait_ack() {
-                        return Ok(Protected::Lost(exit_code));
-                    }
-                }
-                let _ = self.rt.block_on(
-                    self.link
-                        .log_tx
-                        .send_record(epoch, &Record::Shutdown { code }),
-                );
-                return Ok(Protected::Exited(code));
+                return Ok(self.shutdown(epoch, code));
             }
         }
         unreachable!()
+    }
+
+    /// The guest ended in `epoch` (streamed): once the secondary has everything, tell it.
+    fn shutdown(&mut self, epoch: u64, code: u8) -> Protected {
+        while !self.pending.is_empty() {
+            if !self.wait_ack() {
+                return Protected::Lost(Some(code));
+            }
+        }
+        let _ = self.rt.block_on(
+            self.link
+                .log_tx
+                .send_record(epoch, &Record::Shutdown { code }),
+        );
+        Protected::Exited(code)
+    }
+
+    /// Sends encoded frames; a failure marks the secondary lost (the caller sees `lost`).
+    fn send(&mut self, b: &[u8], frames: u64) {
+        if let Err(e) = self.rt.block_on(self.link.log_tx.send_frames(b, frames)) {
+            tracing::warn!("sending to the secondary failed: {e}");
+            self.link.lost.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Pre-copy sync of a new secondary, as epoch 0: every non-zero page is sent while the
+    /// guest runs, then the pages it dirtied meanwhile, round after round, until few remain
+    /// (or the rounds run out); those and the vCPU and device state go with the guest paused.
+    /// Called with the guest paused; returns with it running and epoch 0 acknowledged.
+    fn sync(&mut self) -> Result<Synced> {
+        let t0 = Instant::now();
+        self.encoder.shadow.clear();
+        self.vm.dirty_pages()?; // a clean log: from here every guest write is seen
+        let mut b = BytesMut::new();
+        Record::EpochBegin {
+            vcpus: self.hello.vcpus,
+        }
+        .encode(0, &mut b);
+        self.send(&b, 1);
+        let mut pre = Precopy {
+            hasher: EpochHasher::new(),
+            pages: 0,
+        };
+        self.vm.resume()?;
+        // Pages harvested (or found non-zero) and not sent yet. A page is read after the
+        // harvest that reported it, so a write the read misses is reported by the next one.
+        let mut todo = all_nonzero_pages(self.vm.memory())?;
+        let mut ended = None;
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            for chunk in todo.chunks(PRECOPY_BATCH) {
+                let data = read_pages(self.vm.memory(), chunk)?;
+                let entries = self.encoder.entries(chunk, &data, &mut pre.hasher, false);
+                pre.pages += entries.len() as u32;
+                b.clear();
+                let frames = encode_pages(&entries, 0, &mut b);
+                self.send(&b, frames as u64);
+                if self.link.lost.load(Ordering::SeqCst) {
+                    return Ok(Synced::Lost);
+                }
+                self.status.lock().unwrap().note = format!(
+                    "syncing the secondary: round {rounds}, {} pages sent",
+                    pre.pages
+                );
+            }
+            todo.clear();
+            if let Some(ev) = self.vm.wait_event(Some(Duration::ZERO)) {
+                ended = Some(ev);
+                break;
+            }
+            todo = self.vm.dirty_pages()?.all();
+            if todo.len() <= PRECOPY_DONE_PAGES || rounds >= PRECOPY_MAX_ROUNDS {
+                break;
+            }
+        }
+        let paused_at = Instant::now();
+        self.vm.pause()?;
+        todo.extend(self.vm.dirty_pages()?.all());
+        todo.sort_unstable();
+        todo.dedup();
+        let exit_code = match &ended {
+            None => None,
+            Some(VmEvent::Exit(c)) => Some(*c),
+            Some(other) => bail!("guest stopped: {other:?}"),
+        };
+        let snap = self.snapshot(0, &todo, exit_code)?;
+        if exit_code.is_none() {
+            self.vm.resume()?;
+        }
+        let pause = paused_at.elapsed();
+        let pre_sent = pre.pages;
+        self.stream(snap, Some(pre))?;
+        while !self.pending.is_empty() {
+            if !self.wait_ack() {
+                return Ok(Synced::Lost);
+            }
+        }
+        eprintln!(
+            "ftvm primary: secondary synced in {} ms: {rounds} pre-copy rounds sent {} pages while the guest ran, then {} pages with the guest paused for {} us",
+            t0.elapsed().as_millis(),
+            pre_sent,
+            todo.len(),
+            pause.as_micros()
+        );
+        self.sync_pauses.push(pause);
+        let mut st = self.status.lock().unwrap();
+        st.protected = true;
+        st.note.clear();
+        Ok(match exit_code {
+            Some(code) => Synced::Exited(code),
+            None => Synced::Running,
+        })
     }
 
     /// With the vCPUs paused: captures epoch `epoch`'s state, copies its dirty pages and takes
@@ -537,27 +752,20 @@ impl Primary {
         self.pending.push_back((epoch, output.clone())); // shares the buffer
         let offset = self.out_offset;
         self.out_offset += output.len() as u64;
-        let mut buf = BytesMut::zeroed(pages.len() * PAGE_SIZE);
-        for (i, &gpa) in pages.iter().enumerate() {
-            read_page(
-                self.vm.memory(),
-                gpa,
-                &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
-            )?;
-        }
         Ok(Snapshot {
             epoch,
             state,
             pages: pages.to_vec(),
-            data: buf.freeze(),
+            data: read_pages(self.vm.memory(), pages)?,
             output,
             offset,
             exit,
         })
     }
 
-    /// Streams a snapshot (guest running) and holds its output until acknowledged.
-    fn stream(&mut self, snap: Snapshot) -> Result<()> {
+    /// Streams a snapshot (guest running); its output is already held. `pre`: the part of
+    /// epoch 0 that the pre-copy rounds sent (then EpochBegin is already out).
+    fn stream(&mut self, snap: Snapshot, pre: Option<Precopy>) -> Result<()> {
         let Snapshot {
             epoch,
             state,
@@ -567,30 +775,28 @@ impl Primary {
             offset,
             exit,
         } = snap;
-        let mut hasher = EpochHasher::new();
-        let mut entries = Vec::with_capacity(pages.len());
-        for (i, &gpa) in pages.iter().enumerate() {
-            let page = data.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE);
-            hasher.add(gpa, &page);
-            let data = if vmm::memory::is_zero(&page) {
-                PageData::Zero
-            } else {
-                PageData::Raw(page)
-            };
-            entries.push(PageEntry { gpa, data });
-        }
+        let begun = pre.is_some();
+        let (mut hasher, pre_pages) = match pre {
+            Some(p) => (p.hasher, p.pages),
+            None => (EpochHasher::new(), 0),
+        };
+        let entries = self
+            .encoder
+            .entries(&pages, &data, &mut hasher, !begun && epoch > 0);
         let mut b = BytesMut::new();
         let mut frames = 0;
         let mut rec = |r: Record, b: &mut BytesMut| {
             r.encode(epoch, b);
             frames += 1;
         };
-        rec(
-            Record::EpochBegin {
-                vcpus: state.vcpus.len() as u8,
-            },
-            &mut b,
-        );
+        if !begun {
+            rec(
+                Record::EpochBegin {
+                    vcpus: state.vcpus.len() as u8,
+                },
+                &mut b,
+            );
+        }
         let n_page_frames = encode_pages(&entries, epoch, &mut b);
         for v in &state.vcpus {
             rec(
@@ -637,18 +843,14 @@ impl Primary {
         }
         rec(
             Record::EpochEnd(EpochEnd {
-                pages: entries.len() as u32,
+                pages: pre_pages + entries.len() as u32,
                 events: 0,
                 page_hash: hasher.finish(),
                 outputs: vec![(0, end_off)],
             }),
             &mut b,
         );
-        let frames = frames + n_page_frames as u64;
-        if let Err(e) = self.rt.block_on(self.link.log_tx.send_frames(&b, frames)) {
-            tracing::warn!(epoch, "sending the epoch failed: {e}");
-            self.link.lost.store(true, Ordering::SeqCst);
-        }
+        self.send(&b, frames + n_page_frames as u64);
         Ok(())
     }
 
@@ -666,7 +868,7 @@ impl Primary {
         let secs = self.started.elapsed().as_secs_f64();
         let sent = self.link.control.stats().bytes_sent;
         eprintln!(
-            "ftvm primary: summary epochs={} pause_us_p50={} pause_us_p99={} pause_us_max={} dirty_pages_p50={} dirty_pages_p99={} bytes_sent={} bytes_per_sec={}",
+            "ftvm primary: summary epochs={} pause_us_p50={} pause_us_p99={} pause_us_max={} dirty_pages_p50={} dirty_pages_p99={} bytes_sent={} bytes_per_sec={} sync_pause_us_max={}",
             pauses.len(),
             q(&pauses, 0.5),
             q(&pauses, 0.99),
@@ -674,7 +876,11 @@ impl Primary {
             q(&pages, 0.5),
             q(&pages, 0.99),
             sent,
-            (sent as f64 / secs) as u64
+            (sent as f64 / secs) as u64,
+            self.sync_pauses
+                .iter()
+                .max()
+                .map_or(0, |d| d.as_micros() as u64)
         );
     }
 
@@ -723,6 +929,15 @@ impl Primary {
     }
 }
 
+/// The contents of `pages`, back to back.
+fn read_pages(mem: &vmm::memory::GuestMemory, pages: &[u64]) -> Result<Bytes> {
+    let mut buf = BytesMut::zeroed(pages.len() * PAGE_SIZE);
+    for (i, &gpa) in pages.iter().enumerate() {
+        read_page(mem, gpa, &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
+    }
+    Ok(buf.freeze())
+}
+
 fn all_nonzero_pages(mem: &vmm::memory::GuestMemory) -> Result<Vec<u64>> {
     let mut pages = Vec::new();
     let mut page = [0u8; PAGE_SIZE];
@@ -742,6 +957,7 @@ pub struct SecondaryConfig {
     pub listen: SocketAddr,
     pub datastore: PathBuf,
     pub serial_out: Option<PathBuf>,
+    pub detect: Detect,
 }
 
 /// Runs the standby. Returns the guest's exit code (after a takeover, or when the primary
@@ -777,10 +993,10 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
         mut log_rx,
         hb_tx,
         hb_rx,
-        control: _control,
+        control,
     } = link.into_parts();
     let lost = Arc::new(AtomicBool::new(false));
-    spawn_heartbeats(&rt, hb_tx, hb_rx, lost.clone());
+    spawn_heartbeats(&rt, hb_tx, hb_rx, lost.clone(), cfg.detect);
     // Receive and commit epochs until the primary is gone or the guest ended.
     let outcome: Result<Received> = rt.block_on(async {
         loop {
@@ -800,7 +1016,13 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
                             }
                         }
                     }
-                    Err(err) => tracing::warn!("{err}"),
+                    // A bad epoch from an authenticated primary means the stream can no
+                    // longer be trusted; the committed standby is intact. Leave the link:
+                    // the primary notices and keeps the guest (it wins the arbitration).
+                    Err(err) => {
+                        eprintln!("ftvm secondary: {err}; leaving the FT link");
+                        return Ok(Received::PrimaryLost);
+                    }
                 },
                 Err(e) => {
                     tracing::info!("FT link lost: {e}");
@@ -820,14 +1042,17 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
             eprintln!("ftvm secondary: the guest ended on the primary (exit {code})");
             return Ok(code);
         }
-        Received::PrimaryLost => {}
+        Received::PrimaryLost => {
+            // Whatever ended the stream, end the link too, so a primary that is still alive
+            // learns it now rather than after its heartbeat timeout.
+            control.close("secondary left");
+        }
     }
     // The primary is lost on the link. Give a primary that is still alive (its datastore
     // heartbeat is fresh) the chance to win the arbitration first.
     let t = Instant::now();
-    while ds.heartbeat_age("primary").is_some_and(|a| a < DS_HB_STALE)
-        && t.elapsed() < 4 * DS_HB_STALE
-    {
+    let stale = cfg.detect.timeout;
+    while ds.heartbeat_age("primary").is_some_and(|a| a < stale) && t.elapsed() < 4 * stale {
         std::thread::sleep(Duration::from_millis(20));
     }
     if !ds.arbitrate("secondary")? {

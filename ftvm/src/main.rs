@@ -106,6 +106,31 @@ struct PrimaryArgs {
     /// Shortest epoch when guest output is waiting, in milliseconds.
     #[arg(long = "min-epoch-ms", value_name = "MS", default_value_t = 2)]
     min_epoch_ms: u64,
+    /// How dirty pages travel: `raw` pages, or `xor-lz4` deltas against the secondary's copy
+    /// (fewer bytes on the link, more primary CPU and a shadow copy of the sent pages).
+    #[arg(long = "page-encoding", value_enum, default_value_t = ft::PageEncoding::Raw)]
+    page_encoding: ft::PageEncoding,
+    #[command(flatten)]
+    detect: DetectArgs,
+}
+
+#[derive(Args)]
+struct DetectArgs {
+    /// Failure detection: the peer is lost when its FT-link heartbeats are missing this long,
+    /// and the primary's datastore heartbeat counts as stale at this age. Use the same value
+    /// on both sides. Lower fails over faster; too low mistakes a busy host for a dead one
+    /// (a false failover: safe, since output is held, but it costs a re-sync).
+    #[arg(long = "detect-ms", value_name = "MS", default_value_t = ft::Detect::DEFAULT_MS,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    detect_ms: u64,
+}
+
+impl DetectArgs {
+    fn get(&self) -> ft::Detect {
+        ft::Detect {
+            timeout: Duration::from_millis(self.detect_ms),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -119,6 +144,8 @@ struct SecondaryArgs {
     /// The console file after a takeover (the same file as the primary's --serial-out).
     #[arg(long = "serial-out", value_name = "FILE")]
     serial_out: Option<PathBuf>,
+    #[command(flatten)]
+    detect: DetectArgs,
 }
 
 #[derive(Args)]
@@ -381,6 +408,8 @@ fn main() {
                 serial_out: a.serial_out,
                 epoch: Duration::from_millis(a.epoch_ms.max(1)),
                 min_epoch: Duration::from_millis(a.min_epoch_ms.min(a.epoch_ms)),
+                detect: a.detect.get(),
+                page_encoding: a.page_encoding,
             };
             ft::primary(cfg)
         })(),
@@ -388,6 +417,7 @@ fn main() {
             listen: a.listen,
             datastore: a.datastore,
             serial_out: a.serial_out,
+            detect: a.detect.get(),
         }),
         Cmd::Ctl(a) => run_ctl(a),
         Cmd::Guests => {

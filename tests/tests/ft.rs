@@ -55,6 +55,11 @@ fn spawn_side(mut cmd: Command, args: &[&str], dir: &TempDir) -> Child {
 }
 
 fn start_pair(dir: &TempDir, guest: &str, cmdline: &str) -> Pair {
+    start_pair_with(dir, guest, cmdline, &[])
+}
+
+/// A pair whose primary gets `extra` arguments too.
+fn start_pair_with(dir: &TempDir, guest: &str, cmdline: &str, extra: &[&str]) -> Pair {
     let addr = format!("127.0.0.1:{}", free_udp_port());
     let secondary = spawn_side(
         Command::new(ftvm_bin()),
@@ -71,7 +76,11 @@ fn start_pair(dir: &TempDir, guest: &str, cmdline: &str) -> Pair {
             cmdline,
             "--peer",
             &addr,
-        ],
+        ]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect::<Vec<_>>(),
         dir,
     );
     Pair { secondary, primary }
@@ -112,6 +121,22 @@ fn console(dir: &TempDir) -> String {
 }
 
 /// Runs `ftvm ctl --datastore DIR/ds CMD`: exit code and stdout + stderr.
+/// Polls `ftvm ctl status` until it contains `needle` (30 s at most).
+fn wait_status(dir: &TempDir, needle: &str) -> String {
+    let t = Instant::now();
+    loop {
+        let (_, st) = ctl(dir, "status");
+        if st.contains(needle) {
+            return st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "status never showed {needle:?}; last: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn ctl(dir: &TempDir, cmd: &str) -> (Option<i32>, String) {
     let o = Command::new(ftvm_bin())
         .args(["ctl", "--datastore"])
@@ -135,6 +160,19 @@ fn wait_console(dir: &TempDir, n: u64) {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(200));
+}
+
+/// Waits (60 s at most) until the console holds a complete line containing `needle`.
+fn wait_console_text(dir: &TempDir, needle: &str) {
+    let t = Instant::now();
+    while !console(dir).lines().any(|l| l.contains(needle)) || !console(dir).ends_with('\n') {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "console never showed {needle:?}: {:?}",
+            console(dir)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -513,4 +551,63 @@ fn suspend_resume_and_ft_off_on_a_running_pair() {
     let p = wait(&mut pair.primary, Duration::from_secs(60), "primary");
     assert_eq!(p.code(), Some(0));
     assert_eq!(console(&dir), counter_output(600));
+}
+
+/// Re-protection syncs the new secondary while the guest runs (pre-copy): the guest is paused
+/// only for the last, small round, far fewer pages than the full copy. The standby built that
+/// way (with XOR+LZ4 deltas on the link afterwards) then takes over and the dirtier's checksum
+/// equals an uninterrupted run's.
+#[test]
+fn resync_is_precopied_while_the_guest_runs_and_takes_over_exactly() {
+    require_kvm!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cmdline = "mib=48 pages_per_sec=3000 secs=6";
+    let plain = Command::new(ftvm_bin())
+        .args(["run", "--guest", "dirtier", "--cmdline", cmdline])
+        .output()
+        .unwrap();
+    assert_eq!(plain.status.code(), Some(0));
+    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    let dir = TempDir::new("ft-precopy");
+    let mut pair = start_pair_with(
+        &dir,
+        "dirtier",
+        cmdline,
+        &["--page-encoding", "xor-lz4", "--mem-mib", "128"],
+    );
+    wait_status(&dir, "protected=true");
+    // Let the guest dirty a good part of its working set, then re-protect.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (code, text) = ctl(&dir, "test-restart-secondary");
+    assert_eq!(code, Some(0), "{text}");
+    let _ = wait(
+        &mut pair.secondary,
+        Duration::from_secs(10),
+        "old secondary",
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let (code, text) = ctl(&dir, "test-failover");
+    assert_eq!(code, Some(0), "{text}");
+    let _ = wait(&mut pair.primary, Duration::from_secs(10), "primary");
+    let err = pair.primary.wait_with_output_ref();
+    wait_console_text(&dir, "checksum=");
+    assert_eq!(console(&dir), expected, "primary: {err}");
+    // The second sync line is the re-protection's.
+    let sync = err
+        .lines()
+        .filter(|l| l.contains("secondary synced"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no re-sync reported: {err}"));
+    let num = |after: &str, before: &str| -> u64 {
+        let i = sync.find(after).unwrap() + after.len();
+        let j = i + sync[i..].find(before).unwrap();
+        sync[i..j].trim().parse().unwrap()
+    };
+    eprintln!("{sync}");
+    let sent_running = num("rounds sent", "pages while");
+    let sent_paused = num("then", "pages with");
+    assert!(
+        sent_running > 4000 && sent_paused * 4 < sent_running,
+        "pre-copy should move most pages while the guest runs: {sync}"
+    );
 }
