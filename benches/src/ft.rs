@@ -32,7 +32,7 @@ struct Overhead {
 struct Report {
     bench: &'static str,
     command: String,
-    machine: String,
+    machine: crate::Machine,
     overhead: Overhead,
     failover_ms: Vec<u64>,
     failover_p50_ms: u64,
@@ -243,26 +243,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let mut sorted = failover_ms.clone();
     sorted.sort_unstable();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let machine = format!(
-        "{} cores of {}, kernel {}, {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        cpu.lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split(':').nth(1))
-            .unwrap_or("?")
-            .trim(),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim(),
-        if Path::new("/sys/module/kvm_pvm").exists() {
-            "kvm_pvm"
-        } else {
-            "kvm"
-        }
-    );
+    let machine = crate::machine();
     let report = Report {
         bench: "ft",
         command: format!(

@@ -88,6 +88,16 @@ struct Machine {
     kvm_flavour: String,
 }
 
+impl std::fmt::Display for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{} cores of {}, kernel {}, {}",
+            self.cores, self.cpu, self.kernel, self.kvm_flavour
+        )
+    }
+}
+
 fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
@@ -447,11 +457,13 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("foundation") => foundation(&args[1..]),
         Some("ft") => ft::run(&args[1..]),
+        Some("link") => link::run(&args[1..]),
         _ => {
-            eprintln!("usage: ftvm-bench foundation [--runs N] [--sizes 64,256,1024]\n       ftvm-bench ft [--runs N] [--jobs J]");
+            eprintln!("usage: ftvm-bench foundation [--runs N] [--sizes 64,256,1024]\n       ftvm-bench ft [--runs N] [--jobs J]\n       ftvm-bench link [--runs N] [--mib M]");
             std::process::exit(2);
         }
     }
 }
 
 mod ft;
+mod link;

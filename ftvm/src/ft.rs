@@ -95,6 +95,7 @@ fn link_config(ds: &Datastore, me: &str, peer: &str, wait: Duration) -> Result<L
         identity: Identity::load_or_create(&ds.keys(), me)?,
         peer_cert: ds.wait_for_cert(peer, wait)?,
         idle_timeout: Duration::from_secs(2),
+        tuning: Default::default(),
     })
 }
 

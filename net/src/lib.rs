@@ -16,7 +16,7 @@ pub mod link;
 pub mod verify;
 
 pub use identity::Identity;
-pub use link::{Link, LinkConfig, LinkStats, PeerCert};
+pub use link::{Congestion, Link, LinkConfig, LinkStats, PeerCert, Tuning};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

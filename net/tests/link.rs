@@ -37,6 +37,7 @@ fn config(me: &Identity, peer: &Identity) -> LinkConfig {
         identity: me.clone(),
         peer_cert: peer.cert.clone(),
         idle_timeout: Duration::from_secs(5),
+        tuning: Default::default(),
     }
 }
 
