@@ -133,11 +133,15 @@ fn spawn_heartbeats(
 
 /// Guest console output collected by the serial device, held until released.
 #[derive(Clone, Default)]
-struct HeldOutput(Arc<Mutex<Vec<u8>>>);
+struct HeldOutput(Arc<Mutex<(Vec<u8>, Option<Instant>)>>);
 
 impl Write for HeldOutput {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
+        let mut g = self.0.lock().unwrap();
+        if g.0.is_empty() && !b.is_empty() {
+            g.1 = Some(Instant::now());
+        }
+        g.0.extend_from_slice(b);
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -147,10 +151,15 @@ impl Write for HeldOutput {
 
 impl HeldOutput {
     fn take(&self) -> Vec<u8> {
-        std::mem::take(&mut *self.0.lock().unwrap())
+        self.take_timed().0
+    }
+    /// The output, and when its first byte left the guest.
+    fn take_timed(&self) -> (Vec<u8>, Option<Instant>) {
+        let mut g = self.0.lock().unwrap();
+        (std::mem::take(&mut g.0), g.1.take())
     }
     fn is_empty(&self) -> bool {
-        self.0.lock().unwrap().is_empty()
+        self.0.lock().unwrap().0.is_empty()
     }
 }
 
@@ -171,6 +180,8 @@ pub enum PageEncoding {
 #[derive(Default)]
 struct PageEncoder {
     encoding: PageEncoding,
+    /// Pages encoded so far (this process, all sessions).
+    pages: u64,
     shadow: std::collections::HashMap<u64, Box<[u8; PAGE_SIZE]>>,
 }
 
@@ -213,6 +224,7 @@ impl PageEncoder {
         delta_ok: bool,
     ) -> Vec<PageEntry> {
         let mut entries = Vec::with_capacity(pages.len());
+        self.pages += pages.len() as u64;
         for (i, &gpa) in pages.iter().enumerate() {
             let page = data.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE);
             hasher.add(gpa, &page);
@@ -308,6 +320,28 @@ struct Snapshot {
     exit: Option<u8>,
 }
 
+/// Where one epoch's pause went.
+struct EpochStat {
+    pause: Duration,
+    pages: usize,
+    /// Stopping the vCPUs.
+    kick: Duration,
+    /// Reading and clearing the dirty log.
+    harvest: Duration,
+    /// vCPU and device state.
+    capture: Duration,
+    /// Copying the dirty pages out.
+    copy: Duration,
+}
+
+/// One epoch's output, held until the secondary acknowledges the epoch.
+struct Held {
+    epoch: u64,
+    output: Bytes,
+    /// When its first byte left the guest (for the output-latency statistics).
+    since: Option<Instant>,
+}
+
 /// Settings of `ftvm primary`.
 pub struct PrimaryConfig {
     pub vm: VmConfig,
@@ -319,6 +353,8 @@ pub struct PrimaryConfig {
     pub min_epoch: Duration,
     pub detect: Detect,
     pub page_encoding: PageEncoding,
+    /// Write `epoch,pause_us,dirty_pages` per epoch here when the guest ends.
+    pub epoch_stats: Option<PathBuf>,
 }
 
 struct Primary {
@@ -335,15 +371,24 @@ struct Primary {
     requests: mpsc::Receiver<(ctl::Request, mpsc::Sender<String>)>,
     /// (epoch, output) taken from the guest and not yet released: held until the secondary
     /// acknowledges the epoch.
-    pending: VecDeque<(u64, Bytes)>,
+    pending: VecDeque<Held>,
     out_offset: u64,
     ds: Arc<Datastore>,
     status: Arc<Mutex<Status>>,
     rate_mark: (Instant, u64),
-    /// Per epoch: (pause, dirty pages) for the exit summary.
-    epochs: Vec<(Duration, usize)>,
+    /// Per epoch, for the exit summary and `--epoch-stats`.
+    epochs: Vec<EpochStat>,
+    /// (state capture, page copy) of the last snapshot.
+    split: (Duration, Duration),
+    /// The last snapshot's page buffer and frame buffer, for reuse.
+    spare: Option<BytesMut>,
+    frames: BytesMut,
     /// The guest's pause at the end of each pre-copy sync.
     sync_pauses: Vec<Duration>,
+    /// Per released epoch with output: how long its first byte was held (the latency the
+    /// output rule adds).
+    holds: Vec<Duration>,
+    epoch_stats: Option<PathBuf>,
     encoder: PageEncoder,
     started: Instant,
 }
@@ -415,7 +460,12 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         status,
         rate_mark: (Instant::now(), 0),
         epochs: Vec::new(),
+        split: Default::default(),
+        spare: None,
+        frames: BytesMut::new(),
         sync_pauses: Vec::new(),
+        holds: Vec::new(),
+        epoch_stats: cfg.epoch_stats.clone(),
         encoder: PageEncoder {
             encoding: cfg.page_encoding,
             ..Default::default()
@@ -494,8 +544,8 @@ impl Primary {
 
     /// Releases every held epoch's output at once (no secondary can go live any more).
     fn release_pending(&mut self) {
-        while let Some((_, out)) = self.pending.pop_front() {
-            let _ = self.out.write_all(&out);
+        while let Some(h) = self.pending.pop_front() {
+            let _ = self.out.write_all(&h.output);
         }
         let _ = self.out.flush();
     }
@@ -528,7 +578,7 @@ impl Primary {
         });
         self.vm.resume()?;
         loop {
-            let ev = self.vm.wait_event(Some(Duration::from_millis(5)));
+            let ev = self.vm.wait_event(Some(Duration::from_micros(500)));
             self.release_held();
             if let Some(ev) = ev {
                 let code = self.vm.finish(ev)?;
@@ -598,7 +648,9 @@ impl Primary {
             }
             let paused_at = Instant::now();
             self.vm.pause()?;
+            let kick = paused_at.elapsed();
             let dirty = self.vm.dirty_pages()?.all();
+            let harvest = paused_at.elapsed() - kick;
             let exit_code = match &ended {
                 None => None,
                 Some(VmEvent::Exit(c)) => Some(*c),
@@ -618,7 +670,14 @@ impl Primary {
             }
             let pause = paused_at.elapsed();
             self.stream(snap, None)?;
-            self.epochs.push((pause, dirty.len()));
+            self.epochs.push(EpochStat {
+                pause,
+                pages: dirty.len(),
+                kick,
+                harvest,
+                capture: self.split.0,
+                copy: self.split.1,
+            });
             self.update_status(epoch, pause);
             self.release_acked();
             if let Some(code) = exit_code {
@@ -745,19 +804,29 @@ impl Primary {
     /// its output. Everything slow (hashing, encoding, sending) happens later, in
     /// [`Primary::stream`], while the guest runs again.
     fn snapshot(&mut self, epoch: u64, pages: &[u64], exit: Option<u8>) -> Result<Snapshot> {
+        let t = Instant::now();
         let state = self.vm.capture()?;
-        let output = Bytes::from(self.held.take());
+        let capture = t.elapsed();
+        let (output, since) = self.held.take_timed();
+        let output = Bytes::from(output);
         // Held from this moment: whatever happens next, this output is released exactly when
         // its epoch is acknowledged, or by whichever side goes live. Offsets are absolute in
         // the console stream and advance as output leaves the guest.
-        self.pending.push_back((epoch, output.clone())); // shares the buffer
+        self.pending.push_back(Held {
+            epoch,
+            output: output.clone(), // shares the buffer
+            since,
+        });
         let offset = self.out_offset;
         self.out_offset += output.len() as u64;
+        let t = Instant::now();
+        let data = copy_paused_pages(self.vm.memory(), pages, self.spare.take())?;
+        self.split = (capture, t.elapsed());
         Ok(Snapshot {
             epoch,
             state,
             pages: pages.to_vec(),
-            data: read_pages(self.vm.memory(), pages)?,
+            data,
             output,
             offset,
             exit,
@@ -784,7 +853,8 @@ impl Primary {
         let entries = self
             .encoder
             .entries(&pages, &data, &mut hasher, !begun && epoch > 0);
-        let mut b = BytesMut::new();
+        let mut b = std::mem::take(&mut self.frames);
+        b.clear();
         let mut frames = 0;
         let mut rec = |r: Record, b: &mut BytesMut| {
             r.encode(epoch, b);
@@ -852,15 +922,48 @@ impl Primary {
             &mut b,
         );
         self.send(&b, frames + n_page_frames as u64);
+        // Both buffers are reused: fresh memory would page-fault, and the copy happens while
+        // the guest is paused.
+        self.frames = b;
+        drop(entries);
+        if let Ok(m) = data.try_into_mut() {
+            self.spare = Some(m);
+        }
         Ok(())
     }
 
     /// One stderr line with the epoch statistics (benchmarks parse it).
     fn print_summary(&self) {
-        let mut pauses: Vec<u64> = self.epochs.iter().map(|e| e.0.as_micros() as u64).collect();
-        let mut pages: Vec<u64> = self.epochs.iter().map(|e| e.1 as u64).collect();
+        let mut pauses: Vec<u64> = self
+            .epochs
+            .iter()
+            .map(|e| e.pause.as_micros() as u64)
+            .collect();
+        let mut pages: Vec<u64> = self.epochs.iter().map(|e| e.pages as u64).collect();
+        let mut holds: Vec<u64> = self.holds.iter().map(|d| d.as_micros() as u64).collect();
         pauses.sort_unstable();
         pages.sort_unstable();
+        holds.sort_unstable();
+        if let Some(path) = &self.epoch_stats {
+            let mut csv =
+                String::from("epoch,pause_us,dirty_pages,kick_us,harvest_us,capture_us,copy_us\n");
+            let us = |d: Duration| d.as_micros();
+            for (i, e) in self.epochs.iter().enumerate() {
+                csv += &format!(
+                    "{},{},{},{},{},{},{}\n",
+                    i + 1,
+                    us(e.pause),
+                    e.pages,
+                    us(e.kick),
+                    us(e.harvest),
+                    us(e.capture),
+                    us(e.copy)
+                );
+            }
+            if let Err(e) = std::fs::write(path, csv) {
+                eprintln!("ftvm primary: cannot write {}: {e}", path.display());
+            }
+        }
         let q = |v: &[u64], f: f64| {
             v.get(((v.len().max(1) - 1) as f64 * f) as usize)
                 .copied()
@@ -869,7 +972,7 @@ impl Primary {
         let secs = self.started.elapsed().as_secs_f64();
         let sent = self.link.control.stats().bytes_sent;
         eprintln!(
-            "ftvm primary: summary epochs={} pause_us_p50={} pause_us_p99={} pause_us_max={} dirty_pages_p50={} dirty_pages_p99={} bytes_sent={} bytes_per_sec={} sync_pause_us_max={}",
+            "ftvm primary: summary epochs={} pause_us_p50={} pause_us_p99={} pause_us_max={} dirty_pages_p50={} dirty_pages_p99={} bytes_sent={} bytes_per_sec={} pages_sent={} sync_pause_us_max={} output_hold_us_p50={} output_hold_us_p99={}",
             pauses.len(),
             q(&pauses, 0.5),
             q(&pauses, 0.99),
@@ -878,10 +981,13 @@ impl Primary {
             q(&pages, 0.99),
             sent,
             (sent as f64 / secs) as u64,
+            self.encoder.pages,
             self.sync_pauses
                 .iter()
                 .max()
-                .map_or(0, |d| d.as_micros() as u64)
+                .map_or(0, |d| d.as_micros() as u64),
+            q(&holds, 0.5),
+            q(&holds, 0.99),
         );
     }
 
@@ -907,10 +1013,13 @@ impl Primary {
     }
 
     fn release_through(&mut self, k: u64) {
-        while self.pending.front().is_some_and(|(e, _)| *e <= k) {
-            let (_, out) = self.pending.pop_front().unwrap();
-            if let Err(e) = self.out.write_all(&out).and_then(|_| self.out.flush()) {
+        while self.pending.front().is_some_and(|h| h.epoch <= k) {
+            let h = self.pending.pop_front().unwrap();
+            if let Err(e) = self.out.write_all(&h.output).and_then(|_| self.out.flush()) {
                 tracing::warn!("releasing guest output failed: {e}");
+            }
+            if let Some(t) = h.since {
+                self.holds.push(t.elapsed());
             }
         }
     }
@@ -939,14 +1048,35 @@ fn read_pages(mem: &vmm::memory::GuestMemory, pages: &[u64]) -> Result<Bytes> {
     Ok(buf.freeze())
 }
 
+/// As [`read_pages`], with the vCPUs paused (a plain memcpy), into `spare` if given (grown
+/// if needed, never shrunk: the result may be longer than the pages).
+fn copy_paused_pages(
+    mem: &vmm::memory::GuestMemory,
+    pages: &[u64],
+    spare: Option<BytesMut>,
+) -> Result<Bytes> {
+    let need = pages.len() * PAGE_SIZE;
+    let mut buf = spare.unwrap_or_default();
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
+    vmm::memory::copy_pages(mem, pages, &mut buf)
+        .map_err(|e| anyhow!("copying dirty pages: {e}"))?;
+    Ok(buf.freeze())
+}
+
 fn all_nonzero_pages(mem: &vmm::memory::GuestMemory) -> Result<Vec<u64>> {
     let mut pages = Vec::new();
     let mut page = [0u8; PAGE_SIZE];
-    for (base, _, len) in vmm::memory::host_regions(mem) {
-        for off in (0..len as u64).step_by(PAGE_SIZE) {
-            read_page(mem, base + off, &mut page)?;
+    let backed = vmm::memory::backed_pages(mem);
+    for ((base, _, _), backed) in vmm::memory::host_regions(mem).into_iter().zip(backed) {
+        // Never-backed pages are zero, and reading them would slow the guest down (see
+        // `backed_pages`).
+        for (i, _) in backed.iter().enumerate().filter(|(_, b)| **b) {
+            let gpa = base + (i * PAGE_SIZE) as u64;
+            read_page(mem, gpa, &mut page)?;
             if !vmm::memory::is_zero(&page) {
-                pages.push(base + off);
+                pages.push(gpa);
             }
         }
     }

@@ -110,6 +110,10 @@ struct PrimaryArgs {
     /// (fewer bytes on the link, more primary CPU and a shadow copy of the sent pages).
     #[arg(long = "page-encoding", value_enum, default_value_t = ft::PageEncoding::Raw)]
     page_encoding: ft::PageEncoding,
+    /// When the guest ends, write one CSV line per epoch here: its pause and dirty pages, and
+    /// where the pause went (stopping the vCPUs, dirty log, state capture, page copy), in µs.
+    #[arg(long = "epoch-stats", value_name = "FILE")]
+    epoch_stats: Option<PathBuf>,
     #[command(flatten)]
     detect: DetectArgs,
 }
@@ -410,6 +414,7 @@ fn main() {
                 min_epoch: Duration::from_millis(a.min_epoch_ms.min(a.epoch_ms)),
                 detect: a.detect.get(),
                 page_encoding: a.page_encoding,
+                epoch_stats: a.epoch_stats,
             };
             ft::primary(cfg)
         })(),

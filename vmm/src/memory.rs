@@ -54,6 +54,38 @@ pub fn host_regions(mem: &GuestMemory) -> Vec<(u64, *mut u8, usize)> {
         .collect()
 }
 
+/// For each region as [`host_regions`] lists them, one flag per page: whether the host has
+/// ever backed the page with memory (present, or swapped out; from `/proc/self/pagemap`). A
+/// page that is not backed is all zeros and need not be read — and must not be: reading it
+/// maps the shared zero page there, and under shadow paging the guest's first write to such
+/// a page then costs far more than a write to untouched memory (measured on this project's
+/// PVM host: ~37 µs more per page, a 1.5× slowdown of the compile-profile guest after one
+/// full-memory scan). If pagemap cannot be read, every page counts as backed.
+pub fn backed_pages(mem: &GuestMemory) -> Vec<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let pagemap = std::fs::File::open("/proc/self/pagemap").ok();
+    host_regions(mem)
+        .into_iter()
+        .map(|(_, host, len)| {
+            let pages = len / 4096;
+            let mut raw = vec![0u8; pages * 8];
+            let offset = (host as u64 / 4096) * 8;
+            match &pagemap {
+                Some(f) if f.read_exact_at(&mut raw, offset).is_ok() => raw
+                    .chunks_exact(8)
+                    .map(|e| {
+                        let e = u64::from_le_bytes(e.try_into().expect("8-byte chunk"));
+                        e & (PRESENT | SWAPPED) != 0
+                    })
+                    .collect(),
+                _ => vec![true; pages],
+            }
+        })
+        .collect()
+}
+
 /// Writes one `u64` into guest memory (tracked as a VMM write).
 pub fn write_u64(mem: &GuestMemory, addr: u64, v: u64) -> Result<(), vm_memory::GuestMemoryError> {
     use vm_memory::Bytes;
@@ -68,6 +100,79 @@ pub fn write_bytes(
 ) -> Result<(), vm_memory::GuestMemoryError> {
     use vm_memory::Bytes;
     mem.write_slice(bytes, GuestAddress(addr))
+}
+
+/// Copies the pages at `gpas` (page-aligned guest addresses) back to back into `out` with
+/// plain `memcpy` from the host mapping — ~3× faster than [`read_bytes`]'s volatile copy,
+/// which matters while the guest is paused for an FT epoch.
+///
+/// The caller must have paused every vCPU and must not emulate a device meanwhile: then
+/// nothing writes the guest memory during the copy. An address outside guest memory is an
+/// error (nothing is copied for it).
+pub fn copy_pages(mem: &GuestMemory, gpas: &[u64], out: &mut [u8]) -> Result<(), String> {
+    const PAGE: usize = 4096;
+    // Below this many pages one thread copies; above, up to `MAX_THREADS` share the work (one
+    // core's memcpy bandwidth is the limit on cloud hosts: ~5-6 GB/s measured here).
+    const PARALLEL_FROM: usize = 1024;
+    const MAX_THREADS: usize = 4;
+    if out.len() < gpas.len() * PAGE {
+        return Err(format!(
+            "buffer of {} bytes for {} pages",
+            out.len(),
+            gpas.len()
+        ));
+    }
+    let regions = Regions(host_regions(mem));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_THREADS);
+    if gpas.len() >= PARALLEL_FROM && threads > 1 {
+        let per = gpas.len().div_ceil(threads);
+        let regions = &regions;
+        return std::thread::scope(|s| {
+            let workers: Vec<_> = gpas
+                .chunks(per)
+                .zip(out.chunks_mut(per * PAGE))
+                .map(|(g, o)| s.spawn(move || regions.copy(g, o)))
+                .collect();
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().map_err(|_| "copy thread panicked".to_string())?)
+        });
+    }
+    regions.copy(gpas, out)
+}
+
+/// Host mappings of guest memory, shared by copy threads.
+struct Regions(Vec<(u64, *mut u8, usize)>);
+
+// SAFETY: the pointers are host mappings owned by the `GuestMemory` that outlives every use
+// (the copy threads are scoped); the threads only read through them.
+unsafe impl Sync for Regions {}
+
+impl Regions {
+    fn copy(&self, gpas: &[u64], out: &mut [u8]) -> Result<(), String> {
+        const PAGE: usize = 4096;
+        let regions = &self.0;
+        for (i, &gpa) in gpas.iter().enumerate() {
+            let (base, host, len) = regions
+                .iter()
+                .copied()
+                .find(|(b, _, l)| gpa >= *b && gpa - b < *l as u64)
+                .ok_or_else(|| format!("page {gpa:#x} is outside guest memory"))?;
+            let off = (gpa - base) as usize;
+            if gpa % PAGE as u64 != 0 || off + PAGE > len {
+                return Err(format!("page {gpa:#x} is not a whole guest page"));
+            }
+            // SAFETY: `host + off .. + PAGE` lies inside a live mapping owned by `mem` (checked
+            // above), `out` has room (checked above), the two cannot overlap (`out` is ordinary
+            // host memory), and by the caller's contract nothing writes the guest page meanwhile.
+            unsafe {
+                std::ptr::copy_nonoverlapping(host.add(off), out.as_mut_ptr().add(i * PAGE), PAGE);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Reads guest memory at `addr` into `out`.

@@ -125,21 +125,24 @@ pub fn save(path: &Path, state: &VmState, mem: &GuestMemory) -> Result<(), Error
         .map_err(Error::Write)?;
     w.write_all(&meta).map_err(Error::Write)?;
     let page_len = PAGE_SIZE as usize;
-    for (base, host, len) in crate::memory::host_regions(mem) {
+    let backed = crate::memory::backed_pages(mem);
+    for ((base, host, len), backed) in crate::memory::host_regions(mem).into_iter().zip(backed) {
         // SAFETY: `host..host+len` is a live mapping owned by `mem`. The caller has paused the
         // VM and the VMM writes nothing into guest memory while saving, so nothing mutates it
         // during this shared borrow. Reading in place avoids copying every page out first.
         let ram = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
         let page = |i: usize| &ram[i * page_len..(i + 1) * page_len];
         let pages = len / page_len;
+        // Pages the host never backed are zero: not even read (see `backed_pages`).
+        let data = |p: usize| backed[p] && !is_zero(page(p));
         let mut p = 0;
         while p < pages {
-            if is_zero(page(p)) {
+            if !data(p) {
                 p += 1;
                 continue;
             }
             let start = p;
-            while p < pages && p - start < MAX_RUN_PAGES as usize && !is_zero(page(p)) {
+            while p < pages && p - start < MAX_RUN_PAGES as usize && data(p) {
                 p += 1;
             }
             let gpa = base + (start * page_len) as u64;

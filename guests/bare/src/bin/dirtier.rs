@@ -11,13 +11,19 @@
 //!   dirtying shaped like `make -j` spawning compiler processes: each job "forks" (touches a
 //!   fresh 1 MiB arena, 256 pages, as copy-on-write and exec would), then "compiles" (pure
 //!   compute with writes to scattered heap pages of its arena). Work is fixed, not time-boxed, so
-//!   its run time measures overhead. Prints the elapsed guest time too.
+//!   its run time measures overhead. Prints the elapsed guest time too. With several vCPUs the
+//!   jobs are shared out (`make -jN`): vCPU c runs jobs c, c+N, … in arenas of its own, so the
+//!   final checksum does not depend on how the vCPUs interleave.
 //!
 //! The working set starts at 8 MiB (above the image and stacks).
 #![no_std]
 #![no_main]
 
-use rt::{cmdline, println, time};
+use core::sync::atomic::{AtomicUsize, Ordering};
+use rt::{cmdline, println, smp, time};
+
+/// vCPUs done with their compile-profile jobs.
+static DONE: AtomicUsize = AtomicUsize::new(0);
 
 const BASE: u64 = 8 << 20;
 const PAGE: u64 = 4096;
@@ -76,14 +82,24 @@ fn paced(mib: u64, rate: u64, secs: u64) -> ! {
     rt::exit(0)
 }
 
-fn compile_profile(jobs: u64, mib: u64) -> ! {
+fn compile_profile(cpu: usize, jobs: u64, mib: u64) -> ! {
     let pages = working_set(mib);
     const ARENA: u64 = 256;
+    let n = smp::cpu_count();
     let arenas = (pages / ARENA).max(1);
+    if arenas < n as u64 {
+        println!("dirtier: mib={mib} gives {arenas} 1 MiB arenas, fewer than the {n} vCPUs");
+        rt::exit(2);
+    }
     let t0 = time::rdtsc();
-    let mut acc = 0x1234_5678u64;
-    for job in 0..jobs {
-        let arena = (job % arenas) * ARENA;
+    if cpu == 0 && n > 1 {
+        smp::start_aps();
+    }
+    // This vCPU's arenas: cpu, cpu + n, … (one vCPU: all of them, as before).
+    let own = arenas / n as u64;
+    let mut acc = 0x1234_5678u64 ^ cpu as u64;
+    for (k, job) in (cpu as u64..jobs).step_by(n).enumerate() {
+        let arena = (cpu as u64 + n as u64 * (k as u64 % own)) * ARENA;
         // fork/exec: every page of the arena gets written
         for p in 0..ARENA {
             write_word(arena + p, job, mix(job * ARENA + p));
@@ -98,20 +114,31 @@ fn compile_profile(jobs: u64, mib: u64) -> ! {
             write_word(arena + mix(step ^ acc) % ARENA, step, acc);
         }
     }
+    DONE.fetch_add(1, Ordering::AcqRel);
+    if cpu != 0 {
+        loop {
+            core::hint::spin_loop();
+        }
+    }
+    while DONE.load(Ordering::Acquire) < n {
+        core::hint::spin_loop();
+    }
     let ms = time::ticks_to_ns(time::rdtsc() - t0) / 1_000_000;
     println!(
-        "dirtier: compile-profile (stand-in for a kernel compile) jobs={jobs} pages={pages} checksum={:016x} elapsed_ms={ms}",
+        "dirtier: compile-profile (stand-in for a kernel compile) jobs={jobs} vcpus={n} pages={pages} checksum={:016x} elapsed_ms={ms}",
         checksum(pages)
     );
     rt::exit(0)
 }
 
 #[no_mangle]
-extern "C" fn guest_main(_cpu: usize, _si: u64) -> ! {
+extern "C" fn guest_main(cpu: usize, _si: u64) -> ! {
     match cmdline::get("preset") {
-        Some("compile-profile") => {
-            compile_profile(cmdline::get_u64("jobs", 200), cmdline::get_u64("mib", 64))
-        }
+        Some("compile-profile") => compile_profile(
+            cpu,
+            cmdline::get_u64("jobs", 200),
+            cmdline::get_u64("mib", 64),
+        ),
         Some(other) => {
             println!("dirtier: unknown preset {other:?} (known: compile-profile)");
             rt::exit(2)
