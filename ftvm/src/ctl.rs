@@ -68,13 +68,15 @@ pub struct Status {
     pub last_pause_us: u64,
     /// Protection sessions started after the first (a new secondary joined).
     pub sessions: u64,
+    /// Device-input events recorded (primary) or committed (secondary).
+    pub events: u64,
     pub note: String,
 }
 
 impl Status {
     pub fn line(&self) -> String {
         format!(
-            "role={} protected={} epoch={} lag_epochs={} bytes_sent={} bytes_per_sec={} last_pause_us={} sessions={}{}",
+            "role={} protected={} epoch={} lag_epochs={} bytes_sent={} bytes_per_sec={} last_pause_us={} sessions={} events={}{}",
             self.role,
             self.protected,
             self.epoch,
@@ -83,6 +85,7 @@ impl Status {
             self.bytes_per_sec,
             self.last_pause_us,
             self.sessions,
+            self.events,
             if self.note.is_empty() { String::new() } else { format!(" note={:?}", self.note) }
         )
     }

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+use vmm::devices::events::{DeviceEvent, EventLog};
 use vmm::persist::{decode_part, encode_part, VmState};
 use vmm::{DirtyTracking, VmConfig, VmEvent, Vmm};
 
@@ -50,6 +51,9 @@ impl Detect {
 }
 /// Epochs streamed but not yet acknowledged before the primary throttles the guest.
 const MAX_IN_FLIGHT: usize = 4;
+/// An epoch closes early once its guest has seen this many device inputs (bounds the
+/// epoch's event records; a guest polling a port in a loop produces one per read).
+const MAX_EPOCH_EVENTS: usize = 16 * 1024;
 /// Pre-copy sync: rounds of pages sent while the guest runs end when at most this many pages
 /// were dirtied during the last round (≈ 4 MiB: a few ms of pause to send with the state)…
 const PRECOPY_DONE_PAGES: usize = 1024;
@@ -66,6 +70,31 @@ const DEV_EXIT: u16 = 2;
 const PRIMARY_WAIT: Duration = Duration::from_secs(120);
 /// Exit status of a side that lost arbitration and halted.
 pub const HALTED: u8 = 3;
+
+/// A recorded device input as an FT-log event. The UART's interrupt belongs to no vCPU:
+/// `vcpu` is [`NO_VCPU`] there.
+fn log_event(seq: u32, e: &DeviceEvent) -> ft_log::Event {
+    use ft_log::record::EventKind;
+    let (vcpu, kind) = match *e {
+        DeviceEvent::PioRead {
+            vcpu,
+            port,
+            size,
+            value,
+        } => (vcpu, EventKind::PioRead { port, size, value }),
+        DeviceEvent::MmioRead {
+            vcpu,
+            addr,
+            size,
+            value,
+        } => (vcpu, EventKind::MmioRead { addr, size, value }),
+        DeviceEvent::Interrupt { gsi } => (NO_VCPU, EventKind::Interrupt { gsi, level: true }),
+    };
+    ft_log::Event { vcpu, seq, kind }
+}
+
+/// `Event::vcpu` of an event no vCPU caused.
+const NO_VCPU: u8 = u8::MAX;
 
 /// Reads the page at `gpa` of `mem`.
 fn read_page(mem: &vmm::memory::GuestMemory, gpa: u64, out: &mut [u8]) -> Result<()> {
@@ -318,6 +347,8 @@ struct Snapshot {
     /// Console-stream offset of `output`'s first byte.
     offset: u64,
     exit: Option<u8>,
+    /// The device inputs the guest saw during the epoch, in order.
+    events: Vec<DeviceEvent>,
 }
 
 /// Where one epoch's pause went.
@@ -361,6 +392,8 @@ struct Primary {
     rt: tokio::runtime::Runtime,
     vm: Vmm,
     held: HeldOutput,
+    /// The guest's device inputs, recorded for the log.
+    events: Arc<EventLog>,
     out: Box<dyn Write + Send>,
     link: LinkSide,
     peer: SocketAddr,
@@ -443,10 +476,13 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
             std::thread::sleep(detect.interval());
         })?;
     let out = crate::serial_sink(cfg.serial_out.as_deref())?;
+    let events = vm.events();
+    events.set_recording(true);
     let mut p = Primary {
         rt,
         vm,
         held,
+        events,
         out,
         link,
         peer: cfg.peer,
@@ -627,7 +663,10 @@ impl Primary {
                     break;
                 }
                 let el = t0.elapsed();
-                if el >= cfg.epoch || (el >= cfg.min_epoch && !self.held.is_empty()) {
+                if el >= cfg.epoch
+                    || (el >= cfg.min_epoch && !self.held.is_empty())
+                    || self.events.len() >= MAX_EPOCH_EVENTS
+                {
                     break;
                 }
                 self.release_acked();
@@ -830,6 +869,7 @@ impl Primary {
             output,
             offset,
             exit,
+            events: self.events.take(),
         })
     }
 
@@ -844,6 +884,7 @@ impl Primary {
             output,
             offset,
             exit,
+            events,
         } = snap;
         let begun = pre.is_some();
         let (mut hasher, pre_pages) = match pre {
@@ -892,6 +933,10 @@ impl Primary {
             },
             &mut b,
         );
+        for (seq, e) in events.iter().enumerate() {
+            rec(Record::Event(log_event(seq as u32, e)), &mut b);
+        }
+        self.status.lock().unwrap().events += events.len() as u64;
         if let Some(code) = exit {
             rec(
                 Record::DeviceState {
@@ -915,7 +960,7 @@ impl Primary {
         rec(
             Record::EpochEnd(EpochEnd {
                 pages: pre_pages + entries.len() as u32,
-                events: 0,
+                events: events.len() as u32,
                 page_hash: hasher.finish(),
                 outputs: vec![(0, end_off)],
             }),
@@ -1141,7 +1186,11 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
                 Ok((e, r)) => match sec.on_record(e, r) {
                     Ok(actions) => {
                         for replay::Action::Ack(k) in actions {
-                            status.lock().unwrap().epoch = k;
+                            {
+                                let mut st = status.lock().unwrap();
+                                st.epoch = k;
+                                st.events = sec.events_committed;
+                            }
                             if log_tx.send_record(k, &Record::Ack).await.is_err() {
                                 return Ok(Received::PrimaryLost);
                             }

@@ -69,6 +69,10 @@ pub struct Secondary {
     output: OutputLog,
     /// Epochs discarded so far (for status).
     pub discarded: u64,
+    /// Device-input events in the epochs committed so far. The committed vCPU and device
+    /// state already reflect them (the epoch is a checkpoint); they are verified by count
+    /// against `EpochEnd` and kept for a replaying consumer.
+    pub events_committed: u64,
 }
 
 fn discard(epoch: u64, why: impl Into<String>) -> Error {
@@ -88,6 +92,7 @@ impl Secondary {
             staging: None,
             output: OutputLog::default(),
             discarded: 0,
+            events_committed: 0,
         }
     }
 
@@ -263,6 +268,7 @@ impl Secondary {
         self.state.vcpus.extend(s.vcpus);
         self.state.devices.extend(s.devices);
         self.output.commit(&s.outputs, &end.outputs);
+        self.events_committed += s.events.len() as u64;
         self.committed = Some(epoch);
         Ok(())
     }

@@ -209,8 +209,9 @@ impl Vmm {
         kvm.fd
             .register_irqfd(&irq, COM1_GSI)
             .map_err(|e| Error::SerialIrq(std::io::Error::from_raw_os_error(e.errno())))?;
-        let serial = SerialDevice::new(irq, serial_out, state)?;
-        Ok(Arc::new(Mutex::new(Devices::new(serial))))
+        let events = Arc::new(devices::events::EventLog::default());
+        let serial = SerialDevice::new(irq, events.clone(), serial_out, state)?;
+        Ok(Arc::new(Mutex::new(Devices::new(serial, events))))
     }
 
     fn start(
@@ -418,6 +419,12 @@ impl Vmm {
         let mut vmm = dirty::harvest_vmm_writes(&self.mem);
         vmm.sort_unstable();
         Ok(DirtyPages { guest, vmm })
+    }
+
+    /// The VM's record of nondeterministic device inputs (off until
+    /// [`devices::events::EventLog::set_recording`]).
+    pub fn events(&self) -> Arc<devices::events::EventLog> {
+        self.devices.lock().unwrap().events.clone()
     }
 
     /// Whether KVM's dirty log is cleared manually (`KVM_CLEAR_DIRTY_LOG`).

@@ -49,6 +49,7 @@ pub fn print(args: core::fmt::Arguments) {
     {
         core::hint::spin_loop();
     }
+    wait_transmitter_ready();
     let _ = core::fmt::Write::write_fmt(&mut Console, args);
     CONSOLE_LOCK.store(false, Ordering::Release);
 }
@@ -71,7 +72,22 @@ pub fn print_u64_line(mut n: u64) {
             break;
         }
     }
+    wait_transmitter_ready();
     for &b in &buf[i..] {
         outb(COM1, b);
+    }
+}
+
+/// Polls the UART's line status until its transmitter holding register is empty, as a 16550
+/// driver does before filling the FIFO. Once per line, not per byte: every port access is an
+/// exit, and ftvm's UART drains at once. (Under FT each read is a recorded device input.)
+pub fn wait_transmitter_ready() {
+    const LSR: u16 = COM1 + 5;
+    const THRE: u8 = 0x20;
+    for _ in 0..1000 {
+        if inb(LSR) & THRE != 0 {
+            return;
+        }
+        core::hint::spin_loop();
     }
 }

@@ -5,9 +5,12 @@
 //! | 0x3f8–0x3ff   | COM1 16550 UART ([`serial`]) → console |
 //! | 0x501         | exit device ([`EXIT_PORT`]): a byte written ends the VM with that code |
 //! | anything else | absent: reads return all-ones, writes are ignored |
+pub mod events;
 pub mod serial;
 
+use events::{le_value, DeviceEvent, EventLog};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// The exit device's port (QEMU's `isa-debug-exit` default, so the same guest ends under both).
 pub const EXIT_PORT: u16 = 0x501;
@@ -24,6 +27,8 @@ pub enum PioAction {
 /// All VMM-emulated port devices of one VM.
 pub struct Devices {
     pub serial: serial::SerialDevice,
+    /// Shared with the UART's interrupt trigger.
+    pub events: Arc<EventLog>,
 }
 
 /// Saved state of [`Devices`].
@@ -33,18 +38,35 @@ pub struct DevicesState {
 }
 
 impl Devices {
-    pub fn new(serial: serial::SerialDevice) -> Self {
-        Devices { serial }
+    pub fn new(serial: serial::SerialDevice, events: Arc<EventLog>) -> Self {
+        Devices { serial, events }
     }
 
-    /// A guest `in` from `port`; `data` is filled.
-    pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+    /// A guest `in` from `port` on `vcpu`; `data` is filled (and the result recorded).
+    pub fn pio_read(&mut self, vcpu: u8, port: u16, data: &mut [u8]) {
         match port {
             COM1_BASE..=0x3ff if data.len() == 1 => {
                 data[0] = self.serial.read((port - COM1_BASE) as u8)
             }
             _ => data.fill(0xff),
         }
+        self.events.record(DeviceEvent::PioRead {
+            vcpu,
+            port,
+            size: data.len() as u8,
+            value: le_value(data) as u32,
+        });
+    }
+
+    /// A guest read of MMIO no device claims: all-ones (recorded).
+    pub fn mmio_read(&mut self, vcpu: u8, addr: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        self.events.record(DeviceEvent::MmioRead {
+            vcpu,
+            addr,
+            size: data.len() as u8,
+            value: le_value(data),
+        });
     }
 
     /// A guest `out` to `port`.

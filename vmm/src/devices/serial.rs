@@ -1,7 +1,9 @@
 //! COM1: vm-superio's 16550 UART, its interrupt wired to GSI 4 through an irqfd.
+use super::events::{DeviceEvent, EventLog};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -12,12 +14,13 @@ pub const COM1_GSI: u32 = 4;
 /// Where console bytes go.
 pub type SerialOut = Box<dyn Write + Send>;
 
-/// Raises the UART's interrupt line by signalling an irqfd.
-pub struct IrqTrigger(pub EventFd);
+/// Raises the UART's interrupt line by signalling an irqfd (and records it).
+pub struct IrqTrigger(pub EventFd, pub Arc<EventLog>);
 
 impl Trigger for IrqTrigger {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
+        self.1.record(DeviceEvent::Interrupt { gsi: COM1_GSI });
         self.0.write(1)
     }
 }
@@ -86,13 +89,16 @@ pub enum Error {
 impl SerialDevice {
     pub fn new(
         irq: EventFd,
+        events: Arc<EventLog>,
         out: SerialOut,
         state: Option<&SerialDeviceState>,
     ) -> Result<Self, Error> {
+        let trigger = IrqTrigger(irq, events);
         let uart = match state {
-            None => Serial::new(IrqTrigger(irq), out),
-            Some(s) => Serial::from_state(&s.into(), IrqTrigger(irq), NoEvents, out)
-                .map_err(|_| Error::State)?,
+            None => Serial::new(trigger, out),
+            Some(s) => {
+                Serial::from_state(&s.into(), trigger, NoEvents, out).map_err(|_| Error::State)?
+            }
         };
         Ok(SerialDevice {
             uart,

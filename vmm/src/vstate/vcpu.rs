@@ -376,7 +376,7 @@ impl Vcpu {
         let id = self.id;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                io.devices.lock().unwrap().pio_read(port, data);
+                io.devices.lock().unwrap().pio_read(id, port, data);
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
@@ -389,7 +389,7 @@ impl Vcpu {
                 if MMIO_WARNINGS.fetch_add(1, Ordering::Relaxed) < 5 {
                     tracing::warn!(vcpu = id, "read of unmapped MMIO {addr:#x}");
                 }
-                data.fill(0xff);
+                io.devices.lock().unwrap().mmio_read(id, addr, data);
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, _)) => {
