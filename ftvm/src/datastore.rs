@@ -41,13 +41,61 @@ impl Datastore {
         self.dir.join(format!("{role}.heartbeat"))
     }
 
-    /// Starts a new protection session: forgets a previous session's arbitration result.
-    pub fn new_session(&self) -> Result<()> {
-        match fs::remove_file(self.arbitration()) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e).context("cannot reset arbitration"),
+    /// Runs `f` on the arbitration record (`SESSION WINNER`, `-` while undecided) under an
+    /// exclusive lock, writing back what it returns.
+    fn with_record<T>(&self, f: impl FnOnce(&mut (u64, String)) -> T) -> Result<T> {
+        use std::os::fd::AsRawFd;
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("arbitration.lock"))
+            .context("opening the arbitration lock")?;
+        // SAFETY: flock on a file descriptor we own; released when `lock` is closed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("locking the arbitration");
         }
+        let text = fs::read_to_string(self.arbitration()).unwrap_or_default();
+        let mut it = text.split_whitespace();
+        let mut rec = match (it.next().and_then(|s| s.parse().ok()), it.next()) {
+            (Some(s), Some(w)) => (s, w.to_string()),
+            _ => (0, "-".to_string()),
+        };
+        let before = rec.clone();
+        let out = f(&mut rec);
+        if rec != before {
+            let tmp = self.arbitration().with_extension("tmp");
+            let mut file = fs::File::create(&tmp).context("writing arbitration")?;
+            write!(file, "{} {}", rec.0, rec.1).context("writing arbitration")?;
+            file.sync_all().context("writing arbitration")?;
+            fs::rename(&tmp, self.arbitration()).context("writing arbitration")?;
+        }
+        Ok(out)
+    }
+
+    /// Starts a new protection session (the live primary, with a new secondary): returns its
+    /// number. Its arbitration is undecided; every older session's is over, so a process of
+    /// an older session that wakes up late can only lose.
+    pub fn new_session(&self) -> Result<u64> {
+        self.with_record(|r| {
+            *r = (r.0 + 1, "-".into());
+            r.0
+        })
+    }
+
+    /// The secondary's FT-link address, if one was named (`peer` file: written by whoever
+    /// places secondaries; a primary looking for a new secondary reads it).
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        fs::read_to_string(self.dir.join("peer"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The current protection session.
+    pub fn session(&self) -> Result<u64> {
+        self.with_record(|r| r.0)
     }
 
     /// Waits until the peer `name` has published its certificate.
@@ -111,25 +159,70 @@ impl Datastore {
         Some(SystemTime::now().duration_since(m).unwrap_or_default())
     }
 
-    /// The atomic test-and-set: true if `role` may go live (it created the arbitration file,
-    /// or had created it before); false if the other side won.
-    pub fn arbitrate(&self, role: &str) -> Result<bool> {
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(self.arbitration())
-        {
-            Ok(mut f) => {
-                f.write_all(role.as_bytes())
-                    .context("writing arbitration")?;
-                f.sync_all().context("writing arbitration")?;
-                Ok(true)
+    /// The atomic test-and-set: `me` (a process of protection session `session`) may go
+    /// live only if that session is still the current one and undecided (then `me` becomes
+    /// its winner) or already won by `me`. Everyone else loses.
+    pub fn arbitrate(&self, session: u64, me: &str) -> Result<bool> {
+        self.with_record(|r| {
+            if r.0 != session {
+                return false;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let winner = fs::read_to_string(self.arbitration()).unwrap_or_default();
-                Ok(winner == role)
+            if r.1 == "-" {
+                r.1 = me.to_string();
             }
-            Err(e) => Err(e).context("arbitration on the datastore"),
+            r.1 == me
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(tag: &str) -> Datastore {
+        let dir = std::env::temp_dir().join(format!("ftvm-ds-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        Datastore::open(&dir).unwrap()
+    }
+
+    #[test]
+    fn one_winner_per_session_and_late_sessions_lose() {
+        let ds = store("arb");
+        let s1 = ds.new_session().unwrap();
+        assert!(ds.arbitrate(s1, "secondary-1").unwrap());
+        assert!(
+            ds.arbitrate(s1, "secondary-1").unwrap(),
+            "the winner stays the winner"
+        );
+        assert!(!ds.arbitrate(s1, "primary-1").unwrap());
+        // The winner starts a new session with a new secondary; the old primary wakes late.
+        let s2 = ds.new_session().unwrap();
+        assert_eq!(s2, s1 + 1);
+        assert_eq!(ds.session().unwrap(), s2);
+        assert!(
+            !ds.arbitrate(s1, "primary-1").unwrap(),
+            "an old session can only lose"
+        );
+        assert!(ds.arbitrate(s2, "secondary-1").unwrap());
+        let _ = fs::remove_dir_all(ds.path());
+    }
+
+    #[test]
+    fn concurrent_arbitration_has_exactly_one_winner() {
+        let ds = std::sync::Arc::new(store("race"));
+        for _ in 0..20 {
+            let s = ds.new_session().unwrap();
+            let winners: usize = (0..8)
+                .map(|i| {
+                    let ds = ds.clone();
+                    std::thread::spawn(move || ds.arbitrate(s, &format!("p{i}")).unwrap())
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap() as usize)
+                .sum();
+            assert_eq!(winners, 1);
         }
+        let _ = fs::remove_dir_all(ds.path());
     }
 }

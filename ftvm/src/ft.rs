@@ -24,7 +24,7 @@ use net::{Identity, LinkConfig};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -377,6 +377,14 @@ struct Held {
 pub struct PrimaryConfig {
     pub vm: VmConfig,
     pub boot: vmm::BootSource,
+    pub ft: FtConfig,
+}
+
+/// How a primary replicates (also what a secondary uses once it has taken over).
+#[derive(Clone, Debug)]
+pub struct FtConfig {
+    /// Where the secondary listens. A `peer` file in the datastore (written by whoever places
+    /// secondaries) overrides it when reconnecting.
     pub peer: SocketAddr,
     pub datastore: PathBuf,
     pub serial_out: Option<PathBuf>,
@@ -384,8 +392,30 @@ pub struct PrimaryConfig {
     pub min_epoch: Duration,
     pub detect: Detect,
     pub page_encoding: PageEncoding,
-    /// Write `epoch,pause_us,dirty_pages` per epoch here when the guest ends.
+    /// Write per-epoch statistics here (CSV) when the guest ends.
     pub epoch_stats: Option<PathBuf>,
+}
+
+impl FtConfig {
+    /// The defaults of `ftvm primary`, for a secondary that becomes the primary.
+    fn after_takeover(cfg: &SecondaryConfig) -> Self {
+        FtConfig {
+            peer: cfg.listen,
+            datastore: cfg.datastore.clone(),
+            serial_out: cfg.serial_out.clone(),
+            epoch: Duration::from_millis(20),
+            min_epoch: Duration::from_millis(2),
+            detect: cfg.detect,
+            page_encoding: PageEncoding::Raw,
+            epoch_stats: None,
+        }
+    }
+}
+
+/// A process-unique name for arbitration.
+fn instance() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| format!("{}-{}", std::process::id(), now_us()))
 }
 
 struct Primary {
@@ -395,11 +425,13 @@ struct Primary {
     /// The guest's device inputs, recorded for the log.
     events: Arc<EventLog>,
     out: Box<dyn Write + Send>,
-    link: LinkSide,
-    peer: SocketAddr,
+    /// The current secondary's link (none while running unprotected after a takeover).
+    link: Option<LinkSide>,
+    /// The protection session this primary runs (see [`Datastore::arbitrate`]).
+    session: u64,
     link_cfg: LinkConfig,
     hello: Hello,
-    detect: Detect,
+    cfg: FtConfig,
     /// `ftvm ctl suspend | ft-off`, forwarded by the control thread.
     requests: mpsc::Receiver<(ctl::Request, mpsc::Sender<String>)>,
     /// (epoch, output) taken from the guest and not yet released: held until the secondary
@@ -421,15 +453,14 @@ struct Primary {
     /// Per released epoch with output: how long its first byte was held (the latency the
     /// output rule adds).
     holds: Vec<Duration>,
-    epoch_stats: Option<PathBuf>,
     encoder: PageEncoder,
     started: Instant,
 }
 
 /// Runs a protected VM as the primary. Returns the guest's exit code.
 pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
-    let ds = Arc::new(Datastore::open(&cfg.datastore)?);
-    ds.new_session()?;
+    let ds = Arc::new(Datastore::open(&cfg.ft.datastore)?);
+    let session = ds.new_session()?;
     let rt = runtime()?;
     let held = HeldOutput::default();
     let vm_cfg = VmConfig {
@@ -441,89 +472,137 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
     let link_cfg = link_config(&ds, "primary", "secondary", Duration::from_secs(60))?;
     let hello = hello(Role::Primary, vm_cfg.vcpus, vm_cfg.mem_mib);
     let deadline = Instant::now() + Duration::from_secs(30);
+    let peer = cfg.ft.peer;
     let link = loop {
-        match rt.block_on(connect(cfg.peer, &link_cfg, &hello)) {
+        match rt.block_on(connect(peer, &link_cfg, &hello)) {
             Ok((link, _, _)) => break link,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!("secondary not reachable yet: {e}");
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => return Err(e).context(format!("cannot reach the secondary at {}", cfg.peer)),
+            Err(e) => return Err(e).context(format!("cannot reach the secondary at {peer}")),
         }
     };
-    let (forward, requests) = mpsc::channel();
     let status = Arc::new(Mutex::new(Status {
         role: "primary",
         protected: false,
         note: "syncing the secondary".into(),
         ..Default::default()
     }));
-    ctl::serve(
-        ctl::socket_path(ds.path(), "primary"),
-        status.clone(),
-        Some(ctl::Request::TestFailover),
-        Some(forward),
-    )?;
-    let detect = cfg.detect;
-    let link = LinkSide::attach(&rt, link, detect);
-    let ds2 = ds.clone();
-    std::thread::Builder::new()
-        .name("ds-heartbeat".into())
-        .spawn(move || loop {
-            if let Err(e) = ds2.touch_heartbeat("primary") {
-                tracing::warn!("{e:#}");
-            }
-            std::thread::sleep(detect.interval());
-        })?;
-    let out = crate::serial_sink(cfg.serial_out.as_deref())?;
-    let events = vm.events();
-    events.set_recording(true);
-    let mut p = Primary {
-        rt,
-        vm,
-        held,
-        events,
-        out,
-        link,
-        peer: cfg.peer,
-        link_cfg,
-        hello,
-        detect,
-        requests,
-        pending: VecDeque::new(),
-        out_offset: 0,
-        ds,
-        status,
-        rate_mark: (Instant::now(), 0),
-        epochs: Vec::new(),
-        split: Default::default(),
-        spare: None,
-        frames: BytesMut::new(),
-        sync_pauses: Vec::new(),
-        holds: Vec::new(),
-        epoch_stats: cfg.epoch_stats.clone(),
-        encoder: PageEncoder {
-            encoding: cfg.page_encoding,
-            ..Default::default()
-        },
-        started: Instant::now(),
-    };
-    p.run(&cfg)
+    let mut p = Primary::new(cfg.ft, rt, ds, vm, held, status, link_cfg, hello, 0)?;
+    p.session = session;
+    p.link = Some(LinkSide::attach(&p.rt, link, p.cfg.detect));
+    p.run(true)
 }
 
 impl Primary {
-    fn run(&mut self, cfg: &PrimaryConfig) -> Result<u8> {
+    /// The primary role's machinery around a VM whose console goes to `held`: control socket,
+    /// datastore heartbeat, output sink. No secondary yet.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: FtConfig,
+        rt: tokio::runtime::Runtime,
+        ds: Arc<Datastore>,
+        vm: Vmm,
+        held: HeldOutput,
+        status: Arc<Mutex<Status>>,
+        link_cfg: LinkConfig,
+        hello: Hello,
+        out_offset: u64,
+    ) -> Result<Self> {
+        let (forward, requests) = mpsc::channel();
+        ctl::serve(
+            ctl::socket_path(ds.path(), "primary"),
+            status.clone(),
+            Some(ctl::Request::TestFailover),
+            Some(forward),
+        )?;
+        let ds2 = ds.clone();
+        let detect = cfg.detect;
+        std::thread::Builder::new()
+            .name("ds-heartbeat".into())
+            .spawn(move || loop {
+                if let Err(e) = ds2.touch_heartbeat("primary") {
+                    tracing::warn!("{e:#}");
+                }
+                std::thread::sleep(detect.interval());
+            })?;
+        let out = crate::serial_sink(cfg.serial_out.as_deref())?;
+        let events = vm.events();
+        events.set_recording(true);
+        Ok(Primary {
+            rt,
+            vm,
+            held,
+            events,
+            out,
+            link: None,
+            session: 0,
+            link_cfg,
+            hello,
+            requests,
+            pending: VecDeque::new(),
+            out_offset,
+            ds,
+            status,
+            rate_mark: (Instant::now(), 0),
+            epochs: Vec::new(),
+            split: Default::default(),
+            spare: None,
+            frames: BytesMut::new(),
+            sync_pauses: Vec::new(),
+            holds: Vec::new(),
+            encoder: PageEncoder {
+                encoding: cfg.page_encoding,
+                ..Default::default()
+            },
+            started: Instant::now(),
+            cfg,
+        })
+    }
+
+    /// The current link (only called while protected).
+    fn link(&mut self) -> &mut LinkSide {
+        self.link.as_mut().expect("a protection session has a link")
+    }
+
+    fn lost(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_none_or(|l| l.lost.load(Ordering::SeqCst))
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.link
+            .as_ref()
+            .map_or(0, |l| l.control.stats().bytes_sent)
+    }
+}
+
+impl Primary {
+    /// The primary's life: protection sessions, and unprotected stretches between them.
+    /// `protected`: a session with a secondary starts now (else the guest first runs
+    /// unprotected, as after a takeover, until a secondary connects).
+    fn run(&mut self, protected: bool) -> Result<u8> {
+        if !protected {
+            match self.unprotected()? {
+                Unprotected::Exited(code) => return Ok(code),
+                Unprotected::NewSecondary(link) => self.reprotect(*link)?,
+            }
+        }
         loop {
             // Why the session ended: the secondary was lost (`stop` is None, `ended` says
             // whether the guest had already exited), or a stop was requested.
-            let (ended, stop) = match self.protect(cfg)? {
+            let (ended, stop) = match self.protect()? {
                 Protected::Exited(code) => {
                     self.vm.stop();
                     self.print_summary();
                     return Ok(code);
                 }
                 Protected::Lost(ended) => {
-                    self.link.control.close("secondary lost");
+                    if let Some(l) = self.link.take() {
+                        l.control.close("secondary lost");
+                    }
                     (ended, None)
                 }
                 Protected::Stopped { off, reply } => (None, Some((off, reply))),
@@ -531,7 +610,9 @@ impl Primary {
             let _ = self.vm.pause();
             // Running unprotected requires holding the arbitration, whatever the reason: a
             // secondary that thinks the primary died (or missed a Stop) must lose it and halt.
-            if !self.ds.arbitrate("primary")? {
+            // (After a Stop the link stays open: closing it could discard the Stop in flight;
+            // the secondary closes it when it leaves.)
+            if !self.ds.arbitrate(self.session, instance())? {
                 eprintln!("ftvm primary: lost the secondary and the arbitration: the secondary is live; halting");
                 if let Some((_, reply)) = stop {
                     let _ = reply.send(
@@ -589,8 +670,8 @@ impl Primary {
     /// A new secondary connected: start a new protection session with it.
     fn reprotect(&mut self, link: net::Link) -> Result<()> {
         eprintln!("ftvm primary: a new secondary connected; re-protecting");
-        self.ds.new_session()?;
-        self.link = LinkSide::attach(&self.rt, link, self.detect);
+        self.session = self.ds.new_session()?;
+        self.link = Some(LinkSide::attach(&self.rt, link, self.cfg.detect));
         let mut st = self.status.lock().unwrap();
         st.sessions += 1;
         st.note = "syncing the secondary".into();
@@ -602,9 +683,12 @@ impl Primary {
     /// the guest paused).
     fn unprotected(&mut self) -> Result<Unprotected> {
         let (tx, rx) = mpsc::channel();
-        let (peer, cfg, hello) = (self.peer, self.link_cfg.clone(), self.hello.clone());
+        let (cfg, hello) = (self.link_cfg.clone(), self.hello.clone());
+        let (default_peer, ds) = (self.cfg.peer, self.ds.clone());
         self.rt.spawn(async move {
             loop {
+                // Whoever places secondaries may have named a new one's address.
+                let peer = ds.peer().unwrap_or(default_peer);
                 if let Ok((link, _, _)) = connect(peer, &cfg, &hello).await {
                     let _ = tx.send(Box::new(link));
                     return;
@@ -647,7 +731,7 @@ impl Primary {
 
     /// One protection session: pre-copy sync (epoch 0), then epochs until the guest ends or
     /// the secondary is lost. Called with the guest paused.
-    fn protect(&mut self, cfg: &PrimaryConfig) -> Result<Protected> {
+    fn protect(&mut self) -> Result<Protected> {
         match self.sync()? {
             Synced::Running => {}
             Synced::Lost => return Ok(Protected::Lost(None)),
@@ -663,14 +747,14 @@ impl Primary {
                     break;
                 }
                 let el = t0.elapsed();
-                if el >= cfg.epoch
-                    || (el >= cfg.min_epoch && !self.held.is_empty())
+                if el >= self.cfg.epoch
+                    || (el >= self.cfg.min_epoch && !self.held.is_empty())
                     || self.events.len() >= MAX_EPOCH_EVENTS
                 {
                     break;
                 }
                 self.release_acked();
-                if self.link.lost.load(Ordering::SeqCst) {
+                if self.lost() {
                     return Ok(Protected::Lost(None));
                 }
                 if let Ok((req, reply)) = self.requests.try_recv() {
@@ -680,8 +764,13 @@ impl Primary {
                     // be released.
                     // No close here: closing could discard the Stop still in flight. The
                     // secondary closes the link when it leaves.
-                    self.rt
-                        .block_on(self.link.log_tx.send_record(0, &Record::Stop { off }))?;
+                    self.rt.block_on(
+                        self.link
+                            .as_mut()
+                            .expect("a protection session has a link")
+                            .log_tx
+                            .send_record(0, &Record::Stop { off }),
+                    )?;
                     return Ok(Protected::Stopped { off, reply });
                 }
             }
@@ -735,6 +824,8 @@ impl Primary {
         }
         let _ = self.rt.block_on(
             self.link
+                .as_mut()
+                .expect("a protection session has a link")
                 .log_tx
                 .send_record(epoch, &Record::Shutdown { code }),
         );
@@ -743,9 +834,15 @@ impl Primary {
 
     /// Sends encoded frames; a failure marks the secondary lost (the caller sees `lost`).
     fn send(&mut self, b: &[u8], frames: u64) {
-        if let Err(e) = self.rt.block_on(self.link.log_tx.send_frames(b, frames)) {
+        if let Err(e) = self.rt.block_on(
+            self.link
+                .as_mut()
+                .expect("a protection session has a link")
+                .log_tx
+                .send_frames(b, frames),
+        ) {
             tracing::warn!("sending to the secondary failed: {e}");
-            self.link.lost.store(true, Ordering::SeqCst);
+            self.link().lost.store(true, Ordering::SeqCst);
         }
     }
 
@@ -782,7 +879,7 @@ impl Primary {
                 b.clear();
                 let frames = encode_pages(&entries, 0, &mut b);
                 self.send(&b, frames as u64);
-                if self.link.lost.load(Ordering::SeqCst) {
+                if self.lost() {
                     return Ok(Synced::Lost);
                 }
                 self.status.lock().unwrap().note = format!(
@@ -989,7 +1086,7 @@ impl Primary {
         pauses.sort_unstable();
         pages.sort_unstable();
         holds.sort_unstable();
-        if let Some(path) = &self.epoch_stats {
+        if let Some(path) = &self.cfg.epoch_stats {
             let mut csv =
                 String::from("epoch,pause_us,dirty_pages,kick_us,harvest_us,capture_us,copy_us\n");
             let us = |d: Duration| d.as_micros();
@@ -1015,7 +1112,7 @@ impl Primary {
                 .unwrap_or(0)
         };
         let secs = self.started.elapsed().as_secs_f64();
-        let sent = self.link.control.stats().bytes_sent;
+        let sent = self.bytes_sent();
         eprintln!(
             "ftvm primary: summary epochs={} pause_us_p50={} pause_us_p99={} pause_us_max={} dirty_pages_p50={} dirty_pages_p99={} bytes_sent={} bytes_per_sec={} pages_sent={} sync_pause_us_max={} output_hold_us_p50={} output_hold_us_p99={}",
             pauses.len(),
@@ -1037,7 +1134,7 @@ impl Primary {
     }
 
     fn update_status(&mut self, epoch: u64, pause: Duration) {
-        let sent = self.link.control.stats().bytes_sent;
+        let sent = self.bytes_sent();
         let (t, b) = self.rate_mark;
         let mut st = self.status.lock().unwrap();
         st.epoch = epoch;
@@ -1052,7 +1149,13 @@ impl Primary {
 
     /// Releases the output of every acknowledged epoch, in order.
     fn release_acked(&mut self) {
-        while let Ok(k) = self.link.acks.try_recv() {
+        while let Ok(k) = self
+            .link
+            .as_mut()
+            .expect("a protection session has a link")
+            .acks
+            .try_recv()
+        {
             self.release_through(k);
         }
     }
@@ -1072,12 +1175,18 @@ impl Primary {
     /// Blocks until one more acknowledgement arrives: `true`; or the secondary is lost: `false`.
     fn wait_ack(&mut self) -> bool {
         loop {
-            match self.link.acks.recv_timeout(Duration::from_millis(5)) {
+            match self
+                .link
+                .as_mut()
+                .expect("a protection session has a link")
+                .acks
+                .recv_timeout(Duration::from_millis(5))
+            {
                 Ok(k) => {
                     self.release_through(k);
                     return true;
                 }
-                Err(_) if self.link.lost.load(Ordering::SeqCst) => return false,
+                Err(_) if self.lost() => return false,
                 Err(_) => {}
             }
         }
@@ -1155,9 +1264,13 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     let mut sec = replay::Secondary::new(mem);
     let status = Arc::new(Mutex::new(Status {
         role: "secondary",
-        protected: true,
+        protected: false,
+        note: "syncing from the primary".into(),
         ..Default::default()
     }));
+    // The protection session this secondary belongs to: the primary starts it before it
+    // sends epoch 0, so it is known once epoch 0 is committed.
+    let mut session = None;
     ctl::serve(
         ctl::socket_path(ds.path(), "secondary"),
         status.clone(),
@@ -1186,10 +1299,15 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
                 Ok((e, r)) => match sec.on_record(e, r) {
                     Ok(actions) => {
                         for replay::Action::Ack(k) in actions {
+                            if session.is_none() {
+                                session = Some(ds.session()?);
+                            }
                             {
                                 let mut st = status.lock().unwrap();
                                 st.epoch = k;
                                 st.events = sec.events_committed;
+                                st.protected = true;
+                                st.note.clear();
                             }
                             if log_tx.send_record(k, &Record::Ack).await.is_err() {
                                 return Ok(Received::PrimaryLost);
@@ -1235,20 +1353,19 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     while ds.heartbeat_age("primary").is_some_and(|a| a < stale) && t.elapsed() < 4 * stale {
         std::thread::sleep(Duration::from_millis(20));
     }
-    if !ds.arbitrate("secondary")? {
+    let Some(session) = session else {
+        bail!("the primary was lost before the initial sync completed; nothing to take over");
+    };
+    if !ds.arbitrate(session, instance())? {
         eprintln!(
             "ftvm secondary: lost the primary on the link but it won the arbitration; halting"
         );
         return Ok(HALTED);
     }
+    // Free the FT port (a new secondary may listen there) and the link before going live.
+    drop((listener, log_tx, log_rx, control));
     drop(rt);
-    {
-        let mut st = status.lock().unwrap();
-        st.role = "primary";
-        st.protected = false;
-        st.note = format!("took over at epoch {}", sec.committed_epoch().unwrap_or(0));
-    }
-    takeover(sec, cfg.serial_out.as_deref())
+    takeover(sec, &cfg, ds)
 }
 
 /// How the secondary's receive loop ended.
@@ -1264,8 +1381,11 @@ async fn wait_flag(flag: &AtomicBool) {
     }
 }
 
-/// Goes live on the last committed epoch.
-fn takeover(sec: replay::Secondary, serial_out: Option<&Path>) -> Result<u8> {
+/// Goes live on the last committed epoch, as the primary: the guest runs on unprotected
+/// until a new secondary connects (at the datastore's `peer` address if one is named, else
+/// at this side's own listening address), which then syncs and protection returns.
+fn takeover(sec: replay::Secondary, cfg: &SecondaryConfig, ds: Datastore) -> Result<u8> {
+    let serial_out = cfg.serial_out.as_deref();
     let epoch = sec.committed_epoch().ok_or_else(|| {
         anyhow!("the primary was lost before the initial sync completed; nothing to take over")
     })?;
@@ -1301,17 +1421,43 @@ fn takeover(sec: replay::Secondary, serial_out: Option<&Path>) -> Result<u8> {
         return Ok(code);
     }
     let mem_mib = vmm::layout::mem_mib_of(&vmm::memory::host_regions(sec.memory()));
+    let vcpu_count = vcpus.len() as u8;
     let state = VmState {
         mem_mib,
         vcpus,
         vm,
         devices,
     };
-    let mut vm = Vmm::from_state(sec.into_memory(), state, out, DirtyTracking::Off)?;
-    vm.resume()?;
-    let ev = vm.wait_event(None).unwrap_or(VmEvent::Error {
-        vcpu: 0,
-        msg: "all vCPUs gone".into(),
-    });
-    Ok(vm.finish(ev)?)
+    let out_offset = sec.output().end(0);
+    drop(out);
+    let held = HeldOutput::default();
+    let vm = Vmm::from_state(
+        sec.into_memory(),
+        state,
+        Box::new(held.clone()),
+        DirtyTracking::Bitmap,
+    )?;
+    // This process is the primary now: its control socket is the primary's.
+    let _ = std::fs::remove_file(ctl::socket_path(ds.path(), "secondary"));
+    let ds = Arc::new(ds);
+    let link_cfg = link_config(&ds, "primary", "secondary", Duration::from_secs(5))?;
+    let status = Arc::new(Mutex::new(Status {
+        role: "primary",
+        protected: false,
+        note: format!("took over at epoch {epoch}; waiting for a new secondary"),
+        epoch,
+        ..Default::default()
+    }));
+    let mut p = Primary::new(
+        FtConfig::after_takeover(cfg),
+        runtime()?,
+        ds,
+        vm,
+        held,
+        status,
+        link_cfg,
+        hello(Role::Primary, vcpu_count, mem_mib),
+        out_offset,
+    )?;
+    p.run(false)
 }

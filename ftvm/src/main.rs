@@ -292,23 +292,29 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
             Ok(0)
         }
         CtlCommand::TestFailover => {
+            // The secondary's command line, to start a new one once it has taken over.
+            let argv = datastore::Datastore::open(&a.datastore)?.secondary_command()?;
             let t0 = std::time::Instant::now();
             let reply = ctl::request(&a.datastore, "primary", ctl::Request::TestFailover)?;
             println!("primary: {reply}");
-            // The secondary answers as the new primary once it has taken over.
-            while t0.elapsed() < Duration::from_secs(30) {
-                if let Ok(line) = ctl::request(&a.datastore, "secondary", ctl::Request::Status) {
-                    if line.starts_with("role=primary") {
-                        println!(
-                            "secondary is live after {} ms: {line}",
-                            t0.elapsed().as_millis()
-                        );
-                        return Ok(0);
+            // The secondary answers on the primary's socket once it has taken over.
+            let live = loop {
+                if let Ok(line) = ctl::request(&a.datastore, "primary", ctl::Request::Status) {
+                    if line.contains("took over") {
+                        break line;
                     }
                 }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            bail!("the secondary did not go live within 30 s")
+                if t0.elapsed() > Duration::from_secs(30) {
+                    bail!("the secondary did not go live within 30 s");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            println!(
+                "secondary is live after {} ms: {live}",
+                t0.elapsed().as_millis()
+            );
+            // As vSphere's Test Failover does: a new secondary, synced, protection back.
+            start_secondary_and_wait(&a.datastore, &argv, 0, t0)
         }
         CtlCommand::TestRestartSecondary => {
             let before = primary_sessions(&a.datastore)?;
@@ -407,14 +413,16 @@ fn main() {
                     ..Default::default()
                 },
                 boot: boot_source(&a.guest)?,
-                peer: a.peer,
-                datastore: a.datastore,
-                serial_out: a.serial_out,
-                epoch: Duration::from_millis(a.epoch_ms.max(1)),
-                min_epoch: Duration::from_millis(a.min_epoch_ms.min(a.epoch_ms)),
-                detect: a.detect.get(),
-                page_encoding: a.page_encoding,
-                epoch_stats: a.epoch_stats,
+                ft: ft::FtConfig {
+                    peer: a.peer,
+                    datastore: a.datastore,
+                    serial_out: a.serial_out,
+                    epoch: Duration::from_millis(a.epoch_ms.max(1)),
+                    min_epoch: Duration::from_millis(a.min_epoch_ms.min(a.epoch_ms)),
+                    detect: a.detect.get(),
+                    page_encoding: a.page_encoding,
+                    epoch_stats: a.epoch_stats,
+                },
             };
             ft::primary(cfg)
         })(),

@@ -418,7 +418,7 @@ fn ctl_status_and_test_failover_on_a_running_pair() {
     require_kvm!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("ft-ctl");
-    let mut pair = start_pair(&dir, "counter", "count=400 rate=200");
+    let mut pair = start_pair(&dir, "counter", "count=800 rate=200");
     wait_protected(&dir, &mut pair);
     let (code, text) = ctl(&dir, "status");
     assert_eq!(code, Some(0), "{text}");
@@ -444,20 +444,32 @@ fn ctl_status_and_test_failover_on_a_running_pair() {
     let (code, text) = ctl(&dir, "test-failover");
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("secondary is live after"), "{text}");
+    // As vSphere's Test Failover: a new secondary is started, syncs, protection returns.
+    assert!(text.contains("protection restored after"), "{text}");
     let p = wait(&mut pair.primary, Duration::from_secs(10), "primary");
     assert_eq!(
         p.code(),
         None,
         "the primary must have died by SIGKILL, not exited: {p}"
     );
-    let s = wait(&mut pair.secondary, Duration::from_secs(60), "secondary");
+    let (_, st) = ctl(&dir, "status");
+    assert!(st.contains("primary: role=primary protected=true"), "{st}");
+    assert!(
+        st.contains("secondary: role=secondary protected=true"),
+        "{st}"
+    );
+    // The roles swapped: the old secondary is the primary now. Fail it too; the newest
+    // secondary takes over and the console is still exact.
+    let (code, text) = ctl(&dir, "test-failover");
+    assert_eq!(code, Some(0), "second failover: {text}");
+    let s = wait(&mut pair.secondary, Duration::from_secs(10), "secondary");
     assert_eq!(
         s.code(),
-        Some(0),
-        "{}",
-        pair.secondary.wait_with_output_ref()
+        None,
+        "the old secondary (the primary after the first failover) died by SIGKILL: {s}"
     );
-    assert_eq!(console(&dir), counter_output(400));
+    wait_console(&dir, 800);
+    assert_eq!(console(&dir), counter_output(800));
     let (code, _) = ctl(&dir, "status");
     assert_eq!(code, Some(1), "no side should answer once the VM has ended");
 }
