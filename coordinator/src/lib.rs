@@ -1,6 +1,11 @@
-//! The failover coordinator.
-//!
-//! **Not implemented yet** (issue "Failover coordinator"). This crate will hold cluster state
-//! behind a store interface (embedded file store, etcd), place secondaries under the limits
-//! (8 vCPUs per FT VM, 4 secondaries per host, never on the primary's host), respawn them after
-//! failures, and arbitrate so that only one copy of a VM is ever live.
+//! The failover coordinator's building blocks: the cluster model ([`model`]), the store it
+//! lives in ([`store`]: an embedded file store with an atomic test-and-set), and placement with
+//! vSphere FT's limits ([`placement`]). The processes (`ftvm coordinator`, `ftvm host-agent`)
+//! and the operations CLI are in the `ftvm` binary.
+pub mod model;
+pub mod placement;
+pub mod store;
+
+pub use model::{Cluster, FtState, Host, Vm};
+pub use placement::{Limits, PlacementError};
+pub use store::{FileStore, Store, StoreError};

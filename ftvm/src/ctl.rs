@@ -70,13 +70,16 @@ pub struct Status {
     pub sessions: u64,
     /// Device-input events recorded (primary) or committed (secondary).
     pub events: u64,
+    /// After a takeover: when (Unix µs) this side detected the primary's loss, won the
+    /// arbitration, and had the guest running.
+    pub takeover_us: Option<(u64, u64, u64)>,
     pub note: String,
 }
 
 impl Status {
     pub fn line(&self) -> String {
         format!(
-            "role={} protected={} epoch={} lag_epochs={} bytes_sent={} bytes_per_sec={} last_pause_us={} sessions={} events={}{}",
+            "role={} protected={} epoch={} lag_epochs={} bytes_sent={} bytes_per_sec={} last_pause_us={} sessions={} events={} pid={}{}{}",
             self.role,
             self.protected,
             self.epoch,
@@ -86,6 +89,11 @@ impl Status {
             self.last_pause_us,
             self.sessions,
             self.events,
+            std::process::id(),
+            match self.takeover_us {
+                Some((d, a, l)) => format!(" detected_us={d} arbitrated_us={a} live_us={l}"),
+                None => String::new(),
+            },
             if self.note.is_empty() { String::new() } else { format!(" note={:?}", self.note) }
         )
     }

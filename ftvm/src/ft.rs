@@ -66,6 +66,9 @@ const DEV_KVM: u16 = 0;
 const DEV_VMM: u16 = 1;
 /// Present in an epoch when the guest ended in it; payload: the exit code.
 const DEV_EXIT: u16 = 2;
+/// One attempt to reach a secondary (a handshake on a LAN takes milliseconds; nobody
+/// listening would otherwise cost the whole QUIC idle timeout).
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a secondary waits for its primary to connect.
 const PRIMARY_WAIT: Duration = Duration::from_secs(120);
 /// Exit status of a side that lost arbitration and halted.
@@ -474,7 +477,12 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let peer = cfg.ft.peer;
     let link = loop {
-        match rt.block_on(connect(peer, &link_cfg, &hello)) {
+        let attempt = rt.block_on(async {
+            tokio::time::timeout(CONNECT_TIMEOUT, connect(peer, &link_cfg, &hello))
+                .await
+                .unwrap_or_else(|_| Err(net::Error::NoConnection))
+        });
+        match attempt {
             Ok((link, _, _)) => break link,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!("secondary not reachable yet: {e}");
@@ -689,7 +697,9 @@ impl Primary {
             loop {
                 // Whoever places secondaries may have named a new one's address.
                 let peer = ds.peer().unwrap_or(default_peer);
-                if let Ok((link, _, _)) = connect(peer, &cfg, &hello).await {
+                if let Ok(Ok((link, _, _))) =
+                    tokio::time::timeout(CONNECT_TIMEOUT, connect(peer, &cfg, &hello)).await
+                {
                     let _ = tx.send(Box::new(link));
                     return;
                 }
@@ -1348,6 +1358,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     }
     // The primary is lost on the link. Give a primary that is still alive (its datastore
     // heartbeat is fresh) the chance to win the arbitration first.
+    let detected_us = now_us();
     let t = Instant::now();
     let stale = cfg.detect.timeout;
     while ds.heartbeat_age("primary").is_some_and(|a| a < stale) && t.elapsed() < 4 * stale {
@@ -1365,7 +1376,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     // Free the FT port (a new secondary may listen there) and the link before going live.
     drop((listener, log_tx, log_rx, control));
     drop(rt);
-    takeover(sec, &cfg, ds)
+    takeover(sec, &cfg, ds, (detected_us, now_us()))
 }
 
 /// How the secondary's receive loop ended.
@@ -1384,7 +1395,12 @@ async fn wait_flag(flag: &AtomicBool) {
 /// Goes live on the last committed epoch, as the primary: the guest runs on unprotected
 /// until a new secondary connects (at the datastore's `peer` address if one is named, else
 /// at this side's own listening address), which then syncs and protection returns.
-fn takeover(sec: replay::Secondary, cfg: &SecondaryConfig, ds: Datastore) -> Result<u8> {
+fn takeover(
+    sec: replay::Secondary,
+    cfg: &SecondaryConfig,
+    ds: Datastore,
+    (detected_us, arbitrated_us): (u64, u64),
+) -> Result<u8> {
     let serial_out = cfg.serial_out.as_deref();
     let epoch = sec.committed_epoch().ok_or_else(|| {
         anyhow!("the primary was lost before the initial sync completed; nothing to take over")
@@ -1448,6 +1464,7 @@ fn takeover(sec: replay::Secondary, cfg: &SecondaryConfig, ds: Datastore) -> Res
         epoch,
         ..Default::default()
     }));
+    status.lock().unwrap().takeover_us = Some((detected_us, arbitrated_us, now_us()));
     let mut p = Primary::new(
         FtConfig::after_takeover(cfg),
         runtime()?,

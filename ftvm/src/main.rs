@@ -3,6 +3,7 @@
 //!
 //! Exit status: a guest run exits with the guest's own exit code; an ftvm error prints one
 //! `ftvm: error: …` line (with its causes) and exits 1; a usage error exits 2.
+mod cluster;
 mod ctl;
 mod datastore;
 mod ft;
@@ -65,6 +66,127 @@ enum Cmd {
     Ctl(CtlArgs),
     /// List the built-in test guests.
     Guests,
+    /// Run the failover coordinator: cluster state, placement under the FT limits, respawn.
+    Coordinator(CoordinatorArgs),
+    /// Run a host agent: starts and stops this host's VMM processes for the coordinator.
+    HostAgent(HostAgentArgs),
+    /// Create, start, stop and list VMs (through the coordinator).
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// vSphere's FT operations on a VM (through the coordinator).
+    Ft(FtArgs),
+    /// Protection state, hosts, epoch, lag, last failover (through the coordinator).
+    Status(StatusArgs),
+    /// The embedded default: a coordinator and three host agents on this machine, an
+    /// FT-protected counter VM, Test Failover and Test Restart Secondary with timelines.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct CoordinatorOpt {
+    /// The coordinator's address.
+    #[arg(long, value_name = "ADDR", env = "FTVM_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
+    coordinator: String,
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// Cluster state and every VM's datastore (DIR/vms/NAME), shared with the hosts.
+    #[arg(long, value_name = "DIR", default_value = "ftvm-cluster")]
+    dir: PathBuf,
+    #[arg(long, value_name = "ADDR", default_value = cluster::DEFAULT_COORDINATOR)]
+    listen: std::net::SocketAddr,
+    /// At most this many secondaries per host (vSphere's default is 4).
+    #[arg(
+        long = "max-secondaries-per-host",
+        value_name = "N",
+        default_value_t = 4
+    )]
+    max_secondaries: usize,
+    /// A host with no heartbeat for this long is down.
+    #[arg(long = "host-timeout-ms", value_name = "MS", default_value_t = 1000)]
+    host_timeout_ms: u64,
+    /// Secondaries' FT ports start here.
+    #[arg(long = "ft-port-base", value_name = "PORT", default_value_t = 47000)]
+    ft_port_base: u16,
+}
+
+#[derive(Args)]
+struct HostAgentArgs {
+    /// This host's name in the cluster.
+    #[arg(long, value_name = "H")]
+    name: String,
+    /// This host's address for FT links.
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    ip: String,
+    #[command(flatten)]
+    coord: CoordinatorOpt,
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Define a VM (`--ft` to protect it from the start).
+    Create {
+        name: String,
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Turn FT on (at most 8 vCPUs).
+        #[arg(long)]
+        ft: bool,
+        #[command(flatten)]
+        coord: CoordinatorOpt,
+    },
+    Start {
+        name: String,
+        #[command(flatten)]
+        coord: CoordinatorOpt,
+    },
+    Stop {
+        name: String,
+        #[command(flatten)]
+        coord: CoordinatorOpt,
+    },
+    List {
+        #[command(flatten)]
+        coord: CoordinatorOpt,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FtOp {
+    On,
+    Off,
+    Suspend,
+    Resume,
+    TestFailover,
+    TestRestartSecondary,
+    MigrateSecondary,
+}
+
+#[derive(Args)]
+struct FtArgs {
+    #[arg(value_enum)]
+    op: FtOp,
+    name: String,
+    /// For migrate-secondary: the host to move the secondary to.
+    #[arg(long, value_name = "HOST", required_if_eq("op", "migrate-secondary"))]
+    to: Option<String>,
+    #[command(flatten)]
+    coord: CoordinatorOpt,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    name: Option<String>,
+    #[command(flatten)]
+    coord: CoordinatorOpt,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where the demo keeps its state and logs (default: a fresh temporary directory).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -276,6 +398,72 @@ fn run(a: RunArgs) -> Result<u8> {
     Ok(vm.finish(ev)?)
 }
 
+fn run_vm(c: VmCmd) -> Result<u8> {
+    use cluster::proto::Request;
+    let (addr, req) = match c {
+        VmCmd::Create {
+            name,
+            guest,
+            ft,
+            coord,
+        } => {
+            if guest.initrd.is_some() {
+                bail!("--initrd is not supported for cluster VMs yet");
+            }
+            (
+                coord.coordinator,
+                Request::VmCreate {
+                    name,
+                    guest: guest.guest,
+                    kernel: guest.kernel.map(|k| k.display().to_string()),
+                    cmdline: guest.cmdline,
+                    vcpus: guest.vcpus.min(255) as u8,
+                    mem_mib: guest.mem_mib,
+                    ft,
+                },
+            )
+        }
+        VmCmd::Start { name, coord } => (coord.coordinator, Request::VmStart { name }),
+        VmCmd::Stop { name, coord } => (coord.coordinator, Request::VmStop { name }),
+        VmCmd::List { coord } => (coord.coordinator, Request::VmList),
+    };
+    println!("{}", cluster::ops::call(&addr, &req)?);
+    Ok(0)
+}
+
+fn run_ft(a: FtArgs) -> Result<u8> {
+    use cluster::proto::{FtAction, Request};
+    let addr = a.coord.coordinator;
+    let action = match a.op {
+        FtOp::TestFailover => {
+            println!("{}", cluster::ops::test_failover(&addr, &a.name)?);
+            return Ok(0);
+        }
+        FtOp::TestRestartSecondary => {
+            println!("{}", cluster::ops::test_restart_secondary(&addr, &a.name)?);
+            return Ok(0);
+        }
+        FtOp::On => FtAction::On,
+        FtOp::Off => FtAction::Off,
+        FtOp::Suspend => FtAction::Suspend,
+        FtOp::Resume => FtAction::Resume,
+        FtOp::MigrateSecondary => FtAction::MigrateSecondary {
+            to: a.to.unwrap_or_default(),
+        },
+    };
+    println!(
+        "{}",
+        cluster::ops::call(
+            &addr,
+            &Request::Ft {
+                name: a.name,
+                action
+            }
+        )?
+    );
+    Ok(0)
+}
+
 fn run_ctl(a: CtlArgs) -> Result<u8> {
     match a.command {
         CtlCommand::Status => {
@@ -433,6 +621,33 @@ fn main() {
             detect: a.detect.get(),
         }),
         Cmd::Ctl(a) => run_ctl(a),
+        Cmd::Coordinator(a) => cluster::coordinator::run(cluster::coordinator::Config {
+            dir: a.dir,
+            listen: a.listen,
+            limits: coordinator::Limits {
+                max_secondaries_per_host: a.max_secondaries,
+                ..Default::default()
+            },
+            host_timeout: Duration::from_millis(a.host_timeout_ms),
+            ft_port_base: a.ft_port_base,
+        }),
+        Cmd::HostAgent(a) => cluster::agent::run(cluster::agent::Config {
+            name: a.name,
+            ip: a.ip,
+            coordinator: a.coord.coordinator,
+            interval: Duration::from_millis(100),
+        }),
+        Cmd::Vm(c) => run_vm(c),
+        Cmd::Ft(a) => run_ft(a),
+        Cmd::Status(a) => cluster::ops::call(
+            &a.coord.coordinator,
+            &cluster::proto::Request::Status { name: a.name },
+        )
+        .map(|text| {
+            println!("{text}");
+            0
+        }),
+        Cmd::Demo(a) => cluster::demo::run(a.dir),
         Cmd::Guests => {
             for g in guests::ALL {
                 println!("{:<10} {}", g.name, g.summary);

@@ -1,0 +1,263 @@
+//! Where cluster state lives: keys with versioned values and an atomic test-and-set.
+//!
+//! [`FileStore`] is the embedded default (nothing to install): one file per key in a
+//! directory, every write under an exclusive `flock` of the directory's lock file, values
+//! replaced by write-to-temporary + `rename`, so readers never see a torn value and
+//! [`Store::cas`] is atomic across processes on the host (and on a shared filesystem with
+//! working locks). Keys are restricted to `[A-Za-z0-9._/-]`, no `..`, at most 200 bytes.
+use std::fs;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid store key {0:?}")]
+    Key(String),
+    #[error("store {path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("store value of {0:?} is corrupt")]
+    Corrupt(String),
+}
+
+/// A value and its version (versions start at 1 and grow by one per write; 0 = absent).
+pub type Versioned = (Vec<u8>, u64);
+
+pub trait Store: Send + Sync {
+    fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
+    /// Writes `value` only if the key's current version is `expected` (0: the key must be
+    /// absent). Returns the new version, or `None` if someone else wrote first.
+    fn cas(&self, key: &str, expected: u64, value: &[u8]) -> Result<Option<u64>, StoreError>;
+    /// Writes unconditionally; returns the new version.
+    fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError>;
+    fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Keys under `prefix` (as given to `put`), sorted.
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+}
+
+fn check_key(key: &str) -> Result<(), StoreError> {
+    let ok = !key.is_empty()
+        && key.len() <= 200
+        && !key.starts_with('/')
+        && !key
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Key(key.to_string()))
+    }
+}
+
+/// The embedded store (see the module docs).
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+/// On disk: `VERSION\n` then the value.
+fn decode(key: &str, raw: &[u8]) -> Result<Versioned, StoreError> {
+    let nl = raw
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or_else(|| StoreError::Corrupt(key.into()))?;
+    let v = std::str::from_utf8(&raw[..nl])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| StoreError::Corrupt(key.into()))?;
+    Ok((raw[nl + 1..].to_vec(), v))
+}
+
+impl FileStore {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let io = |err| StoreError::Io {
+            path: dir.into(),
+            err,
+        };
+        fs::create_dir_all(dir.join("data")).map_err(io)?;
+        Ok(FileStore { dir: dir.into() })
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join("data").join(key)
+    }
+
+    fn io(&self, path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+        let path = path.to_path_buf();
+        move |err| StoreError::Io {
+            path: path.clone(),
+            err,
+        }
+    }
+
+    /// Runs `f` with the store locked against every other writer.
+    fn locked<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let lp = self.dir.join("lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lp)
+            .map_err(self.io(&lp))?;
+        // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(self.io(&lp)(std::io::Error::last_os_error()));
+        }
+        f()
+    }
+
+    fn read(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let p = self.path(key);
+        match fs::read(&p) {
+            Ok(raw) => decode(key, &raw).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(&p)(e)),
+        }
+    }
+
+    fn write(&self, key: &str, version: u64, value: &[u8]) -> Result<(), StoreError> {
+        let p = self.path(key);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).map_err(self.io(parent))?;
+        }
+        let tmp = p.with_extension("tmp~");
+        let mut f = fs::File::create(&tmp).map_err(self.io(&tmp))?;
+        f.write_all(format!("{version}\n").as_bytes())
+            .and_then(|_| f.write_all(value))
+            .and_then(|_| f.sync_all())
+            .map_err(self.io(&tmp))?;
+        fs::rename(&tmp, &p).map_err(self.io(&p))
+    }
+}
+
+impl Store for FileStore {
+    fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        check_key(key)?;
+        self.read(key)
+    }
+
+    fn cas(&self, key: &str, expected: u64, value: &[u8]) -> Result<Option<u64>, StoreError> {
+        check_key(key)?;
+        self.locked(|| {
+            let current = self.read(key)?.map_or(0, |(_, v)| v);
+            if current != expected {
+                return Ok(None);
+            }
+            self.write(key, current + 1, value)?;
+            Ok(Some(current + 1))
+        })
+    }
+
+    fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError> {
+        check_key(key)?;
+        self.locked(|| {
+            let v = self.read(key)?.map_or(0, |(_, v)| v) + 1;
+            self.write(key, v, value)?;
+            Ok(v)
+        })
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        check_key(key)?;
+        self.locked(|| {
+            let p = self.path(key);
+            match fs::remove_file(&p) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(self.io(&p)(e)),
+            }
+        })
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let root = self.dir.join("data");
+        let mut out = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(d) = stack.pop() {
+            let entries = match fs::read_dir(&d) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io(&d)(e)),
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Ok(rel) = p.strip_prefix(&root) {
+                    let k = rel.to_string_lossy().to_string();
+                    if !k.ends_with("tmp~") && k.starts_with(prefix) && check_key(&k).is_ok() {
+                        out.push(k);
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn store(tag: &str) -> FileStore {
+        let d = std::env::temp_dir().join(format!("ftvm-store-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        FileStore::open(&d).unwrap()
+    }
+
+    #[test]
+    fn versions_cas_list_delete() {
+        let s = store("basic");
+        assert_eq!(s.get("vms/a").unwrap(), None);
+        assert_eq!(s.cas("vms/a", 0, b"one").unwrap(), Some(1));
+        assert_eq!(s.cas("vms/a", 0, b"two").unwrap(), None, "must be absent");
+        assert_eq!(s.cas("vms/a", 1, b"two").unwrap(), Some(2));
+        assert_eq!(s.get("vms/a").unwrap(), Some((b"two".to_vec(), 2)));
+        assert_eq!(s.put("hosts/h1", b"x").unwrap(), 1);
+        assert_eq!(s.list("vms/").unwrap(), vec!["vms/a".to_string()]);
+        assert_eq!(s.list("").unwrap().len(), 2);
+        s.delete("vms/a").unwrap();
+        assert_eq!(s.get("vms/a").unwrap(), None);
+        for bad in ["", "/etc/passwd", "a/../b", "a//b", "a b", "x\n"] {
+            assert!(matches!(s.get(bad), Err(StoreError::Key(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn concurrent_cas_from_many_threads_has_one_winner_per_version() {
+        let s = Arc::new(store("race"));
+        for round in 0..10u64 {
+            let wins: usize = (0..8)
+                .map(|i| {
+                    let s = s.clone();
+                    std::thread::spawn(move || {
+                        s.cas("lock", round, format!("{i}").as_bytes())
+                            .unwrap()
+                            .is_some() as usize
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .sum();
+            assert_eq!(wins, 1);
+        }
+    }
+
+    proptest::proptest! {
+        /// Arbitrary keys are either refused or stay inside the store's directory.
+        #[test]
+        fn keys_never_escape(key in "[a-z./ -]{0,12}") {
+            let s = store("prop");
+            if s.put(&key, b"v").is_ok() {
+                let p = s.path(&key);
+                proptest::prop_assert!(p.starts_with(s.dir.join("data")));
+                proptest::prop_assert!(!key.contains(".."));
+            }
+        }
+    }
+}

@@ -1,0 +1,756 @@
+//! `ftvm coordinator`: holds the cluster state, places primaries and secondaries under the
+//! limits, tells host agents what to run, notices failovers and dead secondaries and restores
+//! protection (see the module docs of [`super`]).
+use super::now_ms;
+use super::proto::{self, Assignment, FtAction, ProcReport, Reply, Request};
+use crate::ctl;
+use anyhow::{bail, Context, Result};
+use coordinator::model::{Cluster, Failover, FtState, Host, Placement, Vm};
+use coordinator::placement::{self, Limits};
+use coordinator::{FileStore, Store};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Settings of `ftvm coordinator`.
+pub struct Config {
+    /// State (the store) and every VM's datastore (`DIR/vms/NAME`), shared with the hosts.
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    pub limits: Limits,
+    /// A host whose agent has not sent a heartbeat for this long is down.
+    pub host_timeout: Duration,
+    /// Secondaries listen on ports from here up.
+    pub ft_port_base: u16,
+}
+
+struct Coord {
+    cfg: Config,
+    store: FileStore,
+    cluster: Mutex<Cluster>,
+    /// Latest report of every process, by placement id: (host, report).
+    reports: Mutex<HashMap<u64, (String, ProcReport)>>,
+    /// When a test failover was asked for, by VM.
+    failing: Mutex<HashMap<String, u64>>,
+}
+
+const STATE_KEY: &str = "cluster";
+
+/// Runs the coordinator until killed.
+pub fn run(cfg: Config) -> Result<u8> {
+    let store = FileStore::open(&cfg.dir.join("store"))?;
+    let cluster = match store.get(STATE_KEY)? {
+        Some((raw, _)) => serde_json::from_slice(&raw).context("the stored cluster state")?,
+        None => Cluster::default(),
+    };
+    let listener = TcpListener::bind(cfg.listen)
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    eprintln!(
+        "ftvm coordinator: listening on {}, state in {}",
+        listener.local_addr()?,
+        cfg.dir.display()
+    );
+    let c = Arc::new(Coord {
+        cfg,
+        store,
+        cluster: Mutex::new(cluster),
+        reports: Mutex::new(HashMap::new()),
+        failing: Mutex::new(HashMap::new()),
+    });
+    let c2 = c.clone();
+    std::thread::Builder::new()
+        .name("reconcile".into())
+        .spawn(move || loop {
+            if let Err(e) = c2.reconcile() {
+                eprintln!("ftvm coordinator: {e:#}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        })?;
+    for conn in listener.incoming().flatten() {
+        let c = c.clone();
+        std::thread::spawn(move || c.serve(conn));
+    }
+    Ok(0)
+}
+
+fn valid_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 32
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        bail!("invalid name {name:?}: use 1-32 of a-z, 0-9 and -");
+    }
+    Ok(())
+}
+
+/// A field `key=value` of a control-socket status line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+impl Coord {
+    fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.cfg.dir.join("vms").join(vm)
+    }
+
+    fn save(&self, cluster: &Cluster) -> Result<()> {
+        self.store.put(STATE_KEY, &serde_json::to_vec(cluster)?)?;
+        Ok(())
+    }
+
+    fn serve(&self, conn: TcpStream) {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let reply = match proto::read_line(&conn).and_then(|l| {
+            serde_json::from_slice::<Request>(&l).context("not a coordinator request")
+        }) {
+            Ok(req) => self.handle(req).unwrap_or_else(|e| Reply::Error {
+                text: format!("{e:#}"),
+            }),
+            Err(e) => Reply::Error {
+                text: format!("{e:#}"),
+            },
+        };
+        let mut w = &conn;
+        if let Ok(mut line) = serde_json::to_vec(&reply) {
+            line.push(b'\n');
+            let _ = w.write_all(&line);
+        }
+    }
+
+    fn ok(text: impl Into<String>) -> Result<Reply> {
+        Ok(Reply::Ok { text: text.into() })
+    }
+
+    fn handle(&self, req: Request) -> Result<Reply> {
+        match req {
+            Request::Heartbeat { host, ip, report } => self.heartbeat(host, ip, report),
+            Request::VmCreate {
+                name,
+                guest,
+                kernel,
+                cmdline,
+                vcpus,
+                mem_mib,
+                ft,
+            } => {
+                valid_name(&name)?;
+                if guest.is_some() == kernel.is_some() {
+                    bail!("give exactly one of --guest and --kernel");
+                }
+                if let Some(g) = &guest {
+                    if guests::by_name(g).is_none() {
+                        bail!("unknown guest {g:?} (see `ftvm guests`)");
+                    }
+                }
+                if ft {
+                    placement::check_ft_vcpus(vcpus, &self.cfg.limits)?;
+                }
+                vmm::check_vcpus(u32::from(vcpus))?;
+                if mem_mib < 16 {
+                    bail!("--mem-mib must be at least 16");
+                }
+                let mut c = self.cluster.lock().unwrap();
+                if c.vms.contains_key(&name) {
+                    bail!("a VM named {name} exists");
+                }
+                c.vms.insert(
+                    name.clone(),
+                    Vm {
+                        name: name.clone(),
+                        guest,
+                        kernel,
+                        cmdline,
+                        vcpus,
+                        mem_mib,
+                        running: false,
+                        ft: if ft { FtState::Starting } else { FtState::Off },
+                        primary: None,
+                        secondary: None,
+                        last_failover: None,
+                        ended: None,
+                    },
+                );
+                self.save(&c)?;
+                Self::ok(format!(
+                    "created VM {name} ({vcpus} vCPUs, {mem_mib} MiB{})",
+                    if ft { ", FT on" } else { "" }
+                ))
+            }
+            Request::VmStart { name } => {
+                let mut c = self.cluster.lock().unwrap();
+                let vm = c
+                    .vms
+                    .get_mut(&name)
+                    .context(format!("no VM named {name}"))?;
+                if vm.running {
+                    bail!("VM {name} is already running");
+                }
+                vm.running = true;
+                vm.ended = None;
+                self.save(&c)?;
+                Self::ok(format!("starting VM {name}"))
+            }
+            Request::VmStop { name } => {
+                let mut c = self.cluster.lock().unwrap();
+                let vm = c
+                    .vms
+                    .get_mut(&name)
+                    .context(format!("no VM named {name}"))?;
+                vm.running = false;
+                vm.primary = None;
+                vm.secondary = None;
+                self.save(&c)?;
+                Self::ok(format!("stopped VM {name}"))
+            }
+            Request::VmList => {
+                let c = self.cluster.lock().unwrap();
+                let text = c
+                    .vms
+                    .values()
+                    .map(|v| format!("{} {}", v.name, vm_state(v)))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                Self::ok(text)
+            }
+            Request::Ft { name, action } => self.ft(&name, action),
+            Request::Status { name } => self.status(name.as_deref()),
+        }
+    }
+
+    fn heartbeat(&self, host: String, ip: String, report: Vec<ProcReport>) -> Result<Reply> {
+        valid_name(&host)?;
+        let mut reports = self.reports.lock().unwrap();
+        // A process this host reported before and no longer does is gone (the agent was
+        // restarted and lost it): never start it again, treat it as dead.
+        let listed: Vec<u64> = report.iter().map(|r| r.id).collect();
+        for (id, (h, r)) in reports.iter_mut() {
+            if *h == host && !listed.contains(id) && r.running {
+                r.running = false;
+                r.exit = None;
+                r.status = None;
+            }
+        }
+        for r in report {
+            reports.insert(r.id, (host.clone(), r));
+        }
+        let mut c = self.cluster.lock().unwrap();
+        let known = c.hosts.contains_key(&host);
+        c.hosts.insert(
+            host.clone(),
+            Host {
+                name: host.clone(),
+                ip,
+                last_seen_ms: now_ms(),
+                alive: true,
+            },
+        );
+        if !known {
+            eprintln!("ftvm coordinator: host {host} registered");
+            self.save(&c)?;
+        }
+        let procs = c
+            .vms
+            .values()
+            .filter(|v| v.running)
+            .flat_map(|v| [&v.primary, &v.secondary].map(|p| (v, p.clone())))
+            .filter_map(|(v, p)| {
+                let p = p?;
+                (p.host == host).then(|| Assignment {
+                    id: p.id,
+                    vm: v.name.clone(),
+                    argv: self.argv(&c, v, &p),
+                    datastore: self.vm_dir(&v.name).display().to_string(),
+                    start: !reports.contains_key(&p.id),
+                })
+            })
+            .collect();
+        Ok(Reply::Assignments { procs })
+    }
+
+    /// The `ftvm` arguments of a placement: the secondary if it has a port, else the primary
+    /// (or a plain `run` without FT).
+    fn argv(&self, c: &Cluster, v: &Vm, p: &Placement) -> Vec<String> {
+        let dir = self.vm_dir(&v.name);
+        let ds = dir.display().to_string();
+        let console = dir.join("console.txt").display().to_string();
+        let ip = |h: &str| c.hosts.get(h).map_or("127.0.0.1".into(), |h| h.ip.clone());
+        if p.port != 0 {
+            return vec![
+                "secondary".into(),
+                "--listen".into(),
+                format!("{}:{}", ip(&p.host), p.port),
+                "--datastore".into(),
+                ds,
+                "--serial-out".into(),
+                console,
+            ];
+        }
+        let mut a: Vec<String> = Vec::new();
+        let peer = v
+            .secondary
+            .as_ref()
+            .map(|s| format!("{}:{}", ip(&s.host), s.port));
+        a.push(if peer.is_some() { "primary" } else { "run" }.into());
+        match (&v.guest, &v.kernel) {
+            (Some(g), _) => a.extend(["--guest".into(), g.clone()]),
+            (_, Some(k)) => a.extend(["--kernel".into(), k.clone()]),
+            _ => {}
+        }
+        a.extend([
+            "--cmdline".into(),
+            v.cmdline.clone(),
+            "--vcpus".into(),
+            v.vcpus.to_string(),
+            "--mem-mib".into(),
+            v.mem_mib.to_string(),
+            "--serial-out".into(),
+            console,
+        ]);
+        if let Some(peer) = peer {
+            a.extend(["--peer".into(), peer, "--datastore".into(), ds]);
+        }
+        a
+    }
+
+    fn new_placement(&self, c: &mut Cluster, host: String, secondary: bool) -> Placement {
+        let id = c.new_id();
+        Placement {
+            host,
+            id,
+            port: if secondary {
+                self.cfg.ft_port_base + (id % 20_000) as u16
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Tells a primary reconnecting for a new secondary where it listens.
+    fn publish_peer(&self, c: &Cluster, vm: &str, s: &Placement) -> Result<()> {
+        let ip = c.hosts.get(&s.host).map_or("127.0.0.1", |h| h.ip.as_str());
+        let dir = self.vm_dir(vm);
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join("peer.tmp");
+        std::fs::write(&tmp, format!("{ip}:{}", s.port))?;
+        std::fs::rename(&tmp, dir.join("peer"))?;
+        Ok(())
+    }
+
+    /// One pass: host liveness, what the processes report, placement and respawn.
+    fn reconcile(&self) -> Result<()> {
+        let now = now_ms();
+        let reports = self.reports.lock().unwrap().clone();
+        let mut c = self.cluster.lock().unwrap();
+        let before = c.clone();
+        let timeout = self.cfg.host_timeout.as_millis() as u64;
+        for h in c.hosts.values_mut() {
+            let alive = now.saturating_sub(h.last_seen_ms) <= timeout;
+            if h.alive && !alive {
+                eprintln!(
+                    "ftvm coordinator: host {} is down (no heartbeat for {timeout} ms)",
+                    h.name
+                );
+            }
+            h.alive = alive;
+        }
+        let names: Vec<String> = c.vms.keys().cloned().collect();
+        for name in names {
+            self.reconcile_vm(&mut c, &name, &reports, now)?;
+        }
+        if *c != before {
+            self.save(&c)?;
+        }
+        Ok(())
+    }
+
+    fn reconcile_vm(
+        &self,
+        c: &mut Cluster,
+        name: &str,
+        reports: &HashMap<u64, (String, ProcReport)>,
+        now: u64,
+    ) -> Result<()> {
+        let vm = c.vms[name].clone();
+        if !vm.running {
+            return Ok(());
+        }
+        let alive_host = |h: &str| c.hosts.get(h).is_some_and(|h| h.alive);
+        let report =
+            |p: &Option<Placement>| p.as_ref().and_then(|p| reports.get(&p.id)).map(|r| &r.1);
+        let gone = |p: &Option<Placement>| {
+            p.as_ref()
+                .is_some_and(|pl| !alive_host(&pl.host) || report(p).is_some_and(|r| !r.running))
+        };
+        let mut vm2 = vm.clone();
+        // A secondary that took over reports itself as the primary.
+        let took_over = report(&vm.secondary)
+            .and_then(|r| r.status.as_deref())
+            .is_some_and(|s| s.starts_with("role=primary"));
+        if took_over {
+            let s = vm.secondary.clone().unwrap();
+            let status = report(&vm.secondary)
+                .and_then(|r| r.status.clone())
+                .unwrap_or_default();
+            let at = self
+                .failing
+                .lock()
+                .unwrap()
+                .remove(name)
+                .or_else(|| {
+                    field(&status, "detected_us")
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .map(|us| us / 1000)
+                })
+                .unwrap_or(now);
+            let live = field(&status, "live_us")
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(now, |us| us / 1000);
+            let from = vm.primary.as_ref().map_or("?".into(), |p| p.host.clone());
+            eprintln!(
+                "ftvm coordinator: VM {name} failed over from {from} to {}",
+                s.host
+            );
+            vm2.last_failover = Some(Failover {
+                from,
+                to: s.host.clone(),
+                at_ms: at,
+                live_after_ms: live.saturating_sub(at),
+                protected_after_ms: None,
+            });
+            vm2.primary = Some(Placement { port: 0, ..s });
+            vm2.secondary = None;
+        } else if let Some(r) = report(&vm.primary).filter(|r| !r.running) {
+            match r.exit {
+                // The guest ended (or ftvm failed): the VM is over.
+                Some(code) if code != i32::from(crate::ft::HALTED) => {
+                    eprintln!("ftvm coordinator: VM {name} ended (exit {code})");
+                    vm2.ended = Some(code);
+                    vm2.running = false;
+                    vm2.primary = None;
+                    vm2.secondary = None;
+                }
+                // Killed or halted: the secondary takes over by itself (it reports it).
+                _ if vm.secondary.is_some() && !gone(&vm.secondary) => {}
+                _ => {
+                    eprintln!("ftvm coordinator: VM {name} lost its primary with no secondary to take over; it is down");
+                    vm2.running = false;
+                    vm2.primary = None;
+                    vm2.secondary = None;
+                    vm2.ft = FtState::NotProtected {
+                        why: "the primary was lost with no synced secondary; the VM is down".into(),
+                    };
+                }
+            }
+        } else if vm.primary.as_ref().is_some_and(|p| !alive_host(&p.host))
+            && (vm.secondary.is_none() || gone(&vm.secondary))
+        {
+            vm2.running = false;
+            vm2.primary = None;
+            vm2.secondary = None;
+            vm2.ft = FtState::NotProtected {
+                why: "the primary's host is down and no secondary could take over; the VM is down"
+                    .into(),
+            };
+        }
+        if !took_over && gone(&vm2.secondary) {
+            eprintln!("ftvm coordinator: VM {name} lost its secondary; placing a new one");
+            vm2.secondary = None;
+        }
+        c.vms.insert(name.to_string(), vm2.clone());
+        if !vm2.running {
+            return Ok(());
+        }
+        let wants_secondary = matches!(
+            vm2.ft,
+            FtState::Starting | FtState::Protected | FtState::NotProtected { .. }
+        );
+        if vm2.primary.is_none() {
+            // First start: the primary's host, then (with FT) the secondary's, elsewhere.
+            let host = match placement::place_primary(c, name) {
+                Ok(h) => h,
+                Err(e) => {
+                    c.vms.get_mut(name).unwrap().ft = FtState::NotProtected { why: e.to_string() };
+                    return Ok(());
+                }
+            };
+            let p = self.new_placement(c, host, false);
+            c.vms.get_mut(name).unwrap().primary = Some(p);
+            if wants_secondary {
+                match placement::place_secondary(c, name, &self.cfg.limits, &[]) {
+                    Ok(h) => {
+                        let s = self.new_placement(c, h, true);
+                        let vm = c.vms.get_mut(name).unwrap();
+                        vm.secondary = Some(s);
+                        vm.ft = FtState::Starting;
+                    }
+                    Err(e) => {
+                        // An FT VM does not start unprotected.
+                        let vm = c.vms.get_mut(name).unwrap();
+                        vm.primary = None;
+                        vm.ft = FtState::NotProtected {
+                            why: format!("{e}; the VM waits for a host"),
+                        };
+                    }
+                }
+            }
+            return Ok(());
+        }
+        if wants_secondary && vm2.secondary.is_none() {
+            match placement::place_secondary(c, name, &self.cfg.limits, &[]) {
+                Ok(h) => {
+                    let s = self.new_placement(c, h, true);
+                    self.publish_peer(c, name, &s)?;
+                    let vm = c.vms.get_mut(name).unwrap();
+                    vm.secondary = Some(s);
+                    vm.ft = FtState::Starting;
+                }
+                Err(e) => {
+                    c.vms.get_mut(name).unwrap().ft = FtState::NotProtected { why: e.to_string() };
+                }
+            }
+            return Ok(());
+        }
+        // Protected once the primary says so.
+        let primary_status = report(&vm2.primary)
+            .and_then(|r| r.status.clone())
+            .unwrap_or_default();
+        let vm = c.vms.get_mut(name).unwrap();
+        if vm.secondary.is_some() && matches!(vm.ft, FtState::Starting | FtState::Protected) {
+            if primary_status.contains("protected=true") {
+                if vm.ft != FtState::Protected {
+                    eprintln!("ftvm coordinator: VM {name} is protected");
+                }
+                vm.ft = FtState::Protected;
+                if let Some(f) = vm
+                    .last_failover
+                    .as_mut()
+                    .filter(|f| f.protected_after_ms.is_none())
+                {
+                    f.protected_after_ms = Some(now.saturating_sub(f.at_ms));
+                }
+            } else {
+                vm.ft = FtState::Starting;
+            }
+        }
+        Ok(())
+    }
+
+    /// The datastore of `vm` and its current placements (for FT operations).
+    fn vm(&self, name: &str) -> Result<Vm> {
+        self.cluster
+            .lock()
+            .unwrap()
+            .vms
+            .get(name)
+            .cloned()
+            .context(format!("no VM named {name}"))
+    }
+
+    fn set_ft(&self, name: &str, f: impl FnOnce(&mut Vm)) -> Result<()> {
+        let mut c = self.cluster.lock().unwrap();
+        if let Some(v) = c.vms.get_mut(name) {
+            f(v);
+        }
+        self.save(&c)
+    }
+
+    fn ft(&self, name: &str, action: FtAction) -> Result<Reply> {
+        let vm = self.vm(name)?;
+        let dir = self.vm_dir(name);
+        match action {
+            FtAction::On => {
+                placement::check_ft_vcpus(vm.vcpus, &self.cfg.limits)?;
+                if vm.ft_on() && vm.ft != FtState::Suspended {
+                    bail!("FT is already on for VM {name}");
+                }
+                if vm.running
+                    && vm.secondary.is_none()
+                    && vm.primary.is_some()
+                    && vm.ft == FtState::Off
+                {
+                    // A VM started without FT runs as a plain `ftvm run` process.
+                    let was_pair = std::fs::metadata(dir.join("ctl-primary.sock")).is_ok();
+                    if !was_pair {
+                        bail!("VM {name} runs without FT; stop it, turn FT on and start it again");
+                    }
+                }
+                // Refuse what cannot be placed now, naming the limit and the hosts.
+                let mut trial = self.cluster.lock().unwrap().clone();
+                if trial.vms[name].primary.is_none() {
+                    let h = placement::place_primary(&trial, name)?;
+                    let id = trial.new_id();
+                    trial.vms.get_mut(name).unwrap().primary = Some(Placement {
+                        host: h,
+                        id,
+                        port: 0,
+                    });
+                }
+                placement::place_secondary(&trial, name, &self.cfg.limits, &[])?;
+                self.set_ft(name, |v| v.ft = FtState::Starting)?;
+                Self::ok(format!("FT on for VM {name}: placing its secondary"))
+            }
+            FtAction::Off | FtAction::Suspend => {
+                let off = action == FtAction::Off;
+                if vm.secondary.is_some() {
+                    let req = if off {
+                        ctl::Request::FtOff
+                    } else {
+                        ctl::Request::Suspend
+                    };
+                    ctl::request(&dir, "primary", req)?;
+                }
+                self.set_ft(name, |v| {
+                    v.ft = if off {
+                        FtState::Off
+                    } else {
+                        FtState::Suspended
+                    };
+                    v.secondary = None;
+                })?;
+                Self::ok(format!(
+                    "FT {} for VM {name}",
+                    if off {
+                        "off (secondary and its configuration removed)"
+                    } else {
+                        "suspended (the VM runs unprotected)"
+                    }
+                ))
+            }
+            FtAction::Resume => {
+                if vm.ft != FtState::Suspended {
+                    bail!("FT is not suspended for VM {name}");
+                }
+                self.set_ft(name, |v| v.ft = FtState::Starting)?;
+                Self::ok(format!("FT resumed for VM {name}: placing its secondary"))
+            }
+            FtAction::TestFailover => {
+                if vm.ft != FtState::Protected {
+                    bail!(
+                        "VM {name} is not protected ({}); Test Failover needs a synced secondary",
+                        vm_state(&vm)
+                    );
+                }
+                self.failing.lock().unwrap().insert(name.into(), now_ms());
+                ctl::request(&dir, "primary", ctl::Request::TestFailover)?;
+                Self::ok(format!(
+                    "failed the primary of VM {name} on {}",
+                    vm.primary.as_ref().map_or("?", |p| p.host.as_str())
+                ))
+            }
+            FtAction::TestRestartSecondary => {
+                let s = vm
+                    .secondary
+                    .as_ref()
+                    .context(format!("VM {name} has no secondary"))?;
+                ctl::request(&dir, "secondary", ctl::Request::TestRestartSecondary)?;
+                Self::ok(format!("failed the secondary of VM {name} on {}", s.host))
+            }
+            FtAction::MigrateSecondary { to } => {
+                let s = vm
+                    .secondary
+                    .clone()
+                    .context(format!("VM {name} has no secondary"))?;
+                let mut c = self.cluster.lock().unwrap();
+                let others: Vec<String> = c.hosts.keys().filter(|h| **h != to).cloned().collect();
+                let avoid: Vec<&str> = others.iter().map(String::as_str).collect();
+                if !c.hosts.contains_key(&to) {
+                    bail!("no host named {to}");
+                }
+                let h = placement::place_secondary(&c, name, &self.cfg.limits, &avoid).map_err(
+                    |e| anyhow::anyhow!("cannot move the secondary of VM {name} to {to}: {e}"),
+                )?;
+                let n = self.new_placement(&mut c, h, true);
+                self.publish_peer(&c, name, &n)?;
+                let v = c.vms.get_mut(name).unwrap();
+                v.secondary = Some(n);
+                v.ft = FtState::Starting;
+                self.save(&c)?;
+                Self::ok(format!(
+                    "moving the secondary of VM {name} from {} to {to}",
+                    s.host
+                ))
+            }
+        }
+    }
+
+    fn status(&self, name: Option<&str>) -> Result<Reply> {
+        let c = self.cluster.lock().unwrap().clone();
+        let reports = self.reports.lock().unwrap().clone();
+        if let Some(n) = name {
+            if !c.vms.contains_key(n) {
+                bail!("no VM named {n}");
+            }
+        }
+        let mut text = String::new();
+        let mut vms = Vec::new();
+        for v in c.vms.values().filter(|v| name.is_none_or(|n| n == v.name)) {
+            let st = |p: &Option<Placement>| {
+                p.as_ref()
+                    .and_then(|p| reports.get(&p.id))
+                    .and_then(|r| r.1.status.clone())
+            };
+            let pst = st(&v.primary).unwrap_or_default();
+            text += &format!(
+                "VM {}: {} | primary {} | secondary {} | epoch {} lag {} | {} B/s{}\n",
+                v.name,
+                vm_state(v),
+                v.primary.as_ref().map_or("-", |p| p.host.as_str()),
+                v.secondary.as_ref().map_or("-", |p| p.host.as_str()),
+                field(&pst, "epoch").unwrap_or("-"),
+                field(&pst, "lag_epochs").unwrap_or("-"),
+                field(&pst, "bytes_per_sec").unwrap_or("-"),
+                v.last_failover.as_ref().map_or(String::new(), |f| format!(
+                    " | last failover {} -> {}: live after {} ms, protected after {}",
+                    f.from,
+                    f.to,
+                    f.live_after_ms,
+                    f.protected_after_ms
+                        .map_or("-".into(), |ms| format!("{ms} ms"))
+                )),
+            );
+            vms.push(serde_json::json!({
+                "vm": v,
+                "primary_status": st(&v.primary),
+                "secondary_status": st(&v.secondary),
+            }));
+        }
+        if name.is_none() {
+            for h in c.hosts.values() {
+                text += &format!(
+                    "host {}: {} | {} secondaries (limit {}) | {} FT vCPUs\n",
+                    h.name,
+                    if h.alive { "up" } else { "DOWN" },
+                    c.secondaries_on(&h.name),
+                    self.cfg.limits.max_secondaries_per_host,
+                    c.ft_vcpus_on(&h.name)
+                );
+            }
+        }
+        Ok(Reply::Status {
+            json: serde_json::json!({ "vms": vms, "hosts": c.hosts }),
+            text: text.trim_end().to_string(),
+        })
+    }
+}
+
+/// One word (and why) for a VM's state.
+pub fn vm_state(v: &Vm) -> String {
+    if let Some(code) = v.ended {
+        return format!("ended (exit {code})");
+    }
+    let run = if v.running { "running" } else { "stopped" };
+    let ft = match &v.ft {
+        FtState::Off => "FT off".to_string(),
+        FtState::Starting => "FT on, starting (not protected yet)".to_string(),
+        FtState::Protected => "protected".to_string(),
+        FtState::NotProtected { why } => format!("not protected: {why}"),
+        FtState::Suspended => "FT suspended (not protected)".to_string(),
+    };
+    format!("{run}, {ft}")
+}

@@ -1,0 +1,134 @@
+//! The operations CLI: `ftvm vm …`, `ftvm ft …`, `ftvm status`, each one request to the
+//! coordinator. Test Failover and Test Restart Secondary also wait for the outcome and print
+//! a timeline.
+use super::coordinator::field;
+use super::proto::{self, FtAction, Reply, Request};
+use anyhow::{bail, Result};
+use std::time::{Duration, Instant};
+
+/// Sends `req`; prints the reply; an error reply is an error.
+pub fn call(addr: &str, req: &Request) -> Result<String> {
+    match proto::call(addr, req)? {
+        Reply::Ok { text } | Reply::Status { text, .. } => Ok(text),
+        Reply::Error { text } => bail!("{text}"),
+        Reply::Assignments { .. } => bail!("unexpected reply"),
+    }
+}
+
+/// The status JSON of one VM.
+fn vm_status(addr: &str, name: &str) -> Result<serde_json::Value> {
+    match proto::call(
+        addr,
+        &Request::Status {
+            name: Some(name.into()),
+        },
+    )? {
+        Reply::Status { json, .. } => Ok(json["vms"][0].clone()),
+        Reply::Error { text } => bail!("{text}"),
+        _ => bail!("unexpected reply"),
+    }
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// Polls the VM's status until `done` says so (returns the status) or `secs` pass.
+fn wait_for(
+    addr: &str,
+    name: &str,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let t = Instant::now();
+    loop {
+        let st = vm_status(addr, name)?;
+        if done(&st) {
+            return Ok(st);
+        }
+        if t.elapsed() > Duration::from_secs(secs) {
+            bail!("{what} did not happen within {secs} s; status: {}", st);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn state(st: &serde_json::Value) -> &str {
+    st["vm"]["ft"]["state"].as_str().unwrap_or("")
+}
+
+fn host(st: &serde_json::Value, role: &str) -> String {
+    st["vm"][role]["host"].as_str().unwrap_or("-").to_string()
+}
+
+/// Waits until the VM is protected (after `ft on`, `vm start`, a failover …).
+pub fn wait_protected(addr: &str, name: &str, secs: u64) -> Result<serde_json::Value> {
+    wait_for(addr, name, secs, "protection", |s| state(s) == "protected")
+}
+
+/// `ftvm ft test-failover NAME`: fail the primary, then print when the secondary detected
+/// it, won the arbitration, went live, and when protection was back.
+pub fn test_failover(addr: &str, name: &str) -> Result<String> {
+    let before = wait_protected(addr, name, 5)?;
+    let (old_p, old_s) = (host(&before, "primary"), host(&before, "secondary"));
+    let t0 = now_us();
+    let reply = call(
+        addr,
+        &Request::Ft {
+            name: name.into(),
+            action: FtAction::TestFailover,
+        },
+    )?;
+    let ms = |us: u64| us.saturating_sub(t0) as f64 / 1000.0;
+    let live = wait_for(addr, name, 30, "the takeover", |s| {
+        host(s, "primary") == old_s
+    })?;
+    let status = live["primary_status"].as_str().unwrap_or("").to_string();
+    let stamp = |k: &str| field(&status, k).and_then(|v| v.parse::<u64>().ok());
+    let mut out = format!("{reply}\n");
+    if let (Some(d), Some(a), Some(l)) = (
+        stamp("detected_us"),
+        stamp("arbitrated_us"),
+        stamp("live_us"),
+    ) {
+        out += &format!(
+            "  +{:7.1} ms  {old_s} detected the primary's loss (FT-link and datastore heartbeats)\n  +{:7.1} ms  {old_s} won the arbitration\n  +{:7.1} ms  {old_s} is live: the guest runs on from the last committed epoch\n",
+            ms(d), ms(a), ms(l)
+        );
+    } else {
+        out += &format!("  +{:7.1} ms  {old_s} is live\n", ms(now_us()));
+    }
+    let prot = wait_protected(addr, name, 60)?;
+    out += &format!(
+        "  +{:7.1} ms  re-protected: new secondary on {} synced (old primary host {old_p})",
+        ms(now_us()),
+        host(&prot, "secondary")
+    );
+    Ok(out)
+}
+
+/// `ftvm ft test-restart-secondary NAME`: fail the secondary, print when a new one is synced.
+pub fn test_restart_secondary(addr: &str, name: &str) -> Result<String> {
+    let before = wait_protected(addr, name, 5)?;
+    let old = before["vm"]["secondary"]["id"].as_u64();
+    let t0 = Instant::now();
+    let reply = call(
+        addr,
+        &Request::Ft {
+            name: name.into(),
+            action: FtAction::TestRestartSecondary,
+        },
+    )?;
+    let prot = wait_for(addr, name, 60, "re-protection", |s| {
+        state(s) == "protected" && s["vm"]["secondary"]["id"].as_u64() != old
+    })?;
+    Ok(format!(
+        "{reply}\n  +{:7.1} ms  re-protected: new secondary on {} synced",
+        t0.elapsed().as_secs_f64() * 1000.0,
+        host(&prot, "secondary")
+    ))
+}

@@ -1,0 +1,155 @@
+//! The coordinator's wire protocol: one JSON request per line over TCP, one JSON reply line.
+//! Requests are at most [`MAX_LINE`] bytes; anything else is refused with an error reply.
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+pub const MAX_LINE: usize = 256 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// A host agent's heartbeat: who it is and what its processes are doing.
+    Heartbeat {
+        host: String,
+        ip: String,
+        report: Vec<ProcReport>,
+    },
+    VmCreate {
+        name: String,
+        guest: Option<String>,
+        kernel: Option<String>,
+        cmdline: String,
+        vcpus: u8,
+        mem_mib: u64,
+        ft: bool,
+    },
+    VmStart {
+        name: String,
+    },
+    VmStop {
+        name: String,
+    },
+    VmList,
+    Ft {
+        name: String,
+        action: FtAction,
+    },
+    Status {
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FtAction {
+    On,
+    Off,
+    Suspend,
+    Resume,
+    TestFailover,
+    TestRestartSecondary,
+    MigrateSecondary { to: String },
+}
+
+/// One process a host agent runs, as it reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcReport {
+    pub id: u64,
+    pub vm: String,
+    pub running: bool,
+    /// Exit code; `None` while running or if a signal ended it.
+    pub exit: Option<i32>,
+    /// The process's control-socket status line, if it answered.
+    pub status: Option<String>,
+}
+
+/// A process the coordinator wants on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub id: u64,
+    pub vm: String,
+    /// Arguments to the `ftvm` binary.
+    pub argv: Vec<String>,
+    /// The VM's datastore directory (control sockets, logs).
+    pub datastore: String,
+    /// Start it (the coordinator has never seen it reported). A process once reported and
+    /// then lost is never started again under the same id.
+    pub start: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    Ok {
+        text: String,
+    },
+    Error {
+        text: String,
+    },
+    Assignments {
+        procs: Vec<Assignment>,
+    },
+    Status {
+        json: serde_json::Value,
+        text: String,
+    },
+}
+
+/// Reads one request line (bounded) from `r`.
+pub fn read_line(r: impl Read) -> Result<Vec<u8>> {
+    let mut line = Vec::new();
+    BufReader::new(r.take(MAX_LINE as u64 + 1)).read_until(b'\n', &mut line)?;
+    if line.len() > MAX_LINE {
+        bail!("request longer than {MAX_LINE} bytes");
+    }
+    Ok(line)
+}
+
+/// Sends `req` to the coordinator at `addr` and returns its reply.
+pub fn call(addr: &str, req: &Request) -> Result<Reply> {
+    let sa = addr
+        .parse()
+        .with_context(|| format!("coordinator address {addr:?}"))?;
+    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(2)).with_context(|| {
+        format!("no coordinator answers at {addr} (is `ftvm coordinator` running?)")
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let reply = read_line(&s)?;
+    if reply.is_empty() {
+        return Err(anyhow!(
+            "the coordinator closed the connection without answering"
+        ));
+    }
+    serde_json::from_slice(&reply).context("the coordinator's reply")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_garbage_is_an_error_not_a_panic() {
+        let r = Request::Ft {
+            name: "web".into(),
+            action: FtAction::MigrateSecondary { to: "h3".into() },
+        };
+        let j = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
+        let mut x: u64 = 0x243f_6a88_85a3_08d3;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 200) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8).collect();
+            let _ = serde_json::from_slice::<Request>(&bytes);
+        }
+        assert!(serde_json::from_str::<Request>(r#"{"op":"vm-create","name":1}"#).is_err());
+    }
+}

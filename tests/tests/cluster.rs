@@ -1,0 +1,324 @@
+//! The failover coordinator end to end: a real `ftvm coordinator` and `ftvm host-agent`
+//! processes (hosts on loopback sharing one datastore directory), real FT pairs under them.
+use ftvm_tests::{ftvm_bin, require_kvm, TempDir};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The cluster tests each run several VMMs: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Cluster {
+    dir: TempDir,
+    addr: String,
+    coordinator: Child,
+    agents: Vec<(String, Child)>,
+}
+
+impl Cluster {
+    fn start(tag: &str, hosts: &[&str], extra: &[&str]) -> Cluster {
+        let dir = TempDir::new(tag);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let d = dir.path("cluster");
+        let coordinator = Command::new(ftvm_bin())
+            .args(["coordinator", "--listen", &addr, "--dir"])
+            .arg(&d)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path("coordinator.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut c = Cluster {
+            dir,
+            addr,
+            coordinator,
+            agents: vec![],
+        };
+        for h in hosts {
+            c.add_host(h);
+        }
+        c.wait(10, "all hosts up", |s| {
+            s.matches(": up").count() == hosts.len()
+        });
+        c
+    }
+
+    fn add_host(&mut self, h: &str) {
+        let agent = Command::new(ftvm_bin())
+            .args(["host-agent", "--name", h, "--coordinator", &self.addr])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path(&format!("agent-{h}.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        self.agents.push((h.to_string(), agent));
+    }
+
+    fn ftvm(&self, args: &[&str]) -> Output {
+        Command::new(ftvm_bin())
+            .args(args)
+            .env("FTVM_COORDINATOR", &self.addr)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.ftvm(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(o.status.code(), Some(0), "ftvm {args:?}: {text}");
+        text
+    }
+
+    fn refused(&self, args: &[&str]) -> String {
+        let o = self.ftvm(args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "ftvm {args:?} must fail: {err}");
+        assert!(err.starts_with("ftvm: error: "), "{err}");
+        err
+    }
+
+    fn status(&self) -> String {
+        String::from_utf8_lossy(&self.ftvm(&["status"]).stdout).to_string()
+    }
+
+    fn wait(&self, secs: u64, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let t = Instant::now();
+        loop {
+            let s = self.status();
+            if done(&s) {
+                return s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "{what} within {secs} s; status:\n{s}\ncoordinator log:\n{}",
+                std::fs::read_to_string(self.dir.path("coordinator.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The host running `role` ("primary" or "secondary") of `vm`.
+    fn host_of(&self, vm: &str, role: &str) -> String {
+        let s = self.status();
+        let line = s
+            .lines()
+            .find(|l| l.starts_with(&format!("VM {vm}:")))
+            .unwrap_or_else(|| panic!("no VM {vm}: {s}"));
+        let after = &line[line.find(&format!("| {role} ")).unwrap() + role.len() + 3..];
+        after.split_whitespace().next().unwrap().to_string()
+    }
+
+    /// What a dying host does: its agent and every VMM it started die at once.
+    fn kill_host(&mut self, h: &str) {
+        let i = self.agents.iter().position(|(n, _)| n == h).unwrap();
+        let (_, mut agent) = self.agents.remove(i);
+        // SAFETY: SIGKILL to the agent's process group (agents make themselves its leader).
+        unsafe { libc::kill(-(agent.id() as i32), libc::SIGKILL) };
+        let _ = agent.wait();
+    }
+
+    fn console(&self, vm: &str) -> String {
+        std::fs::read_to_string(
+            self.dir
+                .path("cluster")
+                .join("vms")
+                .join(vm)
+                .join("console.txt"),
+        )
+        .unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, a) in &mut self.agents {
+            // SAFETY: as in `kill_host`.
+            unsafe { libc::kill(-(a.id() as i32), libc::SIGKILL) };
+            let _ = a.wait();
+        }
+        let _ = self.coordinator.kill();
+        let _ = self.coordinator.wait();
+    }
+}
+
+/// `1`..`n` once each, in order (a prefix of the counter's output).
+fn assert_counter_prefix(text: &str) -> u64 {
+    let mut n = 0;
+    for l in text.lines() {
+        n += 1;
+        assert_eq!(
+            l,
+            n.to_string(),
+            "line {n}: output lost or repeated:\n{text}"
+        );
+    }
+    n
+}
+
+fn create_ft_counter(c: &Cluster, vm: &str) {
+    c.ok(&[
+        "vm",
+        "create",
+        vm,
+        "--guest",
+        "counter",
+        "--cmdline",
+        "count=1000000 rate=100",
+        "--mem-mib",
+        "32",
+        "--ft",
+    ]);
+    c.ok(&["vm", "start", vm]);
+    c.wait(60, "protection", |s| {
+        s.contains(&format!("VM {vm}: running, protected"))
+    });
+}
+
+#[test]
+fn limits_are_enforced_with_messages_naming_them() {
+    require_kvm!();
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("cl-limits", &["h1"], &["--max-secondaries-per-host", "1"]);
+    let err = c.refused(&[
+        "vm", "create", "big", "--guest", "counter", "--vcpus", "9", "--ft",
+    ]);
+    assert!(err.contains("limit of 8"), "{err}");
+    // One host: nowhere to put a secondary.
+    c.ok(&["vm", "create", "a", "--guest", "counter", "--mem-mib", "32"]);
+    let err = c.refused(&["ft", "on", "a"]);
+    assert!(err.contains("h1 runs the primary"), "{err}");
+    drop(c);
+    // Two hosts, one secondary each at most: the third FT VM's secondary has no room.
+    let mut c = Cluster::start("cl-limits2", &["h1"], &["--max-secondaries-per-host", "1"]);
+    c.add_host("h2");
+    c.wait(10, "two hosts", |s| s.matches(": up").count() == 2);
+    create_ft_counter(&c, "a");
+    create_ft_counter(&c, "b");
+    c.ok(&["vm", "create", "c", "--guest", "counter", "--mem-mib", "32"]);
+    let err = c.refused(&["ft", "on", "c"]);
+    assert!(err.contains("limit 1 per host"), "{err}");
+    assert!(err.contains("h1") && err.contains("h2"), "{err}");
+    let st = c.status();
+    assert!(st.contains("host h1: up | 1 secondaries (limit 1)"), "{st}");
+    assert!(st.contains("host h2: up | 1 secondaries (limit 1)"), "{st}");
+}
+
+/// A host failure takes the primary's host down (agent and VMMs killed at once): the
+/// secondary takes over by itself, the coordinator places a new secondary on the remaining
+/// host, protection returns, and the console stays exact. Then the secondary's host dies:
+/// a new secondary is placed again once a host is back.
+#[test]
+fn host_failures_fail_over_and_protection_is_restored() {
+    require_kvm!();
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start("cl-hostfail", &["h1", "h2", "h3"], &[]);
+    create_ft_counter(&c, "web");
+    let p = c.host_of("web", "primary");
+    let s = c.host_of("web", "secondary");
+    std::thread::sleep(Duration::from_millis(500));
+    c.kill_host(&p);
+    let st = c.wait(30, "failover and re-protection", |st| {
+        st.contains("VM web: running, protected") && st.contains(&format!("| primary {s} "))
+    });
+    assert!(st.contains(&format!("last failover {p} -> {s}")), "{st}");
+    assert!(st.contains(&format!("host {p}: DOWN")), "{st}");
+    let s2 = c.host_of("web", "secondary");
+    assert!(s2 != p && s2 != s, "{st}");
+    // Now the secondary's host dies; with no other host up, the VM runs unprotected ...
+    c.kill_host(&s2);
+    let st = c.wait(30, "not protected", |st| {
+        st.contains("VM web: running, not protected")
+    });
+    assert!(
+        st.contains("is down"),
+        "the reason names the down hosts: {st}"
+    );
+    // ... until a host comes back.
+    c.add_host("h4");
+    c.wait(60, "protection on h4", |st| {
+        st.contains("VM web: running, protected") && st.contains("| secondary h4 ")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let n = assert_counter_prefix(&c.console("web"));
+    assert!(n > 50, "the guest kept printing: {n} lines");
+}
+
+/// The vSphere operations through the coordinator: Test Failover, Test Restart Secondary,
+/// Migrate Secondary, Suspend/Resume and Turn Off FT, with the console exact throughout.
+#[test]
+fn ft_operations_through_the_coordinator() {
+    require_kvm!();
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("cl-ops", &["h1", "h2", "h3"], &[]);
+    create_ft_counter(&c, "db");
+    let out = c.ok(&["ft", "test-failover", "db"]);
+    for step in ["detected", "won the arbitration", "is live", "re-protected"] {
+        assert!(out.contains(step), "{out}");
+    }
+    let out = c.ok(&["ft", "test-restart-secondary", "db"]);
+    assert!(out.contains("re-protected"), "{out}");
+    let p = c.host_of("db", "primary");
+    let s = c.host_of("db", "secondary");
+    let to = ["h1", "h2", "h3"]
+        .into_iter()
+        .find(|h| *h != p && *h != s)
+        .unwrap();
+    let err = c.refused(&["ft", "migrate-secondary", "db", "--to", &p]);
+    assert!(err.contains("runs the primary"), "{err}");
+    c.ok(&["ft", "migrate-secondary", "db", "--to", to]);
+    c.wait(30, "migrated", |st| {
+        st.contains("VM db: running, protected") && st.contains(&format!("| secondary {to} "))
+    });
+    c.ok(&["ft", "suspend", "db"]);
+    c.wait(10, "suspended", |st| {
+        st.contains("VM db: running, FT suspended")
+    });
+    c.ok(&["ft", "resume", "db"]);
+    c.wait(30, "resumed", |st| st.contains("VM db: running, protected"));
+    c.ok(&["ft", "off", "db"]);
+    c.wait(10, "off", |st| st.contains("VM db: running, FT off"));
+    std::thread::sleep(Duration::from_millis(300));
+    let n = assert_counter_prefix(&c.console("db"));
+    assert!(n > 100, "{n} lines");
+}
+
+#[test]
+fn demo_runs_and_checks_its_console() {
+    require_kvm!();
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("cl-demo");
+    let t = Instant::now();
+    let o = Command::new(ftvm_bin())
+        .args(["demo", "--dir"])
+        .arg(dir.path("demo"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for step in [
+        "Test Failover",
+        "is live",
+        "re-protected",
+        "every line exactly once",
+    ] {
+        assert!(out.contains(step), "{out}");
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "the demo took {:?}",
+        t.elapsed()
+    );
+}
