@@ -249,11 +249,13 @@ fn ft_run(
     if !out.status.success() {
         bail!("primary failed ({}): {err}", out.status);
     }
-    let summary = err
+    let Some(summary) = err
         .lines()
         .find(|l| l.contains("summary"))
-        .unwrap_or("")
-        .to_string();
+        .map(str::to_string)
+    else {
+        bail!("the pair did not stay protected to the end (no summary): primary stderr:\n{err}");
+    };
     let console = std::fs::read_to_string(p.dir.join("console.txt"))?;
     let csv = std::fs::read_to_string(&stats).unwrap_or_default();
     let _ = std::fs::remove_file(&stats);

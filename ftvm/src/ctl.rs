@@ -73,13 +73,15 @@ pub struct Status {
     /// After a takeover: when (Unix µs) this side detected the primary's loss, won the
     /// arbitration, and had the guest running.
     pub takeover_us: Option<(u64, u64, u64)>,
+    /// A primary's current (or last) secondary's FT-link address.
+    pub peer: String,
     pub note: String,
 }
 
 impl Status {
     pub fn line(&self) -> String {
         format!(
-            "role={} protected={} epoch={} lag_epochs={} bytes_sent={} bytes_per_sec={} last_pause_us={} sessions={} events={} pid={}{}{}",
+            "role={} protected={} epoch={} lag_epochs={} bytes_sent={} bytes_per_sec={} last_pause_us={} sessions={} events={} pid={}{}{}{}",
             self.role,
             self.protected,
             self.epoch,
@@ -90,6 +92,11 @@ impl Status {
             self.sessions,
             self.events,
             std::process::id(),
+            if self.peer.is_empty() {
+                String::new()
+            } else {
+                format!(" peer={}", self.peer)
+            },
             match self.takeover_us {
                 Some((d, a, l)) => format!(" detected_us={d} arbitrated_us={a} live_us={l}"),
                 None => String::new(),

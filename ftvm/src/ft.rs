@@ -336,7 +336,8 @@ enum Protected {
 /// How an unprotected phase ended.
 enum Unprotected {
     Exited(u8),
-    NewSecondary(Box<net::Link>),
+    /// A secondary connected (at this address).
+    NewSecondary(Box<(SocketAddr, net::Link)>),
 }
 
 /// One epoch as captured while the guest was paused.
@@ -494,6 +495,7 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
     let status = Arc::new(Mutex::new(Status {
         role: "primary",
         protected: false,
+        peer: peer.to_string(),
         note: "syncing the secondary".into(),
         ..Default::default()
     }));
@@ -595,7 +597,7 @@ impl Primary {
         if !protected {
             match self.unprotected()? {
                 Unprotected::Exited(code) => return Ok(code),
-                Unprotected::NewSecondary(link) => self.reprotect(*link)?,
+                Unprotected::NewSecondary(link) => self.reprotect(link.0, link.1)?,
             }
         }
         loop {
@@ -662,7 +664,7 @@ impl Primary {
             }
             match self.unprotected()? {
                 Unprotected::Exited(code) => return Ok(code),
-                Unprotected::NewSecondary(link) => self.reprotect(*link)?,
+                Unprotected::NewSecondary(link) => self.reprotect(link.0, link.1)?,
             }
         }
     }
@@ -676,12 +678,13 @@ impl Primary {
     }
 
     /// A new secondary connected: start a new protection session with it.
-    fn reprotect(&mut self, link: net::Link) -> Result<()> {
+    fn reprotect(&mut self, peer: SocketAddr, link: net::Link) -> Result<()> {
         eprintln!("ftvm primary: a new secondary connected; re-protecting");
         self.session = self.ds.new_session()?;
         self.link = Some(LinkSide::attach(&self.rt, link, self.cfg.detect));
         let mut st = self.status.lock().unwrap();
         st.sessions += 1;
+        st.peer = peer.to_string();
         st.note = "syncing the secondary".into();
         Ok(())
     }
@@ -700,7 +703,7 @@ impl Primary {
                 if let Ok(Ok((link, _, _))) =
                     tokio::time::timeout(CONNECT_TIMEOUT, connect(peer, &cfg, &hello)).await
                 {
-                    let _ = tx.send(Box::new(link));
+                    let _ = tx.send(Box::new((peer, link)));
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

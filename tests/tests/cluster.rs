@@ -322,3 +322,201 @@ fn demo_runs_and_checks_its_console() {
         t.elapsed()
     );
 }
+
+/// Hosts as network namespaces on a bridge, the coordinator on the bridge's address in the
+/// root namespace; removed on drop.
+struct NetHosts {
+    tag: String,
+    bridge: String,
+    hosts: Vec<String>,
+}
+
+const NET: &str = "10.233.0";
+
+fn sh(args: &[&str]) {
+    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+impl NetHosts {
+    fn create(n: usize) -> NetHosts {
+        let tag = format!("{}", std::process::id() % 10_000);
+        let bridge = format!("ftbr{tag}");
+        let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+        sh(&["ip", "link", "add", &bridge, "type", "bridge"]);
+        sh(&["ip", "addr", "add", &format!("{NET}.1/24"), "dev", &bridge]);
+        sh(&["ip", "link", "set", &bridge, "up"]);
+        let mut hosts = Vec::new();
+        for i in 1..=n {
+            let ns = format!("ftvm-cl{tag}-h{i}");
+            let (v, vb) = (format!("fth{i}-{tag}"), format!("ftb{i}-{tag}"));
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            sh(&["ip", "netns", "add", &ns]);
+            sh(&["ip", "link", "add", &v, "type", "veth", "peer", "name", &vb]);
+            sh(&["ip", "link", "set", &v, "netns", &ns]);
+            sh(&["ip", "link", "set", &vb, "master", &bridge]);
+            sh(&["ip", "link", "set", &vb, "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{NET}.{}/24", 10 + i),
+                "dev",
+                &v,
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", &v, "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            hosts.push(ns);
+        }
+        NetHosts { tag, bridge, hosts }
+    }
+
+    fn ns(&self, h: &str) -> &str {
+        let i: usize = h.trim_start_matches('h').parse().unwrap();
+        &self.hosts[i - 1]
+    }
+
+    fn dev(&self, h: &str) -> String {
+        format!("fth{}-{}", h.trim_start_matches('h'), self.tag)
+    }
+
+    /// Host isolation: the host's only link goes down (it keeps running).
+    fn isolate(&self, h: &str, on: bool) {
+        let state = if on { "down" } else { "up" };
+        sh(&["ip", "-n", self.ns(h), "link", "set", &self.dev(h), state]);
+    }
+
+    /// A partition between the host and the coordinator only (it still reaches its peers).
+    fn cut_from_coordinator(&self, h: &str, on: bool) {
+        let op = if on { "add" } else { "del" };
+        sh(&[
+            "ip",
+            "-n",
+            self.ns(h),
+            "route",
+            op,
+            "blackhole",
+            &format!("{NET}.1/32"),
+        ]);
+    }
+}
+
+impl Drop for NetHosts {
+    fn drop(&mut self) {
+        for ns in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+    }
+}
+
+impl Cluster {
+    /// A cluster whose hosts h1..hn are network namespaces.
+    fn start_in_namespaces(tag: &str, net: &NetHosts) -> Cluster {
+        let dir = TempDir::new(tag);
+        let port = 47_600 + (std::process::id() % 200) as u16;
+        let addr = format!("{NET}.1:{port}");
+        let coordinator = Command::new(ftvm_bin())
+            .args(["coordinator", "--listen", &addr, "--dir"])
+            .arg(dir.path("cluster"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path("coordinator.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut c = Cluster {
+            dir,
+            addr: addr.clone(),
+            coordinator,
+            agents: vec![],
+        };
+        for i in 1..=net.hosts.len() {
+            let h = format!("h{i}");
+            let agent = Command::new("ip")
+                .args(["netns", "exec", net.ns(&h)])
+                .arg(ftvm_bin())
+                .args(["host-agent", "--name", &h, "--coordinator", &addr, "--ip"])
+                .arg(format!("{NET}.{}", 10 + i))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(c.dir.path(&format!("agent-{h}.log"))).unwrap())
+                .spawn()
+                .unwrap();
+            c.agents.push((h, agent));
+        }
+        c.wait(15, "all hosts up", |s| {
+            s.matches(": up").count() == net.hosts.len()
+        });
+        c
+    }
+
+    /// Lines of every VMM process log of `vm` containing `needle`.
+    fn proc_logs_with(&self, vm: &str, needle: &str) -> usize {
+        let d = self.dir.path("cluster").join("vms").join(vm);
+        std::fs::read_dir(d)
+            .map(|it| {
+                it.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("proc-"))
+                    .map(|e| {
+                        std::fs::read_to_string(e.path())
+                            .unwrap_or_default()
+                            .matches(needle)
+                            .count()
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// vSphere HA's failure kinds with hosts as network namespaces: a host **isolated** (its link
+/// down, still running) and a host **partitioned** from the coordinator (it still reaches its
+/// peers). Each ends with exactly one live primary, the console exact, and protection back.
+#[test]
+fn isolation_and_partition_in_namespaces_never_make_two_primaries() {
+    require_kvm!();
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let net = NetHosts::create(3);
+    let c = Cluster::start_in_namespaces("cl-netns", &net);
+    create_ft_counter(&c, "app");
+    // 1. The primary's host is isolated for 3 s.
+    let p = c.host_of("app", "primary");
+    net.isolate(&p, true);
+    std::thread::sleep(Duration::from_secs(3));
+    // The pair was cut: exactly one side lost the arbitration and halted.
+    assert_eq!(
+        c.proc_logs_with("app", "halting"),
+        1,
+        "exactly one side halts when the primary's host is isolated"
+    );
+    net.isolate(&p, false);
+    c.wait(60, "protection after the isolation", |s| {
+        s.contains("VM app: running, protected")
+    });
+    // 2. The secondary's host loses the coordinator (not its peers) for 3 s.
+    let s = c.host_of("app", "secondary");
+    net.cut_from_coordinator(&s, true);
+    c.wait(10, "the coordinator sees the host down", |st| {
+        st.contains(&format!("host {s}: DOWN"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    net.cut_from_coordinator(&s, false);
+    c.wait(60, "protection after the partition", |st| {
+        st.contains("VM app: running, protected") && !st.contains("DOWN")
+    });
+    assert_eq!(
+        c.proc_logs_with("app", "halting"),
+        1,
+        "no other side halted"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let n = assert_counter_prefix(&c.console("app"));
+    assert!(n > 300, "the guest kept printing through both: {n} lines");
+}

@@ -447,17 +447,10 @@ impl Coord {
                     };
                 }
             }
-        } else if vm.primary.as_ref().is_some_and(|p| !alive_host(&p.host))
-            && (vm.secondary.is_none() || gone(&vm.secondary))
-        {
-            vm2.running = false;
-            vm2.primary = None;
-            vm2.secondary = None;
-            vm2.ft = FtState::NotProtected {
-                why: "the primary's host is down and no secondary could take over; the VM is down"
-                    .into(),
-            };
         }
+        // A primary on an unreachable host is left alone: the host may only be isolated or
+        // cut off from the coordinator, with the VM still running there. Its secondary takes
+        // over if the primary is really gone; the coordinator never starts another primary.
         if !took_over && gone(&vm2.secondary) {
             eprintln!("ftvm coordinator: VM {name} lost its secondary; placing a new one");
             vm2.secondary = None;
@@ -516,13 +509,20 @@ impl Coord {
             }
             return Ok(());
         }
-        // Protected once the primary says so.
+        // Protected once the primary says so, with this secondary (after a partition the
+        // primary may still be protected by an older one the coordinator had given up on).
         let primary_status = report(&vm2.primary)
             .and_then(|r| r.status.clone())
             .unwrap_or_default();
+        let peer = vm2.secondary.as_ref().map(|s| {
+            let ip = c.hosts.get(&s.host).map_or("127.0.0.1", |h| h.ip.as_str());
+            format!("{ip}:{}", s.port)
+        });
         let vm = c.vms.get_mut(name).unwrap();
         if vm.secondary.is_some() && matches!(vm.ft, FtState::Starting | FtState::Protected) {
-            if primary_status.contains("protected=true") {
+            if primary_status.contains("protected=true")
+                && field(&primary_status, "peer") == peer.as_deref()
+            {
                 if vm.ft != FtState::Protected {
                     eprintln!("ftvm coordinator: VM {name} is protected");
                 }
