@@ -477,8 +477,9 @@ impl Cluster {
 }
 
 /// vSphere HA's failure kinds with hosts as network namespaces: a host **isolated** (its link
-/// down, still running) and a host **partitioned** from the coordinator (it still reaches its
-/// peers). Each ends with exactly one live primary, the console exact, and protection back.
+/// down, still running), a host **partitioned** from the coordinator (it still reaches its
+/// peers), and a host **failed** (everything on it killed). Each ends with exactly one live
+/// primary, the console exact, and protection back.
 #[test]
 fn isolation_and_partition_in_namespaces_never_make_two_primaries() {
     require_kvm!();
@@ -516,7 +517,19 @@ fn isolation_and_partition_in_namespaces_never_make_two_primaries() {
         1,
         "no other side halted"
     );
+    // 3. The primary's host fails (agent and VMMs killed at once): takeover, re-protection on
+    // the remaining host.
+    let p = c.host_of("app", "primary");
+    let s = c.host_of("app", "secondary");
+    let mut c = c;
+    c.kill_host(&p);
+    c.wait(60, "failover and protection after the host failure", |st| {
+        st.contains("VM app: running, protected") && st.contains(&format!("| primary {s} "))
+    });
     std::thread::sleep(Duration::from_millis(300));
     let n = assert_counter_prefix(&c.console("app"));
-    assert!(n > 300, "the guest kept printing through both: {n} lines");
+    assert!(
+        n > 300,
+        "the guest kept printing through all three: {n} lines"
+    );
 }
