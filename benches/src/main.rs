@@ -458,8 +458,9 @@ fn main() -> Result<()> {
         Some("foundation") => foundation(&args[1..]),
         Some("ft") => ft::run(&args[1..]),
         Some("link") => link::run(&args[1..]),
+        Some("peers") => peers::run(&args[1..]),
         _ => {
-            eprintln!("usage: ftvm-bench foundation [--runs N] [--sizes 64,256,1024]\n       ftvm-bench ft [--runs N] [--jobs J]\n       ftvm-bench link [--runs N] [--mib M]");
+            eprintln!("usage: ftvm-bench foundation [--runs N] [--sizes 64,256,1024]\n       ftvm-bench ft [--runs N] [--jobs J]\n       ftvm-bench link [--runs N] [--mib M]\n       ftvm-bench peers [--runs N]");
             std::process::exit(2);
         }
     }
@@ -467,3 +468,4 @@ fn main() -> Result<()> {
 
 mod ft;
 mod link;
+mod peers;
