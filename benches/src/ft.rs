@@ -419,10 +419,7 @@ pub fn run(args: &[String]) -> Result<()> {
     sorted.sort_unstable();
     let report = Report {
         bench: "ft",
-        command: format!(
-            "cargo run --release -p ftvm-benches -- ft{}",
-            args.iter().map(|a| format!(" {a}")).collect::<String>()
-        ),
+        command: crate::command_line("ft", args),
         machine: crate::machine(),
         overhead,
         pause_vs_dirty_pages,
@@ -434,10 +431,7 @@ pub fn run(args: &[String]) -> Result<()> {
         failover_max_ms: *sorted.last().unwrap(),
         failover_ms,
     };
-    let out = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("results")
-        .join("ft.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    let out = crate::write_results("ft", &report)?;
     println!(
         "Machine: {}\nCommand: `{}`\n",
         report.machine, report.command

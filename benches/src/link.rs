@@ -14,6 +14,7 @@
 //! - **veth**: the two ends in two network namespaces joined by a veth pair shaped like a
 //!   dedicated FT link — `tc netem` 10 Gbit/s, 0.25 ms each way (0.5 ms RTT), MTU 9000. Each
 //!   end's sockets are created by a thread that entered its namespace (`setns`).
+use crate::median_f64 as median;
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use ft_log::page::{PageData, PageEntry, PAGE_SIZE};
@@ -68,8 +69,16 @@ fn hello(role: Role) -> Hello {
     }
 }
 
-/// `mib` MiB of pseudo-random pages as one encoded epoch; returns (bytes, frames).
-fn epoch(mib: u64) -> (Bytes, u64) {
+/// One encoded epoch of pages, as sent.
+struct Epoch {
+    data: Bytes,
+    frames: u64,
+    /// The fraction of `data` that is page contents (goodput counts only those).
+    share: f64,
+}
+
+/// `mib` MiB of pseudo-random pages as one encoded epoch.
+fn epoch(mib: u64) -> Epoch {
     let pages = (mib << 20) as usize / PAGE_SIZE;
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let entries: Vec<PageEntry> = (0..pages)
@@ -96,7 +105,11 @@ fn epoch(mib: u64) -> (Bytes, u64) {
         outputs: vec![],
     })
     .encode(1, &mut b);
-    (b.freeze(), frames)
+    Epoch {
+        share: (mib << 20) as f64 / b.len() as f64,
+        data: b.freeze(),
+        frames,
+    }
 }
 
 /// Where the two ends live.
@@ -247,8 +260,7 @@ fn quic_once(
     path: &Path2,
     keys: &Path,
     tuning: Tuning,
-    data: &Bytes,
-    frames: u64,
+    epoch: &Epoch,
 ) -> Result<f64> {
     let a = Identity::load_or_create(keys, "a")?;
     let b = Identity::load_or_create(keys, "b")?;
@@ -269,7 +281,7 @@ fn quic_once(
     // The client's endpoint (its socket) is created where this future is first polled: on
     // the thread that entered the client's namespace (`block_on` polls on the calling thread).
     let handle = rt.handle().clone();
-    let data = data.clone();
+    let (data, frames) = (epoch.data.clone(), epoch.frames);
     path.on(false, move || {
         handle.block_on(async move {
             let server = tokio::spawn(async move {
@@ -300,7 +312,8 @@ fn quic_once(
     })
 }
 
-fn tcp_once(path: &Path2, data: &Bytes) -> Result<f64> {
+fn tcp_once(path: &Path2, epoch: &Epoch) -> Result<f64> {
+    let data = &epoch.data;
     let bind = path.server_addr();
     let l = path.on(true, move || Ok(std::net::TcpListener::bind(bind)?))?;
     let addr = l.local_addr()?;
@@ -323,14 +336,8 @@ fn tcp_once(path: &Path2, data: &Bytes) -> Result<f64> {
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))??;
     // Same numerator as QUIC: page bytes (the encoded epoch is ~0.3 % larger).
-    let page_bytes = n as f64 * page_share(data.len());
+    let page_bytes = n as f64 * epoch.share;
     Ok(page_bytes * 8.0 / done.duration_since(t0).as_secs_f64() / 1e9)
-}
-
-/// Fraction of the encoded epoch that is page contents (filled in by `run`).
-static PAGE_SHARE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-fn page_share(_len: usize) -> f64 {
-    *PAGE_SHARE.get().unwrap_or(&1.0)
 }
 
 /// TCP and every transport variant on one path, interleaved run by run so slow drifts of the
@@ -340,8 +347,7 @@ fn measure(
     path: &Path2,
     keys: &Path,
     variants: &[(&str, Tuning)],
-    data: &Bytes,
-    frames: u64,
+    epoch: &Epoch,
     runs: usize,
 ) -> Result<PathResult> {
     let mut tcp = Vec::new();
@@ -357,10 +363,9 @@ fn measure(
         .collect();
     for r in 0..runs {
         eprintln!("{}: run {r}", path.name());
-        tcp.push(tcp_once(path, data)?);
+        tcp.push(tcp_once(path, epoch)?);
         for (v, (_, t)) in quic.iter_mut().zip(variants) {
-            v.gbit_per_s
-                .push(quic_once(rt, path, keys, *t, data, frames)?);
+            v.gbit_per_s.push(quic_once(rt, path, keys, *t, epoch)?);
         }
     }
     let tcp_median = median(&tcp);
@@ -378,12 +383,6 @@ fn measure(
     })
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
-}
-
 pub fn run(args: &[String]) -> Result<()> {
     let mut runs = 3usize;
     let mut mib = 256u64;
@@ -395,9 +394,7 @@ pub fn run(args: &[String]) -> Result<()> {
             other => anyhow::bail!("unknown argument {other:?}"),
         }
     }
-    let (data, frames) = epoch(mib);
-    let share = (mib << 20) as f64 / data.len() as f64;
-    let _ = PAGE_SHARE.set(share);
+    let epoch = epoch(mib);
     let keys = std::env::temp_dir().join(format!("ftvm-bench-link-{}", std::process::id()));
     std::fs::create_dir_all(&keys)?;
     // Two workers per side, as each ftvm process has.
@@ -449,8 +446,7 @@ pub fn run(args: &[String]) -> Result<()> {
         &Path2::Loopback,
         &keys,
         &variants,
-        &data,
-        frames,
+        &epoch,
         runs,
     )?];
     let veth_path = Path2::Veth {
@@ -463,7 +459,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 a: v.a.clone(),
                 b: v.b.clone(),
             };
-            let mut r = measure(&rt, &path, &keys, &variants, &data, frames, runs)?;
+            let mut r = measure(&rt, &path, &keys, &variants, &epoch, runs)?;
             r.note = v.note.clone();
             paths.push(r);
         }
@@ -479,19 +475,13 @@ pub fn run(args: &[String]) -> Result<()> {
     let _ = std::fs::remove_dir_all(&keys);
     let report = Report {
         bench: "link",
-        command: format!(
-            "cargo run --release -p ftvm-benches -- link{}",
-            args.iter().map(|a| format!(" {a}")).collect::<String>()
-        ),
+        command: crate::command_line("link", args),
         machine: crate::machine(),
         epoch_mib: mib,
-        page_bytes_per_wire_byte: share,
+        page_bytes_per_wire_byte: epoch.share,
         paths,
     };
-    let out = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("results")
-        .join("link.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    let out = crate::write_results("link", &report)?;
     println!(
         "Machine: {}\nCommand: `{}`\n",
         report.machine, report.command

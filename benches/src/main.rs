@@ -326,6 +326,30 @@ fn ftvm_binary() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The command that reproduces a benchmark run, as its report records it.
+pub(crate) fn command_line(bench: &str, args: &[String]) -> String {
+    format!(
+        "cargo run --release -p ftvm-benches -- {bench}{}",
+        args.iter().map(|a| format!(" {a}")).collect::<String>()
+    )
+}
+
+/// Writes `report` to `benches/results/NAME.json`; returns the path.
+pub(crate) fn write_results(name: &str, report: &impl Serialize) -> Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(report)?)?;
+    Ok(path)
+}
+
+/// Median of samples (the upper one of an even count).
+pub(crate) fn median_f64(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
 fn foundation(args: &[String]) -> Result<()> {
     let mut runs = 10usize;
     let mut sizes = vec![64u64, 256, 1024];
@@ -389,20 +413,13 @@ fn foundation(args: &[String]) -> Result<()> {
         });
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let command = format!(
-        "cargo run --release -p ftvm-benches -- foundation{}",
-        args.iter().map(|a| format!(" {a}")).collect::<String>()
-    );
     let report = Report {
         bench: "foundation",
-        command,
+        command: command_line("foundation", args),
         machine: machine(),
         results,
     };
-    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
-    std::fs::create_dir_all(&out_dir)?;
-    let json = out_dir.join("foundation.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
+    let json = write_results("foundation", &report)?;
     print_table(&report);
     eprintln!("wrote {}", json.display());
     Ok(())

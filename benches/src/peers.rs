@@ -11,6 +11,7 @@
 //!   yet: the test guests count CPUs from the MP table, and QEMU's firmware provided none the
 //!   guest found in this PVH boot path, so it ran on one CPU under QEMU.)
 //! - QEMU COLO (FT peer) is not measured yet; the report says so.
+use crate::median_f64 as median;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -33,12 +34,6 @@ struct Report {
     qemu: String,
     results: Vec<Pair>,
     colo: &'static str,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
 }
 
 fn image(dir: &Path, name: &str) -> Result<PathBuf> {
@@ -176,20 +171,14 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let report = Report {
         bench: "peers",
-        command: format!(
-            "cargo run --release -p ftvm-benches -- peers{}",
-            args.iter().map(|a| format!(" {a}")).collect::<String>()
-        ),
+        command: crate::command_line("peers", args),
         machine: crate::machine(),
         qemu: version,
         results,
         colo: "not measured yet: QEMU COLO (x-colo, colo-compare) needs a configuration with two \
                QEMU processes, block replication and a network proxy; not attempted in this revision",
     };
-    let out = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("results")
-        .join("peers.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    let out = crate::write_results("peers", &report)?;
     println!(
         "Machine: {}\nCommand: `{}`\nQEMU: {}\n",
         report.machine, report.command, report.qemu
