@@ -125,6 +125,17 @@ impl Cluster {
         let _ = agent.wait();
     }
 
+    /// After a moment for the last output to land: `vm`'s console is `1`..`n` once each, in
+    /// order, and the guest kept printing (more than `min` lines).
+    fn assert_console_exact(&self, vm: &str, min: u64) {
+        std::thread::sleep(Duration::from_millis(300));
+        let n = assert_counter_prefix(&self.console(vm));
+        assert!(
+            n > min,
+            "VM {vm} printed only {n} lines, expected more than {min}"
+        );
+    }
+
     fn console(&self, vm: &str) -> String {
         std::fs::read_to_string(
             self.dir
@@ -246,9 +257,7 @@ fn host_failures_fail_over_and_protection_is_restored() {
     c.wait(60, "protection on h4", |st| {
         st.contains("VM web: running, protected") && st.contains("| secondary h4 ")
     });
-    std::thread::sleep(Duration::from_millis(300));
-    let n = assert_counter_prefix(&c.console("web"));
-    assert!(n > 50, "the guest kept printing: {n} lines");
+    c.assert_console_exact("web", 50);
 }
 
 /// The vSphere operations through the coordinator: Test Failover, Test Restart Secondary,
@@ -285,9 +294,7 @@ fn ft_operations_through_the_coordinator() {
     c.wait(30, "resumed", |st| st.contains("VM db: running, protected"));
     c.ok(&["ft", "off", "db"]);
     c.wait(10, "off", |st| st.contains("VM db: running, FT off"));
-    std::thread::sleep(Duration::from_millis(300));
-    let n = assert_counter_prefix(&c.console("db"));
-    assert!(n > 100, "{n} lines");
+    c.assert_console_exact("db", 100);
 }
 
 #[test]
@@ -526,10 +533,5 @@ fn isolation_and_partition_in_namespaces_never_make_two_primaries() {
     c.wait(60, "failover and protection after the host failure", |st| {
         st.contains("VM app: running, protected") && st.contains(&format!("| primary {s} "))
     });
-    std::thread::sleep(Duration::from_millis(300));
-    let n = assert_counter_prefix(&c.console("app"));
-    assert!(
-        n > 300,
-        "the guest kept printing through all three: {n} lines"
-    );
+    c.assert_console_exact("app", 300);
 }
