@@ -20,6 +20,32 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Opens (creating) `path` and takes an exclusive `flock` on it, held until the returned file
+/// is dropped: mutual exclusion between processes on one host (and on shared filesystems
+/// whose locks work).
+pub fn lock_exclusive(path: &Path) -> std::io::Result<fs::File> {
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(lock)
+}
+
+/// Replaces `path` with `bytes` so that readers see the old or the new contents, never a torn
+/// mix: written to `path` + `.tmp~`, synced, then renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp~");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
 /// A value and its version (versions start at 1 and grow by one per write; 0 = absent).
 pub type Versioned = (Vec<u8>, u64);
 
@@ -95,16 +121,7 @@ impl FileStore {
     /// Runs `f` with the store locked against every other writer.
     fn locked<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
         let lp = self.dir.join("lock");
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lp)
-            .map_err(self.io(&lp))?;
-        // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(self.io(&lp)(std::io::Error::last_os_error()));
-        }
+        let _lock = lock_exclusive(&lp).map_err(self.io(&lp))?;
         f()
     }
 
@@ -122,13 +139,9 @@ impl FileStore {
         if let Some(parent) = p.parent() {
             fs::create_dir_all(parent).map_err(self.io(parent))?;
         }
-        let tmp = p.with_extension("tmp~");
-        let mut f = fs::File::create(&tmp).map_err(self.io(&tmp))?;
-        f.write_all(format!("{version}\n").as_bytes())
-            .and_then(|_| f.write_all(value))
-            .and_then(|_| f.sync_all())
-            .map_err(self.io(&tmp))?;
-        fs::rename(&tmp, &p).map_err(self.io(&p))
+        let mut raw = format!("{version}\n").into_bytes();
+        raw.extend_from_slice(value);
+        write_atomic(&p, &raw).map_err(self.io(&p))
     }
 }
 

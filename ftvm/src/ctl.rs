@@ -106,6 +106,12 @@ impl Status {
     }
 }
 
+/// A field `key=value` of a status line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
 pub fn socket_path(datastore: &Path, role: &str) -> PathBuf {
     datastore.join(format!("ctl-{role}.sock"))
 }
@@ -196,14 +202,7 @@ mod tests {
 
     #[test]
     fn arbitrary_bytes_never_panic_and_only_known_words_pass() {
-        // Deterministic pseudo-random inputs (no extra dependency in the binary crate).
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..100_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let len = (x % 80) as usize;
-            let bytes: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8).collect();
+        for bytes in crate::pseudo_random_inputs(0x9e37_79b9_7f4a_7c15, 100_000, 80) {
             if let Ok(r) = Request::parse(&bytes) {
                 assert_eq!(std::str::from_utf8(&bytes).unwrap().trim(), r.word());
             }

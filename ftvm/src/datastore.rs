@@ -7,8 +7,8 @@
 //!                                              live after losing its peer; holds its role
 //! ```
 use anyhow::{bail, Context, Result};
+use coordinator::store::{lock_exclusive, write_atomic};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,17 +44,8 @@ impl Datastore {
     /// Runs `f` on the arbitration record (`SESSION WINNER`, `-` while undecided) under an
     /// exclusive lock, writing back what it returns.
     fn with_record<T>(&self, f: impl FnOnce(&mut (u64, String)) -> T) -> Result<T> {
-        use std::os::fd::AsRawFd;
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join("arbitration.lock"))
-            .context("opening the arbitration lock")?;
-        // SAFETY: flock on a file descriptor we own; released when `lock` is closed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("locking the arbitration");
-        }
+        let _lock = lock_exclusive(&self.dir.join("arbitration.lock"))
+            .context("locking the arbitration")?;
         let text = fs::read_to_string(self.arbitration()).unwrap_or_default();
         let mut it = text.split_whitespace();
         let mut rec = match (it.next().and_then(|s| s.parse().ok()), it.next()) {
@@ -64,11 +55,11 @@ impl Datastore {
         let before = rec.clone();
         let out = f(&mut rec);
         if rec != before {
-            let tmp = self.arbitration().with_extension("tmp");
-            let mut file = fs::File::create(&tmp).context("writing arbitration")?;
-            write!(file, "{} {}", rec.0, rec.1).context("writing arbitration")?;
-            file.sync_all().context("writing arbitration")?;
-            fs::rename(&tmp, self.arbitration()).context("writing arbitration")?;
+            write_atomic(
+                &self.arbitration(),
+                format!("{} {}", rec.0, rec.1).as_bytes(),
+            )
+            .context("writing arbitration")?;
         }
         Ok(out)
     }

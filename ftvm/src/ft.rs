@@ -14,6 +14,7 @@
 //! arbitration to go on unprotected; the loser halts. Never two live copies.
 use crate::ctl::{self, Status};
 use crate::datastore::Datastore;
+use crate::now_us;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use ft_log::page::{PageData, PageEntry, PAGE_SIZE};
@@ -111,13 +112,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the FT link runtime")
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as u64
 }
 
 /// This side's link settings: its identity (created on first use) and the peer's certificate
@@ -633,7 +627,7 @@ impl Primary {
                 return Ok(HALTED);
             }
             // Nobody else can show a different future now: release everything held.
-            self.release_pending();
+            self.release_through(u64::MAX);
             let note = match &stop {
                 None => "secondary lost".to_string(),
                 Some((off, _)) => {
@@ -667,14 +661,6 @@ impl Primary {
                 Unprotected::NewSecondary(link) => self.reprotect(link.0, link.1)?,
             }
         }
-    }
-
-    /// Releases every held epoch's output at once (no secondary can go live any more).
-    fn release_pending(&mut self) {
-        while let Some(h) = self.pending.pop_front() {
-            let _ = self.out.write_all(&h.output);
-        }
-        let _ = self.out.flush();
     }
 
     /// A new secondary connected: start a new protection session with it.

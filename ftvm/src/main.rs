@@ -537,8 +537,7 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
 
 fn primary_sessions(datastore: &Path) -> Result<u64> {
     let line = ctl::request(datastore, "primary", ctl::Request::Status)?;
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("sessions="))
+    ctl::field(&line, "sessions")
         .and_then(|v| v.parse().ok())
         .context("primary status lacks sessions")
 }
@@ -580,6 +579,33 @@ fn start_secondary_and_wait(
         "protection did not come back within 60 s (see {}/secondary.log)",
         datastore.display()
     )
+}
+
+/// Now, in microseconds since the Unix epoch (status lines and timelines compare these
+/// across processes on one host).
+pub(crate) fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// Deterministic pseudo-random byte strings for parser tests (no extra dependency in the
+/// binary crate): `count` inputs of 0 to `max_len - 1` bytes from xorshift state `seed`.
+#[cfg(test)]
+pub(crate) fn pseudo_random_inputs(
+    seed: u64,
+    count: usize,
+    max_len: u64,
+) -> impl Iterator<Item = Vec<u8>> {
+    let mut x = seed;
+    (0..count).map(move |_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = (x % max_len) as usize;
+        (0..len).map(|i| (x >> (i % 8 * 8)) as u8).collect()
+    })
 }
 
 fn main() {

@@ -32,7 +32,7 @@ struct Proc {
 fn status_of(datastore: &str, pid: u32) -> Option<String> {
     ["primary", "secondary"].iter().find_map(|role| {
         let line = ctl::request(Path::new(datastore), role, ctl::Request::Status).ok()?;
-        (super::coordinator::field(&line, "pid")? == pid.to_string()).then_some(line)
+        (ctl::field(&line, "pid")? == pid.to_string()).then_some(line)
     })
 }
 

@@ -3,7 +3,7 @@
 //! protection (see the module docs of [`super`]).
 use super::now_ms;
 use super::proto::{self, Assignment, FtAction, ProcReport, Reply, Request};
-use crate::ctl;
+use crate::ctl::{self, field};
 use anyhow::{bail, Context, Result};
 use coordinator::model::{Cluster, Failover, FtState, Host, Placement, Vm};
 use coordinator::placement::{self, Limits};
@@ -86,12 +86,6 @@ fn valid_name(name: &str) -> Result<()> {
         bail!("invalid name {name:?}: use 1-32 of a-z, 0-9 and -");
     }
     Ok(())
-}
-
-/// A field `key=value` of a control-socket status line.
-pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 impl Coord {
@@ -183,29 +177,23 @@ impl Coord {
                 ))
             }
             Request::VmStart { name } => {
-                let mut c = self.cluster.lock().unwrap();
-                let vm = c
-                    .vms
-                    .get_mut(&name)
-                    .context(format!("no VM named {name}"))?;
-                if vm.running {
-                    bail!("VM {name} is already running");
-                }
-                vm.running = true;
-                vm.ended = None;
-                self.save(&c)?;
+                self.update_vm(&name, |vm| {
+                    if vm.running {
+                        bail!("VM {name} is already running");
+                    }
+                    vm.running = true;
+                    vm.ended = None;
+                    Ok(())
+                })?;
                 Self::ok(format!("starting VM {name}"))
             }
             Request::VmStop { name } => {
-                let mut c = self.cluster.lock().unwrap();
-                let vm = c
-                    .vms
-                    .get_mut(&name)
-                    .context(format!("no VM named {name}"))?;
-                vm.running = false;
-                vm.primary = None;
-                vm.secondary = None;
-                self.save(&c)?;
+                self.update_vm(&name, |vm| {
+                    vm.running = false;
+                    vm.primary = None;
+                    vm.secondary = None;
+                    Ok(())
+                })?;
                 Self::ok(format!("stopped VM {name}"))
             }
             Request::VmList => {
@@ -336,9 +324,7 @@ impl Coord {
         let ip = c.hosts.get(&s.host).map_or("127.0.0.1", |h| h.ip.as_str());
         let dir = self.vm_dir(vm);
         std::fs::create_dir_all(&dir)?;
-        let tmp = dir.join("peer.tmp");
-        std::fs::write(&tmp, format!("{ip}:{}", s.port))?;
-        std::fs::rename(&tmp, dir.join("peer"))?;
+        coordinator::store::write_atomic(&dir.join("peer"), format!("{ip}:{}", s.port).as_bytes())?;
         Ok(())
     }
 
@@ -552,11 +538,10 @@ impl Coord {
             .context(format!("no VM named {name}"))
     }
 
-    fn set_ft(&self, name: &str, f: impl FnOnce(&mut Vm)) -> Result<()> {
+    /// Changes VM `name` with `f` and saves the cluster (nothing is saved if `f` refuses).
+    fn update_vm(&self, name: &str, f: impl FnOnce(&mut Vm) -> Result<()>) -> Result<()> {
         let mut c = self.cluster.lock().unwrap();
-        if let Some(v) = c.vms.get_mut(name) {
-            f(v);
-        }
+        f(c.vms.get_mut(name).context(format!("no VM named {name}"))?)?;
         self.save(&c)
     }
 
@@ -592,7 +577,10 @@ impl Coord {
                     });
                 }
                 placement::place_secondary(&trial, name, &self.cfg.limits, &[])?;
-                self.set_ft(name, |v| v.ft = FtState::Starting)?;
+                self.update_vm(name, |v| {
+                    v.ft = FtState::Starting;
+                    Ok(())
+                })?;
                 Self::ok(format!("FT on for VM {name}: placing its secondary"))
             }
             FtAction::Off | FtAction::Suspend => {
@@ -605,13 +593,14 @@ impl Coord {
                     };
                     ctl::request(&dir, "primary", req)?;
                 }
-                self.set_ft(name, |v| {
+                self.update_vm(name, |v| {
                     v.ft = if off {
                         FtState::Off
                     } else {
                         FtState::Suspended
                     };
                     v.secondary = None;
+                    Ok(())
                 })?;
                 Self::ok(format!(
                     "FT {} for VM {name}",
@@ -626,7 +615,10 @@ impl Coord {
                 if vm.ft != FtState::Suspended {
                     bail!("FT is not suspended for VM {name}");
                 }
-                self.set_ft(name, |v| v.ft = FtState::Starting)?;
+                self.update_vm(name, |v| {
+                    v.ft = FtState::Starting;
+                    Ok(())
+                })?;
                 Self::ok(format!("FT resumed for VM {name}: placing its secondary"))
             }
             FtAction::TestFailover => {

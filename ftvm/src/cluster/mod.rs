@@ -24,8 +24,5 @@ pub mod proto;
 pub const DEFAULT_COORDINATOR: &str = "127.0.0.1:7700";
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
+    crate::now_us() / 1000
 }

@@ -1,8 +1,9 @@
 //! The operations CLI: `ftvm vm …`, `ftvm ft …`, `ftvm status`, each one request to the
 //! coordinator. Test Failover and Test Restart Secondary also wait for the outcome and print
 //! a timeline.
-use super::coordinator::field;
 use super::proto::{self, FtAction, Reply, Request};
+use crate::ctl::field;
+use crate::now_us;
 use anyhow::{bail, Result};
 use std::time::{Duration, Instant};
 
@@ -27,13 +28,6 @@ fn vm_status(addr: &str, name: &str) -> Result<serde_json::Value> {
         Reply::Error { text } => bail!("{text}"),
         _ => bail!("unexpected reply"),
     }
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as u64
 }
 
 /// Polls the VM's status until `done` says so (returns the status) or `secs` pass.

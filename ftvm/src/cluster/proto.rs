@@ -141,13 +141,7 @@ mod tests {
         };
         let j = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
-        let mut x: u64 = 0x243f_6a88_85a3_08d3;
-        for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let len = (x % 200) as usize;
-            let bytes: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8).collect();
+        for bytes in crate::pseudo_random_inputs(0x243f_6a88_85a3_08d3, 20_000, 200) {
             let _ = serde_json::from_slice::<Request>(&bytes);
         }
         assert!(serde_json::from_str::<Request>(r#"{"op":"vm-create","name":1}"#).is_err());
