@@ -106,9 +106,9 @@ struct CoordinatorArgs {
     /// A host with no heartbeat for this long is down.
     #[arg(long = "host-timeout-ms", value_name = "MS", default_value_t = 1000)]
     host_timeout_ms: u64,
-    /// Secondaries' FT ports start here and take up to 20000 ports above it.
+    /// Secondaries' FT ports are taken from here up to 65535 (at most 20000 of them).
     #[arg(long = "ft-port-base", value_name = "PORT", default_value_t = 47000,
-          value_parser = clap::value_parser!(u16).range(1024..=45535))]
+          value_parser = clap::value_parser!(u16).range(1024..))]
     ft_port_base: u16,
 }
 

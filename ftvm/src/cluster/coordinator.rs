@@ -312,7 +312,7 @@ impl Coord {
             host,
             id,
             port: if secondary {
-                self.cfg.ft_port_base + (id % 20_000) as u16
+                port_for(self.cfg.ft_port_base, id)
             } else {
                 0
             },
@@ -731,6 +731,12 @@ impl Coord {
     }
 }
 
+/// The FT port of placement `id`: one of the (at most 20000) ports from `base` to 65535.
+fn port_for(base: u16, id: u64) -> u16 {
+    let span = (65_536 - u32::from(base)).min(20_000);
+    base + (id % u64::from(span)) as u16
+}
+
 /// One word (and why) for a VM's state.
 pub fn vm_state(v: &Vm) -> String {
     if let Some(code) = v.ended {
@@ -745,4 +751,20 @@ pub fn vm_state(v: &Vm) -> String {
         FtState::Suspended => "FT suspended (not protected)".to_string(),
     };
     format!("{run}, {ft}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::port_for;
+
+    #[test]
+    fn ports_stay_in_range_for_every_base() {
+        for base in [1024u16, 47_000, 60_000, 65_535] {
+            for id in (0..200_000u64).step_by(7) {
+                assert!(port_for(base, id) >= base);
+            }
+        }
+        assert_eq!(port_for(47_000, 1), 47_001);
+        assert_eq!(port_for(65_535, 12_345), 65_535);
+    }
 }
