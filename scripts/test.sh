@@ -9,6 +9,10 @@ need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 # `ip` for the network-namespace tests (hosts of the FT and cluster scenarios).
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+# etcd: the coordinator's second store backend (its scenarios run on both); protoc builds
+# the etcd client's gRPC code.
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 if ((${#need_apt[@]})); then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" -eq 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
@@ -36,11 +40,32 @@ if [ ! -w /dev/kvm ] && [ "${FTVM_SKIP_KVM_TESTS:-}" != 1 ]; then
     echo "warning: /dev/kvm is not usable by $(id -un); KVM tests will fail (FTVM_SKIP_KVM_TESTS=1 skips them)" >&2
 fi
 
+# One etcd for the whole run (each test takes a key prefix of its own); without
+# FTVM_ETCD_ENDPOINTS the tests would start a private etcd each.
+if [ -z "${FTVM_ETCD_ENDPOINTS:-}" ]; then
+    etcd_dir=$(mktemp -d /tmp/ftvm-ci-etcd.XXXXXX)
+    port=$((21000 + RANDOM % 20000)); peer=$((port + 1))
+    echo "==> starting etcd on 127.0.0.1:$port (data in $etcd_dir)"
+    etcd --name ci --data-dir "$etcd_dir/data" \
+        --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+        --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+        --initial-cluster "ci=http://127.0.0.1:$peer" >"$etcd_dir/etcd.log" 2>&1 &
+    etcd_pid=$!
+    trap 'kill $etcd_pid 2>/dev/null; wait $etcd_pid 2>/dev/null; rm -rf "$etcd_dir"' EXIT
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.1
+    done
+    export FTVM_ETCD_ENDPOINTS="http://127.0.0.1:$port"
+fi
+
+# The etcd backend is a cargo feature (it needs protoc); the test suite builds with it.
+features=(--features ftvm/etcd)
 echo "==> cargo fmt --check"
 cargo fmt --all --check
 echo "==> cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 echo "==> cargo build --release (ftvm and every test guest)"
-cargo build --release --workspace --locked
+cargo build --release --workspace --locked "${features[@]}"
 echo "==> cargo test --release"
-cargo test --release --workspace --locked
+cargo test --release --workspace --locked "${features[@]}"

@@ -1,11 +1,30 @@
 //! The failover coordinator's building blocks: the cluster model ([`model`]), the store it
-//! lives in ([`store`]: an embedded file store with an atomic test-and-set), and placement with
-//! vSphere FT's limits ([`placement`]). The processes (`ftvm coordinator`, `ftvm host-agent`)
-//! and the operations CLI are in the `ftvm` binary.
+//! lives in ([`store`]: an embedded file store with an atomic test-and-set and a coordinator
+//! lease; with feature `etcd`, the same on etcd in `etcd`), and placement with vSphere FT's
+//! limits ([`placement`]). The processes (`ftvm coordinator`, `ftvm host-agent`) and the
+//! operations CLI are in the `ftvm` binary.
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod model;
 pub mod placement;
 pub mod store;
 
 pub use model::{Cluster, FtState, Host, Vm};
 pub use placement::{Limits, PlacementError};
-pub use store::{FileStore, Store, StoreError};
+pub use store::{FileStore, Leadership, Store, StoreError};
+
+/// The etcd store (see `etcd`) at `endpoints` with keys under `prefix`; an error naming the
+/// missing feature when this build has no etcd support.
+pub fn open_etcd(endpoints: &[String], prefix: &str) -> Result<Box<dyn Store>, StoreError> {
+    #[cfg(feature = "etcd")]
+    return Ok(Box::new(etcd::EtcdStore::connect(endpoints, prefix)?));
+    #[cfg(not(feature = "etcd"))]
+    {
+        let _ = (endpoints, prefix);
+        Err(StoreError::Backend(
+            "this ftvm was built without etcd support: build it with `cargo build --release \
+             -p ftvm --features etcd` (needs protoc: apt-get install protobuf-compiler)"
+                .into(),
+        ))
+    }
+}

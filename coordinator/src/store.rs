@@ -9,6 +9,8 @@ use std::fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -18,6 +20,28 @@ pub enum StoreError {
     Io { path: PathBuf, err: std::io::Error },
     #[error("store value of {0:?} is corrupt")]
     Corrupt(String),
+    /// The backend (etcd) failed or did not answer in time.
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+/// Proof that this process is the cluster's one active coordinator (see [`Store::lead`]).
+/// [`Leadership::held`] turns false for good when the lease is lost (etcd: a keep-alive went
+/// unanswered for the lease's TTL); its holder must then stop acting for the cluster.
+pub struct Leadership {
+    held: Arc<AtomicBool>,
+    /// Whatever keeps the lease (a locked file, a keep-alive task's handle).
+    _keep: Box<dyn Send + Sync>,
+}
+
+impl Leadership {
+    pub fn new(held: Arc<AtomicBool>, keep: Box<dyn Send + Sync>) -> Self {
+        Leadership { held, _keep: keep }
+    }
+
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::SeqCst)
+    }
 }
 
 /// Opens (creating) `path` and takes an exclusive `flock` on it, held until the returned file
@@ -59,9 +83,14 @@ pub trait Store: Send + Sync {
     fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Keys under `prefix` (as given to `put`), sorted.
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Waits until this process is the one holder of the store's coordinator lease, so that two
+    /// coordinators started on one store never act at once: the second waits as a standby and
+    /// takes over when the first dies. `who` is shown to waiters; `waiting` is called once, with
+    /// the current holder's `who`, if the lease is taken.
+    fn lead(&self, who: &str, waiting: &mut dyn FnMut(&str)) -> Result<Leadership, StoreError>;
 }
 
-fn check_key(key: &str) -> Result<(), StoreError> {
+pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
     let ok = !key.is_empty()
         && key.len() <= 200
         && !key.starts_with('/')
@@ -209,40 +238,70 @@ impl Store for FileStore {
         out.sort();
         Ok(out)
     }
+
+    /// The lease is an exclusive `flock` on `DIR/leader.lock`, which the kernel releases when
+    /// the holding process dies; `DIR/leader` names the holder.
+    fn lead(&self, who: &str, waiting: &mut dyn FnMut(&str)) -> Result<Leadership, StoreError> {
+        let lp = self.dir.join("leader.lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lp)
+            .map_err(self.io(&lp))?;
+        // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = fs::read_to_string(self.dir.join("leader")).unwrap_or_default();
+            waiting(holder.trim());
+            // SAFETY: as above.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(self.io(&lp)(std::io::Error::last_os_error()));
+            }
+        }
+        let np = self.dir.join("leader");
+        write_atomic(&np, who.as_bytes()).map_err(self.io(&np))?;
+        Ok(Leadership::new(
+            Arc::new(AtomicBool::new(true)),
+            Box::new(lock),
+        ))
+    }
 }
 
-#[cfg(test)]
-mod tests {
+/// The contract every backend keeps, as checks that panic on a breach: run against each
+/// backend by the unit tests (file store) and `tests/tests/store.rs` (file store and etcd).
+#[doc(hidden)]
+pub mod conformance {
     use super::*;
-    use std::sync::Arc;
+    use std::time::{Duration, Instant};
 
-    fn store(tag: &str) -> FileStore {
-        let d = std::env::temp_dir().join(format!("ftvm-store-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        FileStore::open(&d).unwrap()
-    }
-
-    #[test]
-    fn versions_cas_list_delete() {
-        let s = store("basic");
+    pub fn versions_cas_list_delete(s: &dyn Store) {
         assert_eq!(s.get("vms/a").unwrap(), None);
         assert_eq!(s.cas("vms/a", 0, b"one").unwrap(), Some(1));
         assert_eq!(s.cas("vms/a", 0, b"two").unwrap(), None, "must be absent");
         assert_eq!(s.cas("vms/a", 1, b"two").unwrap(), Some(2));
         assert_eq!(s.get("vms/a").unwrap(), Some((b"two".to_vec(), 2)));
+        assert_eq!(s.put("vms/a", b"three").unwrap(), 3);
         assert_eq!(s.put("hosts/h1", b"x").unwrap(), 1);
         assert_eq!(s.list("vms/").unwrap(), vec!["vms/a".to_string()]);
         assert_eq!(s.list("").unwrap().len(), 2);
         s.delete("vms/a").unwrap();
+        s.delete("vms/a").unwrap();
         assert_eq!(s.get("vms/a").unwrap(), None);
+        assert_eq!(
+            s.cas("vms/a", 3, b"late").unwrap(),
+            None,
+            "deleted: version 0"
+        );
         for bad in ["", "/etc/passwd", "a/../b", "a//b", "a b", "x\n"] {
             assert!(matches!(s.get(bad), Err(StoreError::Key(_))), "{bad:?}");
+            assert!(
+                matches!(s.put(bad, b"v"), Err(StoreError::Key(_))),
+                "{bad:?}"
+            );
         }
     }
 
-    #[test]
-    fn concurrent_cas_from_many_threads_has_one_winner_per_version() {
-        let s = Arc::new(store("race"));
+    pub fn concurrent_cas_has_one_winner_per_version(s: Arc<dyn Store>) {
         for round in 0..10u64 {
             let wins: usize = (0..8)
                 .map(|i| {
@@ -257,8 +316,66 @@ mod tests {
                 .into_iter()
                 .map(|t| t.join().unwrap())
                 .sum();
-            assert_eq!(wins, 1);
+            assert_eq!(wins, 1, "round {round}");
         }
+    }
+
+    /// `a` leads; `b` (another handle on the same store) waits, told that `a` holds the lease,
+    /// until `a`'s leadership is dropped, then leads within `handover`.
+    pub fn one_leader_at_a_time(a: Arc<dyn Store>, b: Arc<dyn Store>, handover: Duration) {
+        let la = a
+            .lead("coordinator-a", &mut |_| panic!("nobody leads yet"))
+            .unwrap();
+        assert!(la.held());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let tx2 = tx.clone();
+            let lb = b
+                .lead("coordinator-b", &mut |holder| {
+                    tx2.send(format!("waiting for {holder}")).unwrap()
+                })
+                .unwrap();
+            tx.send("leading".into()).unwrap();
+            lb.held()
+        });
+        let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(first, "waiting for coordinator-a");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(700)).is_err(),
+            "b must not lead while a does"
+        );
+        assert!(la.held());
+        let dropped = Instant::now();
+        drop(la);
+        assert_eq!(rx.recv_timeout(handover).unwrap(), "leading");
+        assert!(dropped.elapsed() < handover);
+        assert!(t.join().unwrap());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn store(tag: &str) -> FileStore {
+        let d = std::env::temp_dir().join(format!("ftvm-store-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        FileStore::open(&d).unwrap()
+    }
+
+    #[test]
+    fn file_store_keeps_the_store_contract() {
+        conformance::versions_cas_list_delete(&store("basic"));
+        conformance::concurrent_cas_has_one_winner_per_version(Arc::new(store("race")));
+    }
+
+    /// (The etcd backend runs the same checks in `tests/tests/store.rs`.)
+    #[test]
+    fn file_lease_has_one_holder_and_passes_on_when_lost() {
+        let a = store("lease");
+        let b = FileStore::open(&a.dir).unwrap();
+        conformance::one_leader_at_a_time(Arc::new(a), Arc::new(b), Duration::from_secs(2));
     }
 
     proptest::proptest! {

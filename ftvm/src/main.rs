@@ -84,8 +84,9 @@ enum Cmd {
 
 #[derive(Args)]
 struct CoordinatorOpt {
-    /// The coordinator's address.
-    #[arg(long, value_name = "ADDR", env = "FTVM_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
+    /// The coordinator's address; several (comma-separated) for a coordinator with standbys:
+    /// the one that answers is used.
+    #[arg(long, value_name = "ADDR[,ADDR…]", env = "FTVM_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
     coordinator: String,
 }
 
@@ -110,6 +111,14 @@ struct CoordinatorArgs {
     #[arg(long = "ft-port-base", value_name = "PORT", default_value_t = 47000,
           value_parser = clap::value_parser!(u16).range(1024..))]
     ft_port_base: u16,
+    /// Keep the cluster state in etcd at these endpoints (comma-separated, e.g.
+    /// http://10.0.0.5:2379) instead of the embedded file store in DIR/store. Needs a build
+    /// with `--features etcd`.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Keys under this etcd prefix (one per cluster).
+    #[arg(long = "etcd-prefix", value_name = "PREFIX", default_value = "/ftvm/")]
+    etcd_prefix: String,
 }
 
 #[derive(Args)]
@@ -657,6 +666,14 @@ fn main() {
             },
             host_timeout: Duration::from_millis(a.host_timeout_ms),
             ft_port_base: a.ft_port_base,
+            store: if a.etcd.is_empty() {
+                cluster::coordinator::StoreChoice::File
+            } else {
+                cluster::coordinator::StoreChoice::Etcd {
+                    endpoints: a.etcd,
+                    prefix: a.etcd_prefix,
+                }
+            },
         }),
         Cmd::HostAgent(a) => cluster::agent::run(cluster::agent::Config {
             name: a.name,

@@ -143,3 +143,94 @@ pub fn assert_clear_error(out: &Output, needle: &str) {
     let code = out.status.code().expect("exited, not killed by a signal");
     assert!(code == 1 || code == 2, "exit code {code}; stderr: {stderr}");
 }
+
+/// An etcd server for a test: the one named by `FTVM_ETCD_ENDPOINTS` (scripts/test.sh starts
+/// one), else a private real `etcd` (Debian's etcd-server) on free loopback ports, stopped on
+/// drop. Each user takes its own key prefix ([`Etcd::prefix`]), so tests never share state.
+pub struct Etcd {
+    pub endpoints: Vec<String>,
+    child: Option<std::process::Child>,
+    dir: Option<TempDir>,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        if let Ok(e) = std::env::var("FTVM_ETCD_ENDPOINTS") {
+            return Etcd {
+                endpoints: e.split(',').map(str::to_string).collect(),
+                child: None,
+                dir: None,
+            };
+        }
+        let dir = TempDir::new("etcd");
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (client, peer) = (
+            format!("http://127.0.0.1:{}", free()),
+            format!("http://127.0.0.1:{}", free()),
+        );
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.path("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path("etcd.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run `etcd` ({e}): install Debian's etcd-server (scripts/test.sh \
+                     does) or point FTVM_ETCD_ENDPOINTS at a running etcd"
+                )
+            });
+        let e = Etcd {
+            endpoints: vec![client.clone()],
+            child: Some(child),
+            dir: Some(dir),
+        };
+        // Ready when it answers on its client port.
+        let addr = client.trim_start_matches("http://").to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "etcd did not start listening on {addr}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        e
+    }
+
+    /// A key prefix no other test uses (`/ftvm-test/TAG-PID-N/`).
+    pub fn prefix(&self, tag: &str) -> String {
+        static N: AtomicU64 = AtomicU64::new(0);
+        format!(
+            "/ftvm-test/{tag}-{}-{}/",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// The endpoints as `ftvm coordinator --etcd` takes them.
+    pub fn arg(&self) -> String {
+        self.endpoints.join(",")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.dir.take();
+    }
+}

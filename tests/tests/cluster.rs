@@ -1,6 +1,6 @@
 //! The failover coordinator end to end: a real `ftvm coordinator` and `ftvm host-agent`
 //! processes (hosts on loopback sharing one datastore directory), real FT pairs under them.
-use ftvm_tests::{ftvm_bin, require_kvm, TempDir};
+use ftvm_tests::{ftvm_bin, require_kvm, Etcd, TempDir};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -8,36 +8,66 @@ use std::time::{Duration, Instant};
 /// The cluster tests each run several VMMs: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Where the coordinator keeps the cluster state: every scenario runs on both.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    /// The embedded file store (the default).
+    File,
+    /// A real etcd (Debian's etcd-server), under a key prefix of the test's own.
+    Etcd,
+}
+
 struct Cluster {
     dir: TempDir,
+    /// Where the CLI and the agents look for the coordinator (comma-separated when there is
+    /// a standby).
     addr: String,
     coordinator: Child,
     agents: Vec<(String, Child)>,
+    /// `--etcd …` arguments of every coordinator of this cluster (empty: file store).
+    store_args: Vec<String>,
+    _etcd: Option<Etcd>,
+}
+
+fn free_loopback_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
 }
 
 impl Cluster {
-    fn start(tag: &str, hosts: &[&str], extra: &[&str]) -> Cluster {
+    fn start(tag: &str, hosts: &[&str], extra: &[&str], b: Backend) -> Cluster {
+        Self::start_with(tag, hosts, extra, b, &[])
+    }
+
+    /// A cluster whose agents also know the coordinator addresses `standbys` (see
+    /// [`Cluster::spawn_coordinator`]).
+    fn start_with(
+        tag: &str,
+        hosts: &[&str],
+        extra: &[&str],
+        b: Backend,
+        standbys: &[&str],
+    ) -> Cluster {
         let dir = TempDir::new(tag);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let d = dir.path("cluster");
-        let coordinator = Command::new(ftvm_bin())
-            .args(["coordinator", "--listen", &addr, "--dir"])
-            .arg(&d)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path("coordinator.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let listen = free_loopback_addr();
+        let addr = std::iter::once(listen.as_str())
+            .chain(standbys.iter().copied())
+            .collect::<Vec<_>>()
+            .join(",");
+        let (etcd, store_args) = Self::store(b, tag);
+        let coordinator =
+            Self::coordinator_process(&dir, &listen, &store_args, extra, "coordinator");
         let mut c = Cluster {
             dir,
             addr,
             coordinator,
             agents: vec![],
+            store_args,
+            _etcd: etcd,
         };
         for h in hosts {
             c.add_host(h);
@@ -46,6 +76,42 @@ impl Cluster {
             s.matches(": up").count() == hosts.len()
         });
         c
+    }
+
+    fn store(b: Backend, tag: &str) -> (Option<Etcd>, Vec<String>) {
+        match b {
+            Backend::File => (None, vec![]),
+            Backend::Etcd => {
+                let e = Etcd::start();
+                let args = vec![
+                    "--etcd".into(),
+                    e.arg(),
+                    "--etcd-prefix".into(),
+                    e.prefix(tag),
+                ];
+                (Some(e), args)
+            }
+        }
+    }
+
+    /// `ftvm coordinator` on `listen` with this cluster's directory and store, logging to
+    /// `LOG.log` in the test directory.
+    fn coordinator_process(
+        dir: &TempDir,
+        listen: &str,
+        store_args: &[String],
+        extra: &[&str],
+        log: &str,
+    ) -> Child {
+        Command::new(ftvm_bin())
+            .args(["coordinator", "--listen", listen, "--dir"])
+            .arg(dir.path("cluster"))
+            .args(store_args)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path(&format!("{log}.log"))).unwrap())
+            .spawn()
+            .unwrap()
     }
 
     fn add_host(&mut self, h: &str) {
@@ -160,10 +226,16 @@ impl Drop for Cluster {
     }
 }
 
-/// `1`..`n` once each, in order (a prefix of the counter's output).
+/// `1`..`n` once each, in order (a prefix of the counter's output). The guest is still
+/// printing, and an epoch's output may end inside a line: an unterminated last line must be
+/// the start of the next number.
 fn assert_counter_prefix(text: &str) -> u64 {
+    let (whole, partial) = match text.rfind('\n') {
+        Some(i) => (&text[..=i], &text[i + 1..]),
+        None => ("", text),
+    };
     let mut n = 0;
-    for l in text.lines() {
+    for l in whole.lines() {
         n += 1;
         assert_eq!(
             l,
@@ -171,6 +243,10 @@ fn assert_counter_prefix(text: &str) -> u64 {
             "line {n}: output lost or repeated:\n{text}"
         );
     }
+    assert!(
+        (n + 1).to_string().starts_with(partial),
+        "unterminated last line {partial:?} after line {n}"
+    );
     n
 }
 
@@ -193,11 +269,13 @@ fn create_ft_counter(c: &Cluster, vm: &str) {
     });
 }
 
-#[test]
-fn limits_are_enforced_with_messages_naming_them() {
-    require_kvm!();
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let c = Cluster::start("cl-limits", &["h1"], &["--max-secondaries-per-host", "1"]);
+fn limits_are_enforced_with_messages_naming_them(b: Backend) {
+    let c = Cluster::start(
+        "cl-limits",
+        &["h1"],
+        &["--max-secondaries-per-host", "1"],
+        b,
+    );
     let err = c.refused(&[
         "vm", "create", "big", "--guest", "counter", "--vcpus", "9", "--ft",
     ]);
@@ -208,7 +286,12 @@ fn limits_are_enforced_with_messages_naming_them() {
     assert!(err.contains("h1 runs the primary"), "{err}");
     drop(c);
     // Two hosts, one secondary each at most: the third FT VM's secondary has no room.
-    let mut c = Cluster::start("cl-limits2", &["h1"], &["--max-secondaries-per-host", "1"]);
+    let mut c = Cluster::start(
+        "cl-limits2",
+        &["h1"],
+        &["--max-secondaries-per-host", "1"],
+        b,
+    );
     c.add_host("h2");
     c.wait(10, "two hosts", |s| s.matches(": up").count() == 2);
     create_ft_counter(&c, "a");
@@ -226,11 +309,8 @@ fn limits_are_enforced_with_messages_naming_them() {
 /// secondary takes over by itself, the coordinator places a new secondary on the remaining
 /// host, protection returns, and the console stays exact. Then the secondary's host dies:
 /// a new secondary is placed again once a host is back.
-#[test]
-fn host_failures_fail_over_and_protection_is_restored() {
-    require_kvm!();
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut c = Cluster::start("cl-hostfail", &["h1", "h2", "h3"], &[]);
+fn host_failures_fail_over_and_protection_is_restored(b: Backend) {
+    let mut c = Cluster::start("cl-hostfail", &["h1", "h2", "h3"], &[], b);
     create_ft_counter(&c, "web");
     let p = c.host_of("web", "primary");
     let s = c.host_of("web", "secondary");
@@ -262,11 +342,8 @@ fn host_failures_fail_over_and_protection_is_restored() {
 
 /// The vSphere operations through the coordinator: Test Failover, Test Restart Secondary,
 /// Migrate Secondary, Suspend/Resume and Turn Off FT, with the console exact throughout.
-#[test]
-fn ft_operations_through_the_coordinator() {
-    require_kvm!();
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let c = Cluster::start("cl-ops", &["h1", "h2", "h3"], &[]);
+fn ft_operations_through_the_coordinator(b: Backend) {
+    let c = Cluster::start("cl-ops", &["h1", "h2", "h3"], &[], b);
     create_ft_counter(&c, "db");
     let out = c.ok(&["ft", "test-failover", "db"]);
     for step in ["detected", "won the arbitration", "is live", "re-protected"] {
@@ -428,22 +505,19 @@ impl Drop for NetHosts {
 
 impl Cluster {
     /// A cluster whose hosts h1..hn are network namespaces.
-    fn start_in_namespaces(tag: &str, net: &NetHosts) -> Cluster {
+    fn start_in_namespaces(tag: &str, net: &NetHosts, b: Backend) -> Cluster {
         let dir = TempDir::new(tag);
         let port = 47_600 + (std::process::id() % 200) as u16;
         let addr = format!("{NET}.1:{port}");
-        let coordinator = Command::new(ftvm_bin())
-            .args(["coordinator", "--listen", &addr, "--dir"])
-            .arg(dir.path("cluster"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path("coordinator.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let (etcd, store_args) = Self::store(b, tag);
+        let coordinator = Self::coordinator_process(&dir, &addr, &store_args, &[], "coordinator");
         let mut c = Cluster {
             dir,
             addr: addr.clone(),
             coordinator,
             agents: vec![],
+            store_args,
+            _etcd: etcd,
         };
         for i in 1..=net.hosts.len() {
             let h = format!("h{i}");
@@ -487,12 +561,9 @@ impl Cluster {
 /// down, still running), a host **partitioned** from the coordinator (it still reaches its
 /// peers), and a host **failed** (everything on it killed). Each ends with exactly one live
 /// primary, the console exact, and protection back.
-#[test]
-fn isolation_and_partition_in_namespaces_never_make_two_primaries() {
-    require_kvm!();
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+fn isolation_and_partition_in_namespaces_never_make_two_primaries(b: Backend) {
     let net = NetHosts::create(3);
-    let c = Cluster::start_in_namespaces("cl-netns", &net);
+    let c = Cluster::start_in_namespaces("cl-netns", &net, b);
     create_ft_counter(&c, "app");
     // 1. The primary's host is isolated for 3 s.
     let p = c.host_of("app", "primary");
@@ -535,3 +606,72 @@ fn isolation_and_partition_in_namespaces_never_make_two_primaries() {
     });
     c.assert_console_exact("app", 300);
 }
+
+/// A second coordinator on the same store waits as a standby (it does not even listen) and
+/// takes over the cluster when the first dies: hosts, VMs and placements carry over, nothing
+/// is restarted, and FT operations work through it.
+fn a_standby_coordinator_takes_over_the_cluster(b: Backend) {
+    let standby = free_loopback_addr();
+    let mut c = Cluster::start_with("cl-standby", &["h1", "h2", "h3"], &[], b, &[&standby]);
+    create_ft_counter(&c, "svc");
+    let mut second = Cluster::coordinator_process(&c.dir, &standby, &c.store_args, &[], "standby");
+    let t = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(c.dir.path("standby.log")).unwrap_or_default();
+        if log.contains("standby:") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "standby log: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        std::net::TcpStream::connect(&standby).is_err(),
+        "a standby must not serve while another coordinator leads"
+    );
+    let (p, s) = (c.host_of("svc", "primary"), c.host_of("svc", "secondary"));
+    c.coordinator.kill().unwrap();
+    c.coordinator.wait().unwrap();
+    std::mem::swap(&mut c.coordinator, &mut second);
+    let _ = second.wait();
+    // (etcd: up to the lease TTL before the standby leads.)
+    let st = c.wait(30, "the standby leads with the cluster intact", |st| {
+        st.contains("VM svc: running, protected") && st.matches(": up").count() == 3
+    });
+    assert!(
+        st.contains(&format!("| primary {p} ")) && st.contains(&format!("| secondary {s} ")),
+        "placements carried over unchanged: {st}"
+    );
+    let out = c.ok(&["ft", "test-failover", "svc"]);
+    assert!(out.contains("re-protected"), "{out}");
+    c.assert_console_exact("svc", 50);
+}
+
+/// Every scenario above, once on the embedded file store and once on etcd.
+macro_rules! on_both_stores {
+    ($($scenario:ident),* $(,)?) => {
+        mod file_store {
+            $(#[test]
+            fn $scenario() {
+                ftvm_tests::require_kvm!();
+                let _s = super::SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+                super::$scenario(super::Backend::File);
+            })*
+        }
+        mod etcd_store {
+            $(#[test]
+            fn $scenario() {
+                ftvm_tests::require_kvm!();
+                let _s = super::SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+                super::$scenario(super::Backend::Etcd);
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    limits_are_enforced_with_messages_naming_them,
+    host_failures_fail_over_and_protection_is_restored,
+    ft_operations_through_the_coordinator,
+    isolation_and_partition_in_namespaces_never_make_two_primaries,
+    a_standby_coordinator_takes_over_the_cluster,
+);

@@ -7,7 +7,7 @@ use crate::ctl::{self, field};
 use anyhow::{bail, Context, Result};
 use coordinator::model::{Cluster, Failover, FtState, Host, Placement, Vm};
 use coordinator::placement::{self, Limits};
-use coordinator::{FileStore, Store};
+use coordinator::{FileStore, Leadership, Store};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -25,11 +25,46 @@ pub struct Config {
     pub host_timeout: Duration,
     /// Secondaries listen on ports from here up.
     pub ft_port_base: u16,
+    pub store: StoreChoice,
+}
+
+/// Where the cluster state lives.
+pub enum StoreChoice {
+    /// The embedded file store in `DIR/store` (nothing to install).
+    File,
+    /// etcd at `endpoints`, keys under `prefix`.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
+impl StoreChoice {
+    fn open(&self, dir: &std::path::Path) -> Result<Box<dyn Store>> {
+        Ok(match self {
+            StoreChoice::File => Box::new(FileStore::open(&dir.join("store"))?),
+            StoreChoice::Etcd { endpoints, prefix } => coordinator::open_etcd(endpoints, prefix)?,
+        })
+    }
+
+    fn describe(&self, dir: &std::path::Path) -> String {
+        match self {
+            StoreChoice::File => format!("file store {}", dir.join("store").display()),
+            StoreChoice::Etcd { endpoints, prefix } => {
+                format!("etcd {} under {prefix}", endpoints.join(","))
+            }
+        }
+    }
 }
 
 struct Coord {
     cfg: Config,
-    store: FileStore,
+    store: Box<dyn Store>,
+    /// This coordinator's lease on the cluster; when lost, it stops at once.
+    leader: Leadership,
+    /// Version of the stored state this coordinator wrote last: every save is a test-and-set
+    /// against it, so a coordinator that lost the cluster to another can never overwrite it.
+    version: std::sync::atomic::AtomicU64,
     cluster: Mutex<Cluster>,
     /// Latest report of every process, by placement id: (host, report).
     reports: Mutex<HashMap<u64, (String, ProcReport)>>,
@@ -41,21 +76,38 @@ const STATE_KEY: &str = "cluster";
 
 /// Runs the coordinator until killed.
 pub fn run(cfg: Config) -> Result<u8> {
-    let store = FileStore::open(&cfg.dir.join("store"))?;
-    let cluster = match store.get(STATE_KEY)? {
-        Some((raw, _)) => serde_json::from_slice(&raw).context("the stored cluster state")?,
-        None => Cluster::default(),
+    let store = cfg.store.open(&cfg.dir)?;
+    let where_ = cfg.store.describe(&cfg.dir);
+    // One active coordinator per cluster: a second one waits here as a standby.
+    let who = format!("{} pid {}", cfg.listen, std::process::id());
+    let leader = store.lead(&who, &mut |holder| {
+        eprintln!("ftvm coordinator: standby: the cluster in {where_} is led by {holder}; waiting for its lease")
+    })?;
+    let (cluster, version) = match store.get(STATE_KEY)? {
+        Some((raw, v)) => (
+            serde_json::from_slice(&raw).context("the stored cluster state")?,
+            v,
+        ),
+        None => (Cluster::default(), 0),
     };
+    // A coordinator that takes over (or restarts) gives every host a full timeout to report
+    // before it calls any of them down.
+    let mut cluster: Cluster = cluster;
+    for h in cluster.hosts.values_mut() {
+        h.last_seen_ms = now_ms();
+    }
     let listener = TcpListener::bind(cfg.listen)
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     eprintln!(
-        "ftvm coordinator: listening on {}, state in {}",
+        "ftvm coordinator: listening on {}, state in {where_}, datastores in {}",
         listener.local_addr()?,
         cfg.dir.display()
     );
     let c = Arc::new(Coord {
         cfg,
         store,
+        leader,
+        version: version.into(),
         cluster: Mutex::new(cluster),
         reports: Mutex::new(HashMap::new()),
         failing: Mutex::new(HashMap::new()),
@@ -64,6 +116,12 @@ pub fn run(cfg: Config) -> Result<u8> {
     std::thread::Builder::new()
         .name("reconcile".into())
         .spawn(move || loop {
+            if !c2.leader.held() {
+                eprintln!(
+                    "ftvm coordinator: lost the cluster lease; stopping so a standby can lead"
+                );
+                std::process::exit(3);
+            }
             if let Err(e) = c2.reconcile() {
                 eprintln!("ftvm coordinator: {e:#}");
             }
@@ -93,9 +151,26 @@ impl Coord {
         self.cfg.dir.join("vms").join(vm)
     }
 
+    /// Stores `cluster` (called with the cluster lock held, so saves are ordered).
     fn save(&self, cluster: &Cluster) -> Result<()> {
-        self.store.put(STATE_KEY, &serde_json::to_vec(cluster)?)?;
-        Ok(())
+        use std::sync::atomic::Ordering;
+        let v = self.version.load(Ordering::SeqCst);
+        match self
+            .store
+            .cas(STATE_KEY, v, &serde_json::to_vec(cluster)?)?
+        {
+            Some(nv) => {
+                self.version.store(nv, Ordering::SeqCst);
+                Ok(())
+            }
+            None => {
+                eprintln!(
+                    "ftvm coordinator: the cluster state was changed by another coordinator; \
+                     stopping"
+                );
+                std::process::exit(3);
+            }
+        }
     }
 
     fn serve(&self, conn: TcpStream) {

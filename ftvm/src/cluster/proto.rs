@@ -108,14 +108,27 @@ pub fn read_line(r: impl Read) -> Result<Vec<u8>> {
     Ok(line)
 }
 
-/// Sends `req` to the coordinator at `addr` and returns its reply.
-pub fn call(addr: &str, req: &Request) -> Result<Reply> {
-    let sa = addr
-        .parse()
-        .with_context(|| format!("coordinator address {addr:?}"))?;
-    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(2)).with_context(|| {
-        format!("no coordinator answers at {addr} (is `ftvm coordinator` running?)")
-    })?;
+/// Sends `req` to the coordinator at `addrs` and returns its reply. `addrs` may list several
+/// coordinators, comma-separated (an active one and standbys, see `Store::lead`): the first
+/// that accepts the connection answers. A standby does not listen until it leads.
+pub fn call(addrs: &str, req: &Request) -> Result<Reply> {
+    let mut refused = Vec::new();
+    for addr in addrs.split(',').map(str::trim) {
+        let sa: std::net::SocketAddr = addr
+            .parse()
+            .with_context(|| format!("coordinator address {addr:?}"))?;
+        match TcpStream::connect_timeout(&sa, Duration::from_secs(2)) {
+            Ok(s) => return call_on(s, req),
+            Err(e) => refused.push(format!("{addr}: {e}")),
+        }
+    }
+    bail!(
+        "no coordinator answers ({}); is `ftvm coordinator` running?",
+        refused.join("; ")
+    )
+}
+
+fn call_on(mut s: TcpStream, req: &Request) -> Result<Reply> {
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
