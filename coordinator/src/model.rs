@@ -59,8 +59,11 @@ pub struct Vm {
     pub name: String,
     /// A built-in test guest (`ftvm guests`) …
     pub guest: Option<String>,
-    /// … or a kernel image path on the hosts.
+    /// … or a kernel image path on the hosts …
     pub kernel: Option<String>,
+    /// … with this initial ramdisk (a path on the hosts).
+    #[serde(default)]
+    pub initrd: Option<String>,
     pub cmdline: String,
     pub vcpus: u8,
     pub mem_mib: u64,

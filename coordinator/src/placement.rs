@@ -147,6 +147,7 @@ mod tests {
                 name: name.into(),
                 guest: Some("counter".into()),
                 kernel: None,
+                initrd: None,
                 cmdline: String::new(),
                 vcpus: 2,
                 mem_mib: 64,

@@ -382,8 +382,9 @@ pub struct PrimaryConfig {
 #[derive(Clone, Debug)]
 pub struct FtConfig {
     /// Where the secondary listens. A `peer` file in the datastore (written by whoever places
-    /// secondaries) overrides it when reconnecting.
-    pub peer: SocketAddr,
+    /// secondaries) overrides it when reconnecting. None: the guest starts unprotected and a
+    /// secondary is connected only once a `peer` file names one (FT turned on later).
+    pub peer: Option<SocketAddr>,
     pub datastore: PathBuf,
     pub serial_out: Option<PathBuf>,
     pub epoch: Duration,
@@ -398,7 +399,7 @@ impl FtConfig {
     /// The defaults of `ftvm primary`, for a secondary that becomes the primary.
     fn after_takeover(cfg: &SecondaryConfig) -> Self {
         FtConfig {
-            peer: cfg.listen,
+            peer: Some(cfg.listen),
             datastore: cfg.datastore.clone(),
             serial_out: cfg.serial_out.clone(),
             epoch: Duration::from_millis(20),
@@ -467,10 +468,29 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
     };
     let vm =
         Vmm::boot(&vm_cfg, &cfg.boot, Box::new(held.clone())).context("cannot create the VM")?;
-    let link_cfg = link_config(&ds, "primary", "secondary", Duration::from_secs(60))?;
     let hello = hello(Role::Primary, vm_cfg.vcpus, vm_cfg.mem_mib);
+    let Some(peer) = cfg.ft.peer else {
+        // No secondary yet: run unprotected (untracked, output released at once), holding
+        // this session's arbitration, until a `peer` file names a secondary.
+        // The secondary's identity is made now (both sides share the datastore's keys), so
+        // the link can be set up before any secondary has run.
+        net::identity::Identity::load_or_create(&ds.keys(), "secondary")?;
+        let link_cfg = link_config(&ds, "primary", "secondary", Duration::ZERO)?;
+        if !ds.arbitrate(session, instance())? {
+            bail!("another process holds this datastore's new protection session");
+        }
+        let status = Arc::new(Mutex::new(Status {
+            role: "primary",
+            protected: false,
+            note: "FT off: running unprotected until a secondary is placed".into(),
+            ..Default::default()
+        }));
+        let mut p = Primary::new(cfg.ft, rt, ds, vm, held, status, link_cfg, hello, 0)?;
+        p.session = session;
+        return p.run(false);
+    };
+    let link_cfg = link_config(&ds, "primary", "secondary", Duration::from_secs(60))?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let peer = cfg.ft.peer;
     let link = loop {
         let attempt = rt.block_on(async {
             tokio::time::timeout(CONNECT_TIMEOUT, connect(peer, &link_cfg, &hello))
@@ -685,16 +705,19 @@ impl Primary {
         self.rt.spawn(async move {
             loop {
                 // Whoever places secondaries may have named a new one's address.
-                let peer = ds.peer().unwrap_or(default_peer);
-                if let Ok(Ok((link, _, _))) =
-                    tokio::time::timeout(CONNECT_TIMEOUT, connect(peer, &cfg, &hello)).await
-                {
-                    let _ = tx.send(Box::new((peer, link)));
-                    return;
+                if let Some(peer) = ds.peer().or(default_peer) {
+                    if let Ok(Ok((link, _, _))) =
+                        tokio::time::timeout(CONNECT_TIMEOUT, connect(peer, &cfg, &hello)).await
+                    {
+                        let _ = tx.send(Box::new((peer, link)));
+                        return;
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
+        // Nothing to replicate: the guest runs without write tracking until the next sync.
+        self.vm.set_dirty_logging(false)?;
         self.vm.resume()?;
         loop {
             let ev = self.vm.wait_event(Some(Duration::from_micros(500)));
@@ -852,6 +875,7 @@ impl Primary {
     fn sync(&mut self) -> Result<Synced> {
         let t0 = Instant::now();
         self.encoder.shadow.clear();
+        self.vm.set_dirty_logging(true)?;
         self.vm.dirty_pages()?; // a clean log: from here every guest write is seen
         let mut b = BytesMut::new();
         Record::EpochBegin {

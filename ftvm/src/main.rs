@@ -222,9 +222,11 @@ enum CtlCommand {
 struct PrimaryArgs {
     #[command(flatten)]
     guest: GuestArgs,
-    /// The secondary's FT link address (UDP, QUIC).
+    /// The secondary's FT link address (UDP, QUIC). Without it the guest starts unprotected
+    /// (no write tracking) and is protected once a `peer` file in the datastore names a
+    /// secondary (how the coordinator turns FT on for a running VM).
     #[arg(long, value_name = "ADDR")]
-    peer: std::net::SocketAddr,
+    peer: Option<std::net::SocketAddr>,
     /// Shared datastore directory (keys, heartbeat, arbitration); the same for both sides.
     #[arg(long, value_name = "DIR")]
     datastore: PathBuf,
@@ -292,7 +294,7 @@ struct GuestArgs {
     /// Kernel image to boot: a PVH ELF, or a Linux bzImage (Linux/x86 boot protocol, 64-bit entry).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
-    /// Initial ramdisk for a Linux kernel.
+    /// Initial ramdisk: a bzImage's ramdisk, or a PVH kernel's first `hvm_start_info` module.
     #[arg(long, value_name = "PATH", requires = "kernel")]
     initrd: Option<PathBuf>,
     /// Kernel / guest command line (e.g. "count=1000 rate=0" for the counter guest).
@@ -417,15 +419,20 @@ fn run_vm(c: VmCmd) -> Result<u8> {
             ft,
             coord,
         } => {
-            if guest.initrd.is_some() {
-                bail!("--initrd is not supported for cluster VMs yet");
-            }
+            // The hosts' agents start the VMM elsewhere: relative paths mean this directory.
+            let on_hosts = |p: PathBuf| -> Result<String> {
+                Ok(std::path::absolute(&p)
+                    .with_context(|| format!("path {}", p.display()))?
+                    .display()
+                    .to_string())
+            };
             (
                 coord.coordinator,
                 Request::VmCreate {
                     name,
                     guest: guest.guest,
-                    kernel: guest.kernel.map(|k| k.display().to_string()),
+                    kernel: guest.kernel.map(on_hosts).transpose()?,
+                    initrd: guest.initrd.map(on_hosts).transpose()?,
                     cmdline: guest.cmdline,
                     vcpus: guest.vcpus.min(255) as u8,
                     mem_mib: guest.mem_mib,

@@ -128,6 +128,7 @@ impl Cluster {
         Command::new(ftvm_bin())
             .args(args)
             .env("FTVM_COORDINATOR", &self.addr)
+            .current_dir(&self.dir.0)
             .output()
             .unwrap()
     }
@@ -646,6 +647,75 @@ fn a_standby_coordinator_takes_over_the_cluster(b: Backend) {
     c.assert_console_exact("svc", 50);
 }
 
+/// FT turned on for a VM started without it (vSphere allows that): the VM runs as a primary
+/// with no secondary and no write tracking; `ft on` places a secondary, which pre-copies the
+/// running guest; then Test Failover. Also: a kernel-image VM gets its initrd, and paths
+/// relative to the CLI's directory reach the hosts as absolute paths.
+fn ft_on_for_a_running_vm_and_kernel_vms_with_initrd(b: Backend) {
+    let c = Cluster::start("cl-fton", &["h1", "h2"], &[], b);
+    c.ok(&[
+        "vm",
+        "create",
+        "late",
+        "--guest",
+        "counter",
+        "--cmdline",
+        "count=1000000 rate=100",
+        "--mem-mib",
+        "32",
+    ]);
+    c.ok(&["vm", "start", "late"]);
+    c.wait(10, "running without FT", |s| {
+        s.contains("VM late: running, FT off")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    c.ok(&["ft", "on", "late"]);
+    c.wait(60, "protected", |s| {
+        s.contains("VM late: running, protected")
+    });
+    let out = c.ok(&["ft", "test-failover", "late"]);
+    assert!(out.contains("re-protected"), "{out}");
+    c.assert_console_exact("late", 50);
+
+    // A kernel image with an initrd, both given relative to the CLI's directory.
+    let elf = ftvm_bin().parent().unwrap().join("guests/counter.elf");
+    std::fs::copy(&elf, c.dir.path("k.elf")).unwrap();
+    std::fs::write(c.dir.path("rd.img"), vec![0x5a; 100_000]).unwrap();
+    for (vm, rd) in [("kern", "rd.img"), ("nord", "missing.img")] {
+        c.ok(&[
+            "vm",
+            "create",
+            vm,
+            "--kernel",
+            "k.elf",
+            "--initrd",
+            rd,
+            "--cmdline",
+            "count=20 rate=0",
+            "--mem-mib",
+            "32",
+        ]);
+        c.ok(&["vm", "start", vm]);
+    }
+    c.wait(30, "the kernel VM ran to its end", |s| {
+        s.contains("VM kern: ended (exit 0)")
+    });
+    assert_eq!(c.console("kern"), ftvm_tests::counter_output(20));
+    let st = c.wait(30, "the VM with a missing initrd failed", |s| {
+        s.contains("VM nord: ended")
+    });
+    assert!(!st.contains("VM nord: ended (exit 0)"), "{st}");
+    let missing = c.dir.path("missing.img").display().to_string();
+    let t = Instant::now();
+    while c.proc_logs_with("nord", &format!("cannot read initrd {missing}")) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no 'cannot read initrd {missing}' in the VM's log"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Every scenario above, once on the embedded file store and once on etcd.
 macro_rules! on_both_stores {
     ($($scenario:ident),* $(,)?) => {
@@ -674,4 +744,5 @@ on_both_stores!(
     ft_operations_through_the_coordinator,
     isolation_and_partition_in_namespaces_never_make_two_primaries,
     a_standby_coordinator_takes_over_the_cluster,
+    ft_on_for_a_running_vm_and_kernel_vms_with_initrd,
 );

@@ -13,7 +13,9 @@ use crate::arch::mptable;
 use crate::layout::*;
 use crate::memory::GuestMemory;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use std::io::{Read, Seek, SeekFrom};
@@ -165,7 +167,7 @@ pub fn load(
     mem.write_obj((EBDA_START >> 4) as u16, GuestAddress(0x40e))
         .map_err(Error::Write)?;
     if image.starts_with(b"\x7fELF") {
-        load_pvh(mem, image, mem_bytes)
+        load_pvh(mem, image, initrd.as_deref(), mem_bytes)
     } else if image.len() > 0x206
         && u32::from_le_bytes(image[0x202..0x206].try_into().unwrap()) == HDRS_MAGIC
     {
@@ -175,7 +177,32 @@ pub fn load(
     }
 }
 
-fn load_pvh(mem: &GuestMemory, image: &[u8], mem_bytes: u64) -> Result<BootEntry, Error> {
+/// Puts `rd` as high as it fits below `limit`, page-aligned, above `kernel_end`.
+fn place_initrd(mem: &GuestMemory, rd: &[u8], kernel_end: u64, limit: u64) -> Result<u64, Error> {
+    match limit
+        .checked_sub(rd.len() as u64)
+        .map(|a| a & !(PAGE_SIZE - 1))
+    {
+        Some(a) if a >= kernel_end => {
+            mem.write_slice(rd, GuestAddress(a)).map_err(Error::Write)?;
+            Ok(a)
+        }
+        _ => Err(Error::InitrdTooBig {
+            size: rd.len(),
+            limit,
+            kernel_end,
+        }),
+    }
+}
+
+/// A PVH kernel gets its initrd as the first module of `hvm_start_info` (as Linux's PVH entry
+/// and QEMU's `-initrd` with PVH do).
+fn load_pvh(
+    mem: &GuestMemory,
+    image: &[u8],
+    initrd: Option<&[u8]>,
+    mem_bytes: u64,
+) -> Result<BootEntry, Error> {
     let res = Elf::load(
         mem,
         None,
@@ -198,7 +225,7 @@ fn load_pvh(mem: &GuestMemory, image: &[u8], mem_bytes: u64) -> Result<BootEntry
         let at = memmap_addr + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
         mem.write_obj(e, GuestAddress(at)).map_err(Error::Write)?;
     }
-    let info = hvm_start_info {
+    let mut info = hvm_start_info {
         magic: PVH_MAGIC,
         version: 1,
         cmdline_paddr: CMDLINE_START,
@@ -206,6 +233,21 @@ fn load_pvh(mem: &GuestMemory, image: &[u8], mem_bytes: u64) -> Result<BootEntry
         memmap_entries: map.len() as u32,
         ..Default::default()
     };
+    if let Some(rd) = initrd {
+        let paddr = place_initrd(mem, rd, res.kernel_end, mem_bytes.min(MMIO_GAP_START))?;
+        let modlist =
+            memmap_addr + (map.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+        let m = hvm_modlist_entry {
+            paddr,
+            size: rd.len() as u64,
+            cmdline_paddr: 0,
+            reserved: 0,
+        };
+        mem.write_obj(m, GuestAddress(modlist))
+            .map_err(Error::Write)?;
+        info.nr_modules = 1;
+        info.modlist_paddr = modlist;
+    }
     mem.write_obj(info, GuestAddress(PVH_INFO_START))
         .map_err(Error::Write)?;
     Ok(BootEntry::Pvh {
@@ -245,24 +287,8 @@ fn load_linux(
         } else {
             low_end
         };
-        let kernel_end = res.kernel_end;
-        let addr = limit
-            .checked_sub(rd.len() as u64)
-            .map(|a| a & !(PAGE_SIZE - 1));
-        match addr {
-            Some(a) if a >= kernel_end => {
-                mem.write_slice(rd, GuestAddress(a)).map_err(Error::Write)?;
-                hdr.ramdisk_image = a as u32;
-                hdr.ramdisk_size = rd.len() as u32;
-            }
-            _ => {
-                return Err(Error::InitrdTooBig {
-                    size: rd.len(),
-                    limit,
-                    kernel_end,
-                })
-            }
-        }
+        hdr.ramdisk_image = place_initrd(mem, rd, res.kernel_end, limit)? as u32;
+        hdr.ramdisk_size = rd.len() as u32;
     }
     let mut params = boot_params {
         hdr,
@@ -357,6 +383,47 @@ mod tests {
             .unwrap();
         assert_eq!(&cmd, b"count=3\0");
         assert_eq!(info.memmap_entries as usize, e820(32 << 20).len());
+        assert_eq!(info.nr_modules, 0);
+    }
+
+    #[test]
+    fn pvh_guest_gets_its_initrd_as_the_first_module() {
+        let m = mem();
+        let g = guests::by_name("counter").unwrap();
+        let src = BootSource::Kernel {
+            image: g.elf.to_vec(),
+            initrd: Some(vec![0x5a; 10_000]),
+            cmdline: String::new(),
+        };
+        let BootEntry::Pvh { start_info, .. } = load(&m, &src, 32 << 20, 1).unwrap() else {
+            panic!("not PVH")
+        };
+        let info: hvm_start_info = m.read_obj(GuestAddress(start_info)).unwrap();
+        assert_eq!(info.nr_modules, 1);
+        let e: hvm_modlist_entry = m.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        assert_eq!(e.size, 10_000);
+        assert_eq!(e.paddr % PAGE_SIZE, 0);
+        assert!(e.paddr + e.size <= 32 << 20);
+        let mut rd = vec![0u8; 10_000];
+        m.read_slice(&mut rd, GuestAddress(e.paddr)).unwrap();
+        assert!(rd.iter().all(|b| *b == 0x5a));
+        // The module list does not overlap the memory map.
+        assert!(
+            info.modlist_paddr
+                >= info.memmap_paddr
+                    + u64::from(info.memmap_entries)
+                        * std::mem::size_of::<hvm_memmap_table_entry>() as u64
+        );
+        // Too big for the guest: a clear error.
+        let big = BootSource::Kernel {
+            image: g.elf.to_vec(),
+            initrd: Some(vec![0; 40 << 20]),
+            cmdline: String::new(),
+        };
+        assert!(matches!(
+            load(&mem(), &big, 32 << 20, 1),
+            Err(Error::InitrdTooBig { .. })
+        ));
     }
 
     #[test]

@@ -427,6 +427,12 @@ impl Vmm {
         self.devices.lock().unwrap().events.clone()
     }
 
+    /// Turns KVM's bitmap dirty log on or off (see [`vstate::vm::KvmVm::set_dirty_logging`]); pages the
+    /// VMM writes are always tracked.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<()> {
+        Ok(self.kvm.set_dirty_logging(on)?)
+    }
+
     /// Whether KVM's dirty log is cleared manually (`KVM_CLEAR_DIRTY_LOG`).
     pub fn dirty_log_manual_clear(&self) -> bool {
         self.kvm.manual_clear()

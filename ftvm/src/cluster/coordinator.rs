@@ -203,6 +203,7 @@ impl Coord {
                 name,
                 guest,
                 kernel,
+                initrd,
                 cmdline,
                 vcpus,
                 mem_mib,
@@ -211,6 +212,9 @@ impl Coord {
                 valid_name(&name)?;
                 if guest.is_some() == kernel.is_some() {
                     bail!("give exactly one of --guest and --kernel");
+                }
+                if initrd.is_some() && kernel.is_none() {
+                    bail!("--initrd needs --kernel");
                 }
                 if let Some(g) = &guest {
                     if guests::by_name(g).is_none() {
@@ -234,6 +238,7 @@ impl Coord {
                         name: name.clone(),
                         guest,
                         kernel,
+                        initrd,
                         cmdline,
                         vcpus,
                         mem_mib,
@@ -337,7 +342,7 @@ impl Coord {
     }
 
     /// The `ftvm` arguments of a placement: the secondary if it has a port, else the primary
-    /// (or a plain `run` without FT).
+    /// (with `--peer` when a secondary is placed).
     fn argv(&self, c: &Cluster, v: &Vm, p: &Placement) -> Vec<String> {
         let dir = self.vm_dir(&v.name);
         let ds = dir.display().to_string();
@@ -359,11 +364,16 @@ impl Coord {
             .secondary
             .as_ref()
             .map(|s| format!("{}:{}", ip(&s.host), s.port));
-        a.push(if peer.is_some() { "primary" } else { "run" }.into());
+        // Every VM runs as an FT primary, protected or not: FT can then be turned on while it
+        // runs (a primary without --peer runs untracked until a `peer` file names a secondary).
+        a.push("primary".into());
         match (&v.guest, &v.kernel) {
             (Some(g), _) => a.extend(["--guest".into(), g.clone()]),
             (_, Some(k)) => a.extend(["--kernel".into(), k.clone()]),
             _ => {}
+        }
+        if let Some(i) = &v.initrd {
+            a.extend(["--initrd".into(), i.clone()]);
         }
         a.extend([
             "--cmdline".into(),
@@ -376,8 +386,9 @@ impl Coord {
             console,
         ]);
         if let Some(peer) = peer {
-            a.extend(["--peer".into(), peer, "--datastore".into(), ds]);
+            a.extend(["--peer".into(), peer]);
         }
+        a.extend(["--datastore".into(), ds]);
         a
     }
 
@@ -628,17 +639,6 @@ impl Coord {
                 placement::check_ft_vcpus(vm.vcpus, &self.cfg.limits)?;
                 if vm.ft_on() && vm.ft != FtState::Suspended {
                     bail!("FT is already on for VM {name}");
-                }
-                if vm.running
-                    && vm.secondary.is_none()
-                    && vm.primary.is_some()
-                    && vm.ft == FtState::Off
-                {
-                    // A VM started without FT runs as a plain `ftvm run` process.
-                    let was_pair = std::fs::metadata(dir.join("ctl-primary.sock")).is_ok();
-                    if !was_pair {
-                        bail!("VM {name} runs without FT; stop it, turn FT on and start it again");
-                    }
                 }
                 // Refuse what cannot be placed now, naming the limit and the hosts.
                 let mut trial = self.cluster.lock().unwrap().clone();

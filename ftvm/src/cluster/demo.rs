@@ -113,6 +113,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<u8> {
                 name: "demo".into(),
                 guest: Some("counter".into()),
                 kernel: None,
+                initrd: None,
                 cmdline: "count=1000000 rate=50".into(),
                 vcpus: 1,
                 mem_mib: 64,

@@ -21,6 +21,8 @@ pub enum Request {
         name: String,
         guest: Option<String>,
         kernel: Option<String>,
+        #[serde(default)]
+        initrd: Option<String>,
         cmdline: String,
         vcpus: u8,
         mem_mib: u64,

@@ -76,6 +76,10 @@ pub struct KvmVm {
     manual_clear: bool,
     /// (slot, guest address, size) of each memory slot.
     slots: Vec<(u32, u64, usize)>,
+    /// The regions as registered (for turning the dirty log on and off).
+    regions: Vec<kvm_userspace_memory_region>,
+    /// Whether the bitmap dirty log is on now (see [`KvmVm::set_dirty_logging`]).
+    logging: std::sync::atomic::AtomicBool,
 }
 
 impl KvmVm {
@@ -133,6 +137,8 @@ impl KvmVm {
             ring_bytes,
             manual_clear,
             slots: Vec::new(),
+            regions: Vec::new(),
+            logging: track_dirty.into(),
         };
         for (slot, (gpa, host, len)) in memory::host_regions(mem).into_iter().enumerate() {
             let region = kvm_userspace_memory_region {
@@ -150,8 +156,30 @@ impl KvmVm {
             // Vmm holds both and drops the VM fd first).
             unsafe { vm.fd.set_user_memory_region(region) }.map_err(Error::MemorySlot)?;
             vm.slots.push((slot as u32, gpa, len));
+            vm.regions.push(region);
         }
         Ok(vm)
+    }
+
+    /// Turns the bitmap dirty log on or off (`KVM_MEM_LOG_DIRTY_PAGES` on every slot), so a
+    /// VM pays for write tracking only while something needs it: an FT primary with no
+    /// secondary runs untracked. Turning it on starts from a clean log with every page
+    /// write-protected. No effect unless the VM was created with bitmap tracking.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        if self.tracking != DirtyTracking::Bitmap || self.logging.load(Ordering::SeqCst) == on {
+            return Ok(());
+        }
+        for r in &self.regions {
+            let region = kvm_userspace_memory_region {
+                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                ..*r
+            };
+            // SAFETY: the same live mapping registered in `new`; only the flags change.
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(Error::MemorySlot)?;
+        }
+        self.logging.store(on, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Whether dirty pages are cleared with `KVM_CLEAR_DIRTY_LOG` (manual protect).
@@ -236,7 +264,9 @@ impl KvmVm {
     /// dirty bitmap; clears it. Call with the vCPUs paused for a consistent cut.
     pub fn harvest_dirty(&self) -> Result<Vec<u64>, Error> {
         let mut pages = Vec::new();
-        if self.tracking != DirtyTracking::Bitmap {
+        if self.tracking != DirtyTracking::Bitmap
+            || !self.logging.load(std::sync::atomic::Ordering::SeqCst)
+        {
             return Ok(pages);
         }
         for &(slot, gpa, len) in &self.slots {
