@@ -51,7 +51,8 @@ if [ -z "${FTVM_ETCD_ENDPOINTS:-}" ]; then
         --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
         --initial-cluster "ci=http://127.0.0.1:$peer" >"$etcd_dir/etcd.log" 2>&1 &
     etcd_pid=$!
-    trap 'kill $etcd_pid 2>/dev/null; wait $etcd_pid 2>/dev/null; rm -rf "$etcd_dir"' EXIT
+    # (Keeps the suite's exit status: a bare `wait` here would make it etcd's 143.)
+    trap 'st=$?; kill $etcd_pid 2>/dev/null; wait $etcd_pid 2>/dev/null || true; rm -rf "$etcd_dir"; exit $st' EXIT
     for _ in $(seq 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         sleep 0.1

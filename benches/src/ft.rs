@@ -61,15 +61,19 @@ struct Report {
     overhead: Vec<Overhead>,
     pause_vs_dirty_pages: Vec<PauseBin>,
     pause_runs: Vec<String>,
+    /// (dirty pages, pause µs) of every epoch of the pause runs (the scatter in the plot).
+    pause_epochs: Vec<(u64, u64)>,
     output_hold_us_p50: Vec<u64>,
     output_hold_us_p99: Vec<u64>,
+    /// Every released epoch's hold of its first output byte, all runs (the CDF in the plot).
+    output_hold_us: Vec<u64>,
     failover_ms: Vec<u64>,
     failover_p50_ms: u64,
     failover_p99_ms: u64,
     failover_max_ms: u64,
 }
 
-fn guest_ms(stdout: &str) -> Result<u64> {
+pub(crate) fn guest_ms(stdout: &str) -> Result<u64> {
     stdout
         .split_whitespace()
         .find_map(|w| w.strip_prefix("elapsed_ms="))
@@ -98,7 +102,7 @@ fn quantile(sorted: &[u64], q: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-fn ftvm() -> Result<PathBuf> {
+pub(crate) fn ftvm() -> Result<PathBuf> {
     let bin = std::env::current_exe()?
         .parent()
         .context("exe dir")?
@@ -112,7 +116,7 @@ fn ftvm() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn off(bin: &Path, vcpus: u8, cmdline: &str) -> Result<u64> {
+pub(crate) fn off(bin: &Path, vcpus: u8, cmdline: &str) -> Result<u64> {
     let out = Command::new(bin)
         .args(["run", "--guest", "dirtier", "--cmdline", cmdline, "--vcpus"])
         .arg(vcpus.to_string())
@@ -191,7 +195,7 @@ struct Pair {
 }
 
 /// A pair on loopback sharing a fresh datastore; `extra` goes to the primary.
-fn pair(bin: &Path, tag: &str, guest: &str, cmdline: &str, extra: &[String]) -> Result<Pair> {
+fn pair(bin: &Path, tag: &str, boot: &[String], extra: &[String]) -> Result<Pair> {
     let dir = std::env::temp_dir().join(format!("ftvm-bench-ft-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -208,16 +212,9 @@ fn pair(bin: &Path, tag: &str, guest: &str, cmdline: &str, extra: &[String]) -> 
         .stderr(Stdio::null())
         .spawn()?;
     let primary = Command::new(bin)
-        .args([
-            "primary",
-            "--guest",
-            guest,
-            "--cmdline",
-            cmdline,
-            "--peer",
-            &addr,
-            "--datastore",
-        ])
+        .arg("primary")
+        .args(boot)
+        .args(["--peer", &addr, "--datastore"])
         .arg(&dir)
         .arg("--serial-out")
         .arg(&console)
@@ -231,6 +228,13 @@ fn pair(bin: &Path, tag: &str, guest: &str, cmdline: &str, extra: &[String]) -> 
     })
 }
 
+/// `--guest G --cmdline C`.
+fn guest_args(guest: &str, cmdline: &str) -> Vec<String> {
+    ["--guest", guest, "--cmdline", cmdline]
+        .map(String::from)
+        .to_vec()
+}
+
 /// Runs a pair to the guest's end: (console, the primary's summary line, epoch stats CSV).
 fn ft_run(
     bin: &Path,
@@ -238,11 +242,20 @@ fn ft_run(
     cmdline: &str,
     extra: &[String],
 ) -> Result<(String, String, String)> {
+    ft_run_boot(bin, &guest_args(guest, cmdline), extra)
+}
+
+/// [`ft_run`] for any boot arguments (`--kernel K --initrd I …` too).
+pub(crate) fn ft_run_boot(
+    bin: &Path,
+    boot: &[String],
+    extra: &[String],
+) -> Result<(String, String, String)> {
     let stats = std::env::temp_dir().join(format!("ftvm-bench-epochs-{}.csv", std::process::id()));
     let mut args = extra.to_vec();
     args.push("--epoch-stats".into());
     args.push(stats.display().to_string());
-    let mut p = pair(bin, "run", guest, cmdline, &args)?;
+    let mut p = pair(bin, "run", boot, &args)?;
     let out = p.primary.wait_with_output()?;
     let _ = p.secondary.wait();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
@@ -264,7 +277,12 @@ fn ft_run(
 }
 
 fn failover(bin: &Path, seed: u64) -> Result<u64> {
-    let mut p = pair(bin, "failover", "counter", "count=100000 rate=1000", &[])?;
+    let mut p = pair(
+        bin,
+        "failover",
+        &guest_args("counter", "count=100000 rate=1000"),
+        &[],
+    )?;
     let console = p.dir.join("console.txt");
     let size = |f: &Path| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
     let t = Instant::now();
@@ -400,12 +418,18 @@ pub fn run(args: &[String]) -> Result<()> {
         });
     }
     // Output latency added by the output rule.
-    let (mut hold50, mut hold99) = (Vec::new(), Vec::new());
+    let (mut hold50, mut hold99, mut holds) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..runs {
         eprintln!("output latency run {r}");
-        let (_, summary, _) = ft_run(&bin, "counter", "count=300 rate=100", &[])?;
+        let (_, summary, csv) = ft_run(&bin, "counter", "count=300 rate=100", &[])?;
         hold50.push(field(&summary, "output_hold_us_p50")?);
         hold99.push(field(&summary, "output_hold_us_p99")?);
+        // Column 8: the epoch's output hold, empty for epochs without output.
+        holds.extend(
+            csv.lines()
+                .skip(1)
+                .filter_map(|l| l.split(',').nth(7).and_then(|h| h.parse::<u64>().ok())),
+        );
     }
     let mut failover_ms = Vec::new();
     for r in 0..kills {
@@ -424,8 +448,10 @@ pub fn run(args: &[String]) -> Result<()> {
         overhead,
         pause_vs_dirty_pages,
         pause_runs,
+        pause_epochs: epochs.clone(),
         output_hold_us_p50: hold50,
         output_hold_us_p99: hold99,
+        output_hold_us: holds,
         failover_p50_ms: quantile(&sorted, 0.5),
         failover_p99_ms: quantile(&sorted, 0.99),
         failover_max_ms: *sorted.last().unwrap(),

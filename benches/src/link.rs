@@ -45,6 +45,10 @@ struct PathResult {
     note: String,
     tcp_gbit_per_s: Vec<f64>,
     tcp_median_gbit_per_s: f64,
+    /// `iperf3` (Debian's) TCP on the same path, 3 s per run: the reference everybody can
+    /// rerun. Empty with a reason in `iperf3_note` when it could not run.
+    iperf3_gbit_per_s: Vec<f64>,
+    iperf3_note: String,
     quic: Vec<Variant>,
 }
 
@@ -379,8 +383,37 @@ fn measure(
         note: String::new(),
         tcp_gbit_per_s: tcp,
         tcp_median_gbit_per_s: tcp_median,
+        iperf3_gbit_per_s: vec![],
+        iperf3_note: String::new(),
         quic,
     })
+}
+
+/// One `iperf3` TCP run from the client's namespace to the server's (veth path only).
+fn iperf3_once(a: &str, b: &str) -> Result<f64> {
+    let port = "45201";
+    let mut server = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", a, "iperf3", "-s", "-1", "-B", VETH_A, "-p", port,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("iperf3 (Debian: iperf3)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", b, "iperf3", "-c", VETH_A, "-p", port, "-t", "3", "-J",
+        ])
+        .output()
+        .context("iperf3 client")?;
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .with_context(|| format!("iperf3 gave no result: {}", v["error"]))
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -461,6 +494,15 @@ pub fn run(args: &[String]) -> Result<()> {
             };
             let mut r = measure(&rt, &path, &keys, &variants, &epoch, runs)?;
             r.note = v.note.clone();
+            for _ in 0..runs {
+                match iperf3_once(&v.a, &v.b) {
+                    Ok(g) => r.iperf3_gbit_per_s.push(g),
+                    Err(e) => {
+                        r.iperf3_note = format!("{e:#}");
+                        break;
+                    }
+                }
+            }
             paths.push(r);
         }
         Err(e) => paths.push(PathResult {
@@ -469,6 +511,8 @@ pub fn run(args: &[String]) -> Result<()> {
             note: String::new(),
             tcp_gbit_per_s: vec![],
             tcp_median_gbit_per_s: 0.0,
+            iperf3_gbit_per_s: vec![],
+            iperf3_note: String::new(),
             quic: vec![],
         }),
     }
@@ -503,6 +547,15 @@ pub fn run(args: &[String]) -> Result<()> {
             "| raw TCP, same path | {:.2} | 1.00 |",
             p.tcp_median_gbit_per_s
         );
+        if !p.iperf3_gbit_per_s.is_empty() {
+            let m = median(&p.iperf3_gbit_per_s);
+            println!(
+                "| iperf3 TCP, same path | {m:.2} | {:.2} |",
+                m / p.tcp_median_gbit_per_s
+            );
+        } else if !p.iperf3_note.is_empty() {
+            println!("(iperf3 not measured: {})", p.iperf3_note);
+        }
         for v in &p.quic {
             println!(
                 "| FT link: {} | {:.2} | {:.2} |",

@@ -476,13 +476,105 @@ fn main() -> Result<()> {
         Some("ft") => ft::run(&args[1..]),
         Some("link") => link::run(&args[1..]),
         Some("peers") => peers::run(&args[1..]),
+        Some("kernel-compile") => kernel::run(&args[1..]),
+        Some("plots") => plots::run(&args[1..]),
+        Some("all") => all(&args[1..]),
         _ => {
-            eprintln!("usage: ftvm-bench foundation [--runs N] [--sizes 64,256,1024]\n       ftvm-bench ft [--runs N] [--jobs J]\n       ftvm-bench link [--runs N] [--mib M]\n       ftvm-bench peers [--runs N]");
+            eprintln!(
+                "usage: ftvm-bench all [--quick]     every benchmark below, then the plots\n       \
+                 ftvm-bench foundation [--runs N] [--sizes 64,256,1024]\n       \
+                 ftvm-bench ft [--runs N] [--jobs J] [--vcpus 1,2,4,8] [--kills K]\n       \
+                 ftvm-bench link [--runs N] [--mib M]\n       \
+                 ftvm-bench peers [--runs N]\n       \
+                 ftvm-bench kernel-compile [--kernel BZIMAGE --initrd INITRAMFS] [--vcpus N] [--runs N]\n       \
+                 ftvm-bench plots                  redraw benches/results/plots/*.svg from the JSON\n\
+                 micro-benchmarks (criterion): cargo bench -p ftvm-benches --bench micro"
+            );
             std::process::exit(2);
         }
     }
 }
 
+/// Every benchmark, one after the other (each writes its JSON), then the plots. `--quick`
+/// runs each with fewer repetitions (a smoke run, minutes instead of the better part of an
+/// hour on a 2-core machine).
+fn all(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let runs = |full: &str, q: &str| {
+        vec![
+            "--runs".to_string(),
+            (if quick { q } else { full }).to_string(),
+        ]
+    };
+    let steps: Vec<(&str, Vec<String>)> = vec![
+        ("foundation", runs("10", "2")),
+        ("ft", {
+            let mut a = runs("3", "1");
+            if quick {
+                a.extend(["--kills".into(), "5".into()]);
+            }
+            a
+        }),
+        ("link", runs("5", "1")),
+        ("peers", runs("5", "1")),
+        ("kernel-compile", runs("3", "1")),
+    ];
+    let mut failed = Vec::new();
+    for (name, a) in &steps {
+        eprintln!("==> ftvm-bench {name} {}", a.join(" "));
+        let r = match *name {
+            "foundation" => foundation(a),
+            "ft" => ft::run(a),
+            "link" => link::run(a),
+            "peers" => peers::run(a),
+            _ => kernel::run(a),
+        };
+        if let Err(e) = r {
+            eprintln!("ftvm-bench {name} failed: {e:#}");
+            failed.push(*name);
+        }
+    }
+    eprintln!("==> micro-benchmarks: cargo bench -p ftvm-benches --bench micro");
+    let micro = std::process::Command::new(env!("CARGO"))
+        .args([
+            "bench",
+            "-p",
+            "ftvm-benches",
+            "--bench",
+            "micro",
+            "--",
+            "--noplot",
+        ])
+        .args(if quick { vec!["--quick"] } else { vec![] })
+        .output();
+    match micro {
+        Ok(o) if o.status.success() => {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/micro.txt");
+            std::fs::write(&p, &o.stdout)?;
+            eprintln!("wrote {}", p.display());
+        }
+        Ok(o) => {
+            eprintln!(
+                "micro-benchmarks failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            failed.push("micro");
+        }
+        Err(e) => {
+            eprintln!("micro-benchmarks could not start: {e}");
+            failed.push("micro");
+        }
+    }
+    plots::run(&[])?;
+    if !failed.is_empty() {
+        bail!("these benchmarks failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+mod colo;
 mod ft;
+mod kernel;
 mod link;
 mod peers;
+mod plots;

@@ -451,7 +451,7 @@ struct Primary {
     sync_pauses: Vec<Duration>,
     /// Per released epoch with output: how long its first byte was held (the latency the
     /// output rule adds).
-    holds: Vec<Duration>,
+    holds: Vec<(u64, Duration)>,
     encoder: PageEncoder,
     started: Instant,
 }
@@ -1105,24 +1105,33 @@ impl Primary {
             .map(|e| e.pause.as_micros() as u64)
             .collect();
         let mut pages: Vec<u64> = self.epochs.iter().map(|e| e.pages as u64).collect();
-        let mut holds: Vec<u64> = self.holds.iter().map(|d| d.as_micros() as u64).collect();
+        let mut holds: Vec<u64> = self
+            .holds
+            .iter()
+            .map(|(_, d)| d.as_micros() as u64)
+            .collect();
         pauses.sort_unstable();
         pages.sort_unstable();
         holds.sort_unstable();
         if let Some(path) = &self.cfg.epoch_stats {
-            let mut csv =
-                String::from("epoch,pause_us,dirty_pages,kick_us,harvest_us,capture_us,copy_us\n");
+            let mut csv = String::from(
+                "epoch,pause_us,dirty_pages,kick_us,harvest_us,capture_us,copy_us,output_hold_us\n",
+            );
             let us = |d: Duration| d.as_micros();
+            // How long the epoch's first output byte was held (empty: no output).
+            let hold: std::collections::HashMap<u64, u128> =
+                self.holds.iter().map(|(k, d)| (*k, us(*d))).collect();
             for (i, e) in self.epochs.iter().enumerate() {
+                let k = i as u64 + 1;
                 csv += &format!(
-                    "{},{},{},{},{},{},{}\n",
-                    i + 1,
+                    "{k},{},{},{},{},{},{},{}\n",
                     us(e.pause),
                     e.pages,
                     us(e.kick),
                     us(e.harvest),
                     us(e.capture),
-                    us(e.copy)
+                    us(e.copy),
+                    hold.get(&k).map_or(String::new(), u128::to_string)
                 );
             }
             if let Err(e) = std::fs::write(path, csv) {
@@ -1190,7 +1199,7 @@ impl Primary {
                 tracing::warn!("releasing guest output failed: {e}");
             }
             if let Some(t) = h.since {
-                self.holds.push(t.elapsed());
+                self.holds.push((h.epoch, t.elapsed()));
             }
         }
     }
