@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const GUESTS: &[&str] = &["counter", "dirtier", "smp", "pages"];
+const GUESTS: &[&str] = &["counter", "dirtier", "smp", "pages", "journal"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());

@@ -324,6 +324,30 @@ struct RunArgs {
     /// Continue a VM from a state file written by --save (in this new process).
     #[arg(long, value_name = "STATE", conflicts_with_all = ["guest", "kernel", "cmdline", "vcpus", "mem_mib"])]
     restore: Option<PathBuf>,
+    /// A raw disk image (size a multiple of 512) for the guest, as virtio-blk over virtio-mmio
+    /// at 0xd0000000, GSI 5. With --restore: the same disk the VM was saved with.
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
+}
+
+/// Opens `--disk` for the guest and attaches it; refuses a restored VM that had a disk when
+/// none is given.
+fn attach_disk(vm: &mut Vmm, disk: Option<&Path>) -> Result<()> {
+    match disk {
+        Some(p) => {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .with_context(|| format!("cannot open --disk {}", p.display()))?;
+            vm.attach_disk(f)
+                .with_context(|| format!("cannot attach --disk {}", p.display()))
+        }
+        None if vm.needs_disk() => {
+            bail!("the saved VM has a disk: give it again with --disk FILE")
+        }
+        None => Ok(()),
+    }
 }
 
 fn serial_sink(path: Option<&Path>) -> Result<SerialOut> {
@@ -387,6 +411,7 @@ fn run(a: RunArgs) -> Result<u8> {
             Vmm::boot(&cfg, &src, serial).context("cannot create the VM")?
         }
     };
+    attach_disk(&mut vm, a.disk.as_deref())?;
     vm.resume()?;
     let ev = match (a.save_after_ms, &a.save) {
         (Some(ms), Some(path)) => match vm.wait_event(Some(Duration::from_millis(ms))) {

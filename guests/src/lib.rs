@@ -40,6 +40,10 @@ pub const ALL: &[Guest] = &[
     ),
     guest!("smp", "every vCPU reports `vcpu I ok`"),
     guest!("pages", "writes a known page set (dirty-tracking tests)"),
+    guest!(
+        "journal",
+        "appends checksummed records to its virtio-blk disk, acks each on the console (count=K rate=R; needs --disk)"
+    ),
 ];
 
 /// Looks a guest up by name.

@@ -234,3 +234,64 @@ impl Drop for Etcd {
         let _ = self.dir.take();
     }
 }
+
+/// The `journal` guest's records on a disk image (see `guests/bare/src/bin/journal.rs`):
+/// sector N holds record N = magic `FTVMJRNL` | N | 480 payload bytes from N | FNV-1a-64.
+pub mod journal {
+    const SECTOR: usize = 512;
+
+    fn fnv1a(b: &[u8]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for x in b {
+            h ^= u64::from(*x);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+        h
+    }
+
+    /// Record `seq` exactly as the guest writes it.
+    pub fn record(seq: u64) -> [u8; SECTOR] {
+        let mut out = [0u8; SECTOR];
+        out[..8].copy_from_slice(b"FTVMJRNL");
+        out[8..16].copy_from_slice(&seq.to_le_bytes());
+        let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        for b in out[16..496].iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let h = fnv1a(&out[..504]);
+        out[504..].copy_from_slice(&h.to_le_bytes());
+        out
+    }
+
+    /// Checks `disk` holds records 1..=N exactly (each byte-identical to what the guest
+    /// writes) followed only by sectors that are not records; returns N. Panics naming the
+    /// first torn, duplicated or misplaced record.
+    pub fn verify(disk: &[u8]) -> u64 {
+        let mut n = 0u64;
+        for (i, s) in disk.chunks(SECTOR).enumerate().skip(1) {
+            let is_record = s.starts_with(b"FTVMJRNL");
+            if n == i as u64 - 1 && is_record && s == record(i as u64) {
+                n = i as u64;
+            } else {
+                assert!(
+                    !is_record,
+                    "sector {i}: a record after the log ended at {n}, or a torn/wrong one"
+                );
+            }
+        }
+        n
+    }
+
+    /// The records the console acknowledged, in order (`journal: record N committed`).
+    pub fn acked(console: &str) -> Vec<u64> {
+        console
+            .lines()
+            .filter_map(|l| l.strip_prefix("journal: record "))
+            .filter_map(|l| l.strip_suffix(" committed"))
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    }
+}

@@ -66,6 +66,10 @@ pub enum Error {
     Serial(#[from] devices::serial::Error),
     #[error("setting up the serial interrupt")]
     SerialIrq(#[source] std::io::Error),
+    #[error("setting up the disk interrupt")]
+    DiskIrq(#[source] std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] devices::virtio_blk::Error),
     #[error("installing the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
     #[error("starting vCPU thread {0}")]
@@ -191,6 +195,7 @@ impl Vmm {
         let kvm = KvmVm::new(&mem, dirty)?;
         kvm.restore(&state.vm)?;
         let devices = Self::devices(&kvm, serial_out, Some(&state.devices.serial))?;
+        devices.lock().unwrap().blk_saved = state.devices.blk.clone();
         let mut vcpus = Vec::new();
         for s in &state.vcpus {
             let v = Vcpu::new(&kvm, s.id)?;
@@ -431,6 +436,41 @@ impl Vmm {
     /// VMM writes are always tracked.
     pub fn set_dirty_logging(&self, on: bool) -> Result<()> {
         Ok(self.kvm.set_dirty_logging(on)?)
+    }
+
+    /// Attaches `disk` as the VM's virtio-blk disk (before the vCPUs first run; a restored
+    /// VM continues its saved device state with it).
+    pub fn attach_disk(&mut self, disk: std::fs::File) -> Result<()> {
+        use devices::virtio_blk::{VirtioBlk, BLK_GSI};
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::DiskIrq)?;
+        self.kvm
+            .fd
+            .register_irqfd(&irq, BLK_GSI)
+            .map_err(|e| Error::DiskIrq(std::io::Error::from_raw_os_error(e.errno())))?;
+        let mut d = self.devices.lock().unwrap();
+        let events = d.events.clone();
+        let saved = d.blk_saved.take();
+        d.blk = Some(VirtioBlk::new(
+            disk,
+            self.mem.clone(),
+            irq,
+            events,
+            saved.as_ref(),
+        )?);
+        Ok(())
+    }
+
+    /// A restored VM whose state has a disk device still waiting for its disk.
+    pub fn needs_disk(&self) -> bool {
+        self.devices.lock().unwrap().blk_saved.is_some()
+    }
+
+    /// Runs `f` on the disk device, if one is attached.
+    pub fn with_disk<T>(
+        &self,
+        f: impl FnOnce(&mut devices::virtio_blk::VirtioBlk) -> T,
+    ) -> Option<T> {
+        self.devices.lock().unwrap().blk.as_mut().map(f)
     }
 
     /// Whether KVM's dirty log is cleared manually (`KVM_CLEAR_DIRTY_LOG`).

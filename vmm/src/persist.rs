@@ -31,7 +31,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
 pub const TRAILER_MAGIC: [u8; 4] = *b"FTVE";
-pub const VERSION_MAJOR: u16 = 1;
+/// 2: device state gained the virtio-blk disk device.
+pub const VERSION_MAJOR: u16 = 2;
 pub const VERSION_MINOR: u16 = 0;
 const HEADER_LEN: u64 = 24;
 const TRAILER_LEN: u64 = 8;
@@ -59,6 +60,8 @@ pub enum Error {
     Magic,
     #[error("state file version {found_major}.{found_minor} is newer than this ftvm understands ({VERSION_MAJOR}.x)")]
     NewerVersion { found_major: u16, found_minor: u16 },
+    #[error("state file version {found_major}.{found_minor} was written by an older ftvm; this one reads {VERSION_MAJOR}.x only")]
+    OlderVersion { found_major: u16, found_minor: u16 },
     #[error("state file is corrupt: {0}")]
     Corrupt(String),
     #[error("encoding VM state")]
@@ -195,10 +198,17 @@ pub fn open(path: &Path) -> Result<StateFile, Error> {
     }
     let major = u16::from_le_bytes([header[8], header[9]]);
     let minor = u16::from_le_bytes([header[10], header[11]]);
-    if major > VERSION_MAJOR {
-        return Err(Error::NewerVersion {
-            found_major: major,
-            found_minor: minor,
+    if major != VERSION_MAJOR {
+        return Err(if major > VERSION_MAJOR {
+            Error::NewerVersion {
+                found_major: major,
+                found_minor: minor,
+            }
+        } else {
+            Error::OlderVersion {
+                found_major: major,
+                found_minor: minor,
+            }
         });
     }
     // Whole-file checksum before any field is trusted.
@@ -352,6 +362,7 @@ mod tests {
             },
             devices: DevicesState {
                 serial: SerialDeviceState::default(),
+                blk: None,
             },
         }
     }

@@ -9,6 +9,7 @@
 //! - Exit device at 0x501 (QEMU `isa-debug-exit` default port): writing byte `v` ends the VM;
 //!   ftvm exits with `v` (QEMU with `(v << 1) | 1`).
 //! - PIT channel 2 + port 0x61: TSC calibration.
+//! - virtio-blk over virtio-mmio at 0xd0000000 ([`virtio_blk`], polled; the `journal` guest).
 #![no_std]
 
 pub mod boot;
@@ -17,6 +18,7 @@ pub mod io;
 mod mem;
 pub mod smp;
 pub mod time;
+pub mod virtio_blk;
 
 pub use io::{exit, print, Console};
 

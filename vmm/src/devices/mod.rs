@@ -1,12 +1,14 @@
-//! Port-I/O devices the VMM emulates. (The PIC, IOAPIC, LAPIC and PIT are KVM's in-kernel ones.)
+//! Devices the VMM emulates. (The PIC, IOAPIC, LAPIC and PIT are KVM's in-kernel ones.)
 //!
-//! | ports         | device |
+//! | ports / MMIO  | device |
 //! |---------------|--------|
 //! | 0x3f8–0x3ff   | COM1 16550 UART ([`serial`]) → console |
 //! | 0x501         | exit device ([`EXIT_PORT`]): a byte written ends the VM with that code |
+//! | 0xd0000000 +4K | virtio-blk over virtio-mmio ([`virtio_blk`]), GSI 5, if a disk is attached |
 //! | anything else | absent: reads return all-ones, writes are ignored |
 pub mod events;
 pub mod serial;
+pub mod virtio_blk;
 
 use events::{le_value, DeviceEvent, EventLog};
 use serde::{Deserialize, Serialize};
@@ -29,17 +31,44 @@ pub struct Devices {
     pub serial: serial::SerialDevice,
     /// Shared with the UART's interrupt trigger.
     pub events: Arc<EventLog>,
+    /// The disk, once attached ([`crate::Vmm::attach_disk`]).
+    pub blk: Option<virtio_blk::VirtioBlk>,
+    /// A restored VM's disk-device state, until its disk is attached.
+    pub blk_saved: Option<virtio_blk::VirtioBlkState>,
 }
 
 /// Saved state of [`Devices`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DevicesState {
     pub serial: serial::SerialDeviceState,
+    /// Present when the VM has a disk (its contents are the disk file's, not in the state).
+    pub blk: Option<virtio_blk::VirtioBlkState>,
+}
+
+fn in_blk(addr: u64) -> Option<u64> {
+    addr.checked_sub(virtio_blk::BLK_MMIO_BASE)
+        .filter(|o| *o < virtio_blk::BLK_MMIO_SIZE)
 }
 
 impl Devices {
     pub fn new(serial: serial::SerialDevice, events: Arc<EventLog>) -> Self {
-        Devices { serial, events }
+        Devices {
+            serial,
+            events,
+            blk: None,
+            blk_saved: None,
+        }
+    }
+
+    /// Whether a guest write at `addr` went to a device (else: unmapped MMIO).
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool {
+        match (in_blk(addr), self.blk.as_mut()) {
+            (Some(off), Some(blk)) => {
+                blk.write(off, data);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// A guest `in` from `port` on `vcpu`; `data` is filled (and the result recorded).
@@ -58,15 +87,26 @@ impl Devices {
         });
     }
 
-    /// A guest read of MMIO no device claims: all-ones (recorded).
-    pub fn mmio_read(&mut self, vcpu: u8, addr: u64, data: &mut [u8]) {
-        data.fill(0xff);
+    /// A guest MMIO read: the device's register, or all-ones where no device is (recorded
+    /// either way). Returns whether a device claimed it.
+    pub fn mmio_read(&mut self, vcpu: u8, addr: u64, data: &mut [u8]) -> bool {
+        let claimed = match (in_blk(addr), self.blk.as_mut()) {
+            (Some(off), Some(blk)) => {
+                blk.read(off, data);
+                true
+            }
+            _ => {
+                data.fill(0xff);
+                false
+            }
+        };
         self.events.record(DeviceEvent::MmioRead {
             vcpu,
             addr,
             size: data.len() as u8,
             value: le_value(data),
         });
+        claimed
     }
 
     /// A guest `out` to `port`.
@@ -84,6 +124,10 @@ impl Devices {
     pub fn save(&self) -> DevicesState {
         DevicesState {
             serial: self.serial.save(),
+            blk: match &self.blk {
+                Some(b) => Some(b.save()),
+                None => self.blk_saved.clone(),
+            },
         }
     }
 

@@ -396,14 +396,17 @@ impl Vcpu {
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                if MMIO_WARNINGS.fetch_add(1, Ordering::Relaxed) < 5 {
+                if !io.devices.lock().unwrap().mmio_read(id, addr, data)
+                    && MMIO_WARNINGS.fetch_add(1, Ordering::Relaxed) < 5
+                {
                     tracing::warn!(vcpu = id, "read of unmapped MMIO {addr:#x}");
                 }
-                io.devices.lock().unwrap().mmio_read(id, addr, data);
                 None
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                if MMIO_WARNINGS.fetch_add(1, Ordering::Relaxed) < 5 {
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !io.devices.lock().unwrap().mmio_write(addr, data)
+                    && MMIO_WARNINGS.fetch_add(1, Ordering::Relaxed) < 5
+                {
                     tracing::warn!(vcpu = id, "write to unmapped MMIO {addr:#x}");
                 }
                 None
