@@ -72,6 +72,60 @@ pub fn run(_args: &[String]) -> Result<()> {
     Ok(())
 }
 
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// A titled x/y chart with its mesh and axis descriptions drawn.
+fn xy_chart<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+    (x, y): (std::ops::Range<f64>, std::ops::Range<f64>),
+    (x_desc, y_desc): (&str, &str),
+) -> Result<Chart<'a, 'b>> {
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT, 17))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(x, y)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()?;
+    Ok(chart)
+}
+
+/// A labelled line through `pts` with a dot of radius `dot` on each point.
+fn line(
+    chart: &mut Chart,
+    pts: Vec<(f64, f64)>,
+    color: RGBColor,
+    label: &str,
+    dot: u32,
+) -> Result<()> {
+    chart
+        .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    chart.draw_series(pts.into_iter().map(|q| Circle::new(q, dot, color.filled())))?;
+    Ok(())
+}
+
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, at: SeriesLabelPosition) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(at)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
 fn overhead(ft: &Value, out: &Path) -> Result<PathBuf> {
     let rows = ft["overhead"].as_array().context("ft.json: overhead")?;
     let series = [
@@ -91,38 +145,23 @@ fn overhead(ft: &Value, out: &Path) -> Result<PathBuf> {
         .fold(1.2f64, f64::max)
         * 1.5; // room for the legend above the lines
     let root = SVGBackend::new(out, SIZE).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "dirtier compile-profile (kernel-compile stand-in): guest time FT on / off",
-            (FONT, 17),
-        )
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .build_cartesian_2d(0.5f64..8.5f64, 0f64..ymax)?;
-    chart
-        .configure_mesh()
-        .x_desc("vCPUs")
-        .y_desc("slowdown (×)")
-        .draw()?;
+    let mut chart = xy_chart(
+        &root,
+        "dirtier compile-profile (kernel-compile stand-in): guest time FT on / off",
+        (0.5..8.5, 0.0..ymax),
+        ("vCPUs", "slowdown (×)"),
+    )?;
     for (name, key, color) in series {
-        let p = pts(key);
-        chart
-            .draw_series(LineSeries::new(p.clone(), color.stroke_width(2)))?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart.draw_series(p.into_iter().map(|q| Circle::new(q, 4, color.filled())))?;
+        line(&mut chart, pts(key), color, name, 4)?;
     }
-    chart
-        .draw_series(LineSeries::new(vec![(0.5, 1.05), (8.5, 1.05)], BLACK))?
-        .label("target 1.05× (vSphere 4 FT, kernel compile)")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    line(
+        &mut chart,
+        vec![(0.5, 1.05), (8.5, 1.05)],
+        BLACK,
+        "target 1.05× (vSphere 4 FT, kernel compile)",
+        0,
+    )?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present()?;
     Ok(out.into())
 }
@@ -165,21 +204,12 @@ fn pause(ft: &Value, out: &Path) -> Result<PathBuf> {
         .fold(2.5f64, f64::max)
         * 1.1;
     let root = SVGBackend::new(out, SIZE).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Epoch pause vs dirty pages (FT primary, dirtier)",
-            (FONT, 17),
-        )
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
-    chart
-        .configure_mesh()
-        .x_desc("dirty pages in the epoch")
-        .y_desc("guest paused (ms)")
-        .draw()?;
+    let mut chart = xy_chart(
+        &root,
+        "Epoch pause vs dirty pages (FT primary, dirtier)",
+        (0.0..xmax, 0.0..ymax),
+        ("dirty pages in the epoch", "guest paused (ms)"),
+    )?;
     chart
         .draw_series(
             scatter
@@ -193,11 +223,7 @@ fn pause(ft: &Value, out: &Path) -> Result<PathBuf> {
             .iter()
             .map(|b| (b.0, if idx == 1 { b.1 } else { b.2 }))
             .collect();
-        chart
-            .draw_series(LineSeries::new(p.clone(), color.stroke_width(2)))?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart.draw_series(p.into_iter().map(|q| Circle::new(q, 4, color.filled())))?;
+        line(&mut chart, p, color, name, 4)?;
     }
     chart
         .draw_series(std::iter::once(Circle::new(
@@ -207,12 +233,7 @@ fn pause(ft: &Value, out: &Path) -> Result<PathBuf> {
         )))?
         .label("target: p99 ≤ 2 ms at 4096 pages")
         .legend(|(x, y)| Circle::new((x + 10, y), 5, BLACK.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present()?;
     Ok(out.into())
 }
@@ -240,35 +261,17 @@ fn cdf(
         .max(target.map_or(0.0, |t| t.0))
         * 1.1;
     let root = SVGBackend::new(out, SIZE).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{title} ({} samples)", s.len()), (FONT, 17))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .build_cartesian_2d(0f64..xmax, 0f64..1.02f64)?;
-    chart
-        .configure_mesh()
-        .x_desc(unit)
-        .y_desc("fraction ≤ x")
-        .draw()?;
-    chart
-        .draw_series(LineSeries::new(pts.clone(), BLUE.stroke_width(2)))?
-        .label("measured")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-    chart.draw_series(pts.into_iter().map(|q| Circle::new(q, 2, BLUE.filled())))?;
+    let mut chart = xy_chart(
+        &root,
+        &format!("{title} ({} samples)", s.len()),
+        (0.0..xmax, 0.0..1.02),
+        (unit, "fraction ≤ x"),
+    )?;
+    line(&mut chart, pts, BLUE, "measured", 2)?;
     if let Some((x, label)) = target {
-        chart
-            .draw_series(LineSeries::new(vec![(x, 0.0), (x, 1.02)], RED))?
-            .label(label)
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        line(&mut chart, vec![(x, 0.0), (x, 1.02)], RED, label, 0)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present()?;
     Ok(out.into())
 }
