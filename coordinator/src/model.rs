@@ -11,7 +11,29 @@ pub struct Host {
     pub ip: String,
     /// Coordinator clock (ms since the Unix epoch) of the last heartbeat.
     pub last_seen_ms: u64,
+    /// Reachable: a network heartbeat within the host timeout.
     pub alive: bool,
+    /// The host's datastore heartbeat changed within the host timeout: it is running, whatever
+    /// the network says. With `alive` false it is isolated or partitioned, not failed.
+    #[serde(default)]
+    pub ds_alive: bool,
+}
+
+impl Host {
+    /// vSphere HA's distinction: `up`, `UNREACHABLE` (no network heartbeat, datastore
+    /// heartbeat fresh: isolated or partitioned, still running), `DOWN` (neither: failed).
+    pub fn state(&self) -> &'static str {
+        match (self.alive, self.ds_alive) {
+            (true, _) => "up",
+            (false, true) => "UNREACHABLE",
+            (false, false) => "DOWN",
+        }
+    }
+
+    /// Failed: no network and no datastore heartbeat.
+    pub fn down(&self) -> bool {
+        !self.alive && !self.ds_alive
+    }
 }
 
 /// FT state of a VM, as `ftvm status` shows it.

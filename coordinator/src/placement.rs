@@ -80,7 +80,11 @@ pub fn place_secondary(
     for h in cluster.hosts.values() {
         let n = cluster.secondaries_on(&h.name) - usize::from(current == Some(h.name.as_str()));
         let refusal = if !h.alive {
-            Some("is down".to_string())
+            Some(if h.ds_alive {
+                "is unreachable (isolated or partitioned)".to_string()
+            } else {
+                "is down".to_string()
+            })
         } else if Some(h.name.as_str()) == primary_host {
             Some("runs the primary (primary and secondary never share a host)".to_string())
         } else if avoid.contains(&h.name.as_str()) {
@@ -128,6 +132,7 @@ mod tests {
                     ip: "127.0.0.1".into(),
                     last_seen_ms: 0,
                     alive: true,
+                    ds_alive: true,
                 },
             );
         }
@@ -219,7 +224,11 @@ mod tests {
             place_secondary(&c, "b", &Limits::default(), &[]).unwrap(),
             "h2"
         );
-        // Migrating a's secondary away from h2: only h3 (down) is left.
+        // Migrating a's secondary away from h2: only h3 is left, unreachable (its datastore
+        // heartbeat still fresh) and then down; neither takes new processes.
+        let e = place_secondary(&c, "a", &Limits::default(), &["h2"]).unwrap_err();
+        assert!(e.to_string().contains("h3 is unreachable"), "{e}");
+        c.hosts.get_mut("h3").unwrap().ds_alive = false;
         let e = place_secondary(&c, "a", &Limits::default(), &["h2"]).unwrap_err();
         assert!(e.to_string().contains("h3 is down"), "{e}");
         assert_eq!(place_primary(&c, "c").unwrap(), "h2");

@@ -119,10 +119,24 @@ fn newer_major_version_state_file_is_refused() {
     let dir = TempDir::new("newer-state");
     let s = saved_state(&dir);
     let mut bytes = std::fs::read(&s).unwrap();
-    bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+    let newer = vmm::persist::VERSION_MAJOR + 1;
+    bytes[8..10].copy_from_slice(&newer.to_le_bytes());
     std::fs::write(&s, &bytes).unwrap();
     let out = ftvm(&["run", "--restore", s.to_str().unwrap()]);
     assert_clear_error(&out, "newer than this ftvm understands");
+}
+
+#[test]
+fn older_major_version_state_file_is_refused() {
+    require_kvm!();
+    let dir = TempDir::new("older-state");
+    let s = saved_state(&dir);
+    let mut bytes = std::fs::read(&s).unwrap();
+    let older = vmm::persist::VERSION_MAJOR - 1;
+    bytes[8..10].copy_from_slice(&older.to_le_bytes());
+    std::fs::write(&s, &bytes).unwrap();
+    let out = ftvm(&["run", "--restore", s.to_str().unwrap()]);
+    assert_clear_error(&out, "was written by an older ftvm");
 }
 
 #[test]

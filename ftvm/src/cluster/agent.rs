@@ -9,8 +9,9 @@ use crate::ctl;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub struct Config {
@@ -42,6 +43,35 @@ pub fn run(cfg: Config) -> Result<u8> {
     let exe = std::env::current_exe().context("finding the ftvm binary")?;
     let mut procs: HashMap<u64, Proc> = HashMap::new();
     let mut told = false;
+    // The datastore heartbeat runs on its own thread, so a coordinator call stuck in a
+    // network timeout never delays it: it is how the coordinator tells an isolated host
+    // (alive) from a failed one.
+    let beat_file: Arc<Mutex<Option<PathBuf>>> = Arc::default();
+    let (bf, name, interval) = (beat_file.clone(), cfg.name.clone(), cfg.interval);
+    std::thread::Builder::new()
+        .name("ds-heartbeat".into())
+        .spawn(move || {
+            let mut beats = 0u64;
+            loop {
+                let f = bf.lock().unwrap().clone();
+                if let Some(f) = f {
+                    beats += 1;
+                    if let Some(d) = f.parent() {
+                        let _ = std::fs::create_dir_all(d);
+                    }
+                    let r = coordinator::store::write_atomic(&f, beats.to_string().as_bytes());
+                    if let Err(e) = r {
+                        if beats % 50 == 1 {
+                            eprintln!(
+                                "ftvm host-agent {name}: datastore heartbeat {}: {e}",
+                                f.display()
+                            );
+                        }
+                    }
+                }
+                std::thread::sleep(interval);
+            }
+        })?;
     eprintln!(
         "ftvm host-agent {}: reporting to {}",
         cfg.name, cfg.coordinator
@@ -76,8 +106,14 @@ pub fn run(cfg: Config) -> Result<u8> {
             report,
         };
         match proto::call(&cfg.coordinator, &req) {
-            Ok(Reply::Assignments { procs: assigned }) => {
+            Ok(Reply::Assignments {
+                procs: assigned,
+                heartbeat_file,
+            }) => {
                 told = false;
+                if let Some(f) = heartbeat_file {
+                    *beat_file.lock().unwrap() = Some(PathBuf::from(f));
+                }
                 apply(&cfg, &exe, &mut procs, &assigned)?;
             }
             Ok(other) => eprintln!("ftvm host-agent {}: unexpected reply {other:?}", cfg.name),

@@ -70,6 +70,8 @@ struct Coord {
     reports: Mutex<HashMap<u64, (String, ProcReport)>>,
     /// When a test failover was asked for, by VM.
     failing: Mutex<HashMap<String, u64>>,
+    /// Each host's last datastore heartbeat and when it changed (coordinator clock, ms).
+    ds_beats: Mutex<HashMap<String, (String, u64)>>,
 }
 
 const STATE_KEY: &str = "cluster";
@@ -111,6 +113,7 @@ pub fn run(cfg: Config) -> Result<u8> {
         cluster: Mutex::new(cluster),
         reports: Mutex::new(HashMap::new()),
         failing: Mutex::new(HashMap::new()),
+        ds_beats: Mutex::new(HashMap::new()),
     });
     let c2 = c.clone();
     std::thread::Builder::new()
@@ -316,6 +319,7 @@ impl Coord {
                 ip,
                 last_seen_ms: now_ms(),
                 alive: true,
+                ds_alive: true,
             },
         );
         if !known {
@@ -338,7 +342,23 @@ impl Coord {
                 })
             })
             .collect();
-        Ok(Reply::Assignments { procs })
+        Ok(Reply::Assignments {
+            procs,
+            heartbeat_file: Some(self.beat_file(&host).display().to_string()),
+        })
+    }
+
+    /// The FT address a placed secondary listens on.
+    fn secondary_addr(&self, c: &Cluster, s: &Option<Placement>) -> Option<String> {
+        s.as_ref().map(|s| {
+            let ip = c.hosts.get(&s.host).map_or("127.0.0.1", |h| h.ip.as_str());
+            format!("{ip}:{}", s.port)
+        })
+    }
+
+    /// Host `h`'s datastore heartbeat: a counter its agent rewrites every interval.
+    fn beat_file(&self, h: &str) -> PathBuf {
+        self.cfg.dir.join("hosts").join(format!("{h}.beat"))
     }
 
     /// The `ftvm` arguments of a placement: the secondary if it has a port, else the primary
@@ -421,16 +441,31 @@ impl Coord {
         let mut c = self.cluster.lock().unwrap();
         let before = c.clone();
         let timeout = self.cfg.host_timeout.as_millis() as u64;
+        let mut beats = self.ds_beats.lock().unwrap();
         for h in c.hosts.values_mut() {
             let alive = now.saturating_sub(h.last_seen_ms) <= timeout;
-            if h.alive && !alive {
+            // The datastore heartbeat is fresh if its counter changed within the timeout, by
+            // this coordinator's clock (host clocks need not agree).
+            let beat = std::fs::read_to_string(self.beat_file(&h.name)).unwrap_or_default();
+            let seen = beats.entry(h.name.clone()).or_insert((String::new(), now));
+            if seen.0 != beat {
+                *seen = (beat, now);
+            }
+            let ds_alive = now.saturating_sub(seen.1) <= timeout;
+            let was = h.state();
+            h.alive = alive;
+            h.ds_alive = ds_alive;
+            if h.state() != was {
                 eprintln!(
-                    "ftvm coordinator: host {} is down (no heartbeat for {timeout} ms)",
-                    h.name
+                    "ftvm coordinator: host {} is {} (network heartbeat {}, datastore heartbeat {})",
+                    h.name,
+                    h.state(),
+                    if alive { "fresh" } else { "missing" },
+                    if ds_alive { "fresh" } else { "missing" },
                 );
             }
-            h.alive = alive;
         }
+        drop(beats);
         let names: Vec<String> = c.vms.keys().cloned().collect();
         for name in names {
             self.reconcile_vm(&mut c, &name, &reports, now)?;
@@ -452,12 +487,27 @@ impl Coord {
         if !vm.running {
             return Ok(());
         }
-        let alive_host = |h: &str| c.hosts.get(h).is_some_and(|h| h.alive);
         let report =
             |p: &Option<Placement>| p.as_ref().and_then(|p| reports.get(&p.id)).map(|r| &r.1);
+        // The primary says it is protected by this very secondary.
+        let pair_intact = {
+            let st = report(&vm.primary)
+                .and_then(|r| r.status.clone())
+                .unwrap_or_default();
+            st.contains("protected=true")
+                && field(&st, "peer") == self.secondary_addr(c, &vm.secondary).as_deref()
+        };
+        // A process is gone when its host failed (no network, no datastore heartbeat), when
+        // its agent reports it ended, or when its host is only unreachable (isolated or
+        // partitioned, still running) and the pair no longer protects the VM with it. A
+        // secondary behind a partition that its primary still reaches is kept.
         let gone = |p: &Option<Placement>| {
-            p.as_ref()
-                .is_some_and(|pl| !alive_host(&pl.host) || report(p).is_some_and(|r| !r.running))
+            p.as_ref().is_some_and(|pl| {
+                let h = c.hosts.get(&pl.host);
+                let down = h.is_none_or(|h| h.down());
+                let unreachable = h.is_some_and(|h| !h.alive && h.ds_alive);
+                down || report(p).is_some_and(|r| !r.running) || (unreachable && !pair_intact)
+            })
         };
         let mut vm2 = vm.clone();
         // A secondary that took over reports itself as the primary.
@@ -586,10 +636,7 @@ impl Coord {
         let primary_status = report(&vm2.primary)
             .and_then(|r| r.status.clone())
             .unwrap_or_default();
-        let peer = vm2.secondary.as_ref().map(|s| {
-            let ip = c.hosts.get(&s.host).map_or("127.0.0.1", |h| h.ip.as_str());
-            format!("{ip}:{}", s.port)
-        });
+        let peer = self.secondary_addr(c, &vm2.secondary);
         let vm = c.vms.get_mut(name).unwrap();
         if vm.secondary.is_some() && matches!(vm.ft, FtState::Starting | FtState::Protected) {
             if primary_status.contains("protected=true")
@@ -792,7 +839,12 @@ impl Coord {
                 text += &format!(
                     "host {}: {} | {} secondaries (limit {}) | {} FT vCPUs\n",
                     h.name,
-                    if h.alive { "up" } else { "DOWN" },
+                    match h.state() {
+                        "UNREACHABLE" =>
+                            "UNREACHABLE (no network heartbeat, datastore heartbeat \
+                                          fresh: isolated or partitioned)",
+                        s => s,
+                    },
                     c.secondaries_on(&h.name),
                     self.cfg.limits.max_secondaries_per_host,
                     c.ft_vcpus_on(&h.name)

@@ -93,6 +93,9 @@ pub enum Reply {
     },
     Assignments {
         procs: Vec<Assignment>,
+        /// Where the agent writes its datastore heartbeat (a counter, every interval).
+        #[serde(default)]
+        heartbeat_file: Option<String>,
     },
     Status {
         json: serde_json::Value,
