@@ -55,10 +55,11 @@ pub use frame::{Decoder, Frame, MAX_PAYLOAD};
 pub use page::{PageData, PageEntry, PAGE_SIZE};
 pub use record::{Event, EventKind, Hello, Record, RecordKind, Role};
 
-/// Protocol version this build speaks.
-pub const VERSION: u8 = 1;
-/// Oldest protocol version this build still speaks.
-pub const MIN_VERSION: u8 = 1;
+/// Protocol version this build speaks (2: `DiskWrite` records).
+pub const VERSION: u8 = 2;
+/// Oldest protocol version this build still speaks (a version-1 secondary could not apply
+/// disk writes).
+pub const MIN_VERSION: u8 = 2;
 
 /// Errors of the FT log codec.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -106,10 +107,14 @@ mod tests {
 
     #[test]
     fn negotiation_picks_highest_common_or_refuses() {
-        assert_eq!(negotiate(1, 1), Ok(1));
-        assert_eq!(negotiate(1, 9), Ok(1));
+        assert_eq!(negotiate(VERSION, VERSION), Ok(VERSION));
+        assert_eq!(negotiate(MIN_VERSION, 9), Ok(VERSION));
         assert!(matches!(
-            negotiate(2, 3),
+            negotiate(VERSION + 1, VERSION + 2),
+            Err(Error::NoCommonVersion { .. })
+        ));
+        assert!(matches!(
+            negotiate(0, MIN_VERSION - 1),
             Err(Error::NoCommonVersion { .. })
         ));
         assert!(matches!(

@@ -21,6 +21,9 @@
 //! Heartbeat    seq u64 | sent_us u64
 //! Shutdown     code u8 | pad 7        (the guest ended with `code` after this epoch: no takeover)
 //! Stop         off u8 | pad 7         (FT suspended, or turned off if off = 1: exit, no takeover)
+//! DiskWrite    offset u64 | len u32 | data   (the guest wrote `data` to its disk at byte
+//!                                             `offset`; both multiples of 512, len > 0;
+//!                                             applied to the secondary's disk on commit)
 //! ```
 use crate::frame::{self, Frame, MAX_PAYLOAD};
 use crate::page::{PageEntry, ENTRY_HEADER};
@@ -44,6 +47,7 @@ pub enum RecordKind {
     Heartbeat = 10,
     Shutdown = 11,
     Stop = 12,
+    DiskWrite = 13,
 }
 
 impl RecordKind {
@@ -62,6 +66,7 @@ impl RecordKind {
             10 => Heartbeat,
             11 => Shutdown,
             12 => Stop,
+            13 => DiskWrite,
             0 => return Err(corrupt("record kind 0 (Invalid)")),
             k => return Err(Error::Unsupported(format!("record kind {k}"))),
         })
@@ -110,7 +115,9 @@ pub enum EventKind {
 pub struct EpochEnd {
     pub pages: u32,
     pub events: u32,
-    /// xxh3 over (gpa, page content) of the epoch's pages in order (see `EpochHasher`).
+    /// xxh3 over (gpa, page content) of the epoch's pages in order (see `EpochHasher`);
+    /// if the epoch has disk writes, then also over (`u64::MAX`, the xxh3 of their
+    /// (offset, data) in order), so pages and disk writes may interleave on the wire.
     pub page_hash: u64,
     /// Cumulative end offset of each output stream after this epoch.
     pub outputs: Vec<(u8, u64)>,
@@ -152,6 +159,11 @@ pub enum Record {
     /// secondary exits without taking over.
     Stop {
         off: bool,
+    },
+    /// A guest write to its disk (whole 512-byte sectors), part of the epoch.
+    DiskWrite {
+        offset: u64,
+        data: Bytes,
     },
 }
 
@@ -226,6 +238,7 @@ impl Record {
             Record::Heartbeat { .. } => RecordKind::Heartbeat,
             Record::Shutdown { .. } => RecordKind::Shutdown,
             Record::Stop { .. } => RecordKind::Stop,
+            Record::DiskWrite { .. } => RecordKind::DiskWrite,
         }
     }
 
@@ -340,6 +353,10 @@ impl Record {
             Record::Stop { off } => {
                 p.put_u8(*off as u8);
                 p.put_bytes(0, 7);
+            }
+            Record::DiskWrite { offset, data } => {
+                p.put_u64_le(*offset);
+                put_blob(&mut p, data);
             }
         }
         p
@@ -534,6 +551,17 @@ impl Record {
                 };
                 r.pad(7, "stop")?;
                 Record::Stop { off }
+            }
+            RecordKind::DiskWrite => {
+                let offset = r.u64("disk write")?;
+                let data = r.blob("disk write")?;
+                if offset % 512 != 0 || data.is_empty() || data.len() % 512 != 0 {
+                    return Err(corrupt(format!(
+                        "disk write of {} bytes at {offset}: not whole 512-byte sectors",
+                        data.len()
+                    )));
+                }
+                Record::DiskWrite { offset, data }
             }
         };
         r.finish(&format!("{kind:?}"))?;

@@ -67,6 +67,11 @@ const DEV_KVM: u16 = 0;
 const DEV_VMM: u16 = 1;
 /// Present in an epoch when the guest ended in it; payload: the exit code.
 const DEV_EXIT: u16 = 2;
+/// The primary's disk size in bytes (u64 LE), sent with the full disk copy of a sync: the
+/// secondary sizes its disk copy to it.
+const DEV_DISK: u16 = 3;
+/// Chunk of the full disk copy during a sync.
+const DISK_CHUNK: usize = 1 << 20;
 /// One attempt to reach a secondary (a handshake on a LAN takes milliseconds; nobody
 /// listening would otherwise cost the whole QUIC idle timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -264,6 +269,8 @@ impl PageEncoder {
 struct Precopy {
     hasher: EpochHasher,
     pages: u32,
+    /// Over the disk writes sent so far in this epoch (see `EpochEnd::page_hash`).
+    disk: Option<EpochHasher>,
 }
 
 /// How a pre-copy sync ended.
@@ -347,6 +354,8 @@ struct Snapshot {
     exit: Option<u8>,
     /// The device inputs the guest saw during the epoch, in order.
     events: Vec<DeviceEvent>,
+    /// The guest's disk writes during the epoch, in order.
+    disk: Vec<vmm::devices::virtio_blk::DiskWrite>,
 }
 
 /// Where one epoch's pause went.
@@ -376,6 +385,8 @@ pub struct PrimaryConfig {
     pub vm: VmConfig,
     pub boot: vmm::BootSource,
     pub ft: FtConfig,
+    /// The guest's disk (virtio-blk); the secondary keeps its own copy.
+    pub disk: Option<PathBuf>,
 }
 
 /// How a primary replicates (also what a secondary uses once it has taken over).
@@ -466,8 +477,13 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         dirty: DirtyTracking::Bitmap,
         ..cfg.vm
     };
-    let vm =
+    let mut vm =
         Vmm::boot(&vm_cfg, &cfg.boot, Box::new(held.clone())).context("cannot create the VM")?;
+    if let Some(d) = &cfg.disk {
+        vm.attach_disk(open_disk(d)?)
+            .with_context(|| format!("cannot attach --disk {}", d.display()))?;
+        vm.with_disk(|d| d.keep_writes(true));
+    }
     let hello = hello(Role::Primary, vm_cfg.vcpus, vm_cfg.mem_mib);
     let Some(peer) = cfg.ft.peer else {
         // No secondary yet: run unprotected (untracked, output released at once), holding
@@ -716,8 +732,10 @@ impl Primary {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
-        // Nothing to replicate: the guest runs without write tracking until the next sync.
+        // Nothing to replicate: the guest runs without write tracking until the next sync,
+        // and its disk writes are not kept.
         self.vm.set_dirty_logging(false)?;
+        self.vm.with_disk(|d| d.keep_writes(false));
         self.vm.resume()?;
         loop {
             let ev = self.vm.wait_event(Some(Duration::from_micros(500)));
@@ -749,6 +767,56 @@ impl Primary {
             let _ = self.out.write_all(&held);
             let _ = self.out.flush();
         }
+    }
+
+    /// For a sync: the guest's disk (a second handle), with write keeping switched on and
+    /// the writes kept so far dropped (the full copy supersedes them). None without a disk.
+    fn disk_copy_source(&mut self) -> Result<Option<std::fs::File>> {
+        let f = self.vm.with_disk(|d| {
+            d.keep_writes(false);
+            d.keep_writes(true);
+            d.disk().try_clone()
+        });
+        Ok(f.transpose()?)
+    }
+
+    /// Sends the disk's size and its whole contents as epoch-0 `DiskWrite` records.
+    fn send_disk_copy(&mut self, disk: &std::fs::File, pre: &mut Precopy) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let size = disk.metadata()?.len();
+        let mut b = BytesMut::new();
+        Record::DeviceState {
+            device: DEV_DISK,
+            state: Bytes::copy_from_slice(&size.to_le_bytes()),
+        }
+        .encode(0, &mut b);
+        self.send(&b, 1);
+        let h = pre.disk.get_or_insert_with(EpochHasher::new);
+        let mut off = 0u64;
+        while off < size {
+            let n = (size - off).min(DISK_CHUNK as u64) as usize;
+            let mut data = vec![0u8; n];
+            disk.read_exact_at(&mut data, off)
+                .context("reading the disk for the secondary's copy")?;
+            h.add(off, &data);
+            b.clear();
+            Record::DiskWrite {
+                offset: off,
+                data: Bytes::from(data),
+            }
+            .encode(0, &mut b);
+            self.send(&b, 1);
+            if self.lost() {
+                return Ok(());
+            }
+            off += n as u64;
+            self.status.lock().unwrap().note = format!(
+                "syncing the secondary: disk {} of {} MiB",
+                off >> 20,
+                size >> 20
+            );
+        }
+        Ok(())
     }
 
     /// One protection session: pre-copy sync (epoch 0), then epochs until the guest ends or
@@ -886,8 +954,17 @@ impl Primary {
         let mut pre = Precopy {
             hasher: EpochHasher::new(),
             pages: 0,
+            disk: None,
         };
         self.vm.resume()?;
+        if let Some(disk) = self.disk_copy_source()? {
+            // The whole disk first, while the guest runs; writes it makes from here on are
+            // kept and follow in the epoch, so the secondary's copy ends up exact.
+            self.send_disk_copy(&disk, &mut pre)?;
+            if self.lost() {
+                return Ok(Synced::Lost);
+            }
+        }
         // Pages harvested (or found non-zero) and not sent yet. A page is read after the
         // harvest that reported it, so a write the read misses is reported by the next one.
         let mut todo = all_nonzero_pages(self.vm.memory())?;
@@ -990,6 +1067,7 @@ impl Primary {
             offset,
             exit,
             events: self.events.take(),
+            disk: self.vm.with_disk(|d| d.take_writes()).unwrap_or_default(),
         })
     }
 
@@ -1005,11 +1083,12 @@ impl Primary {
             offset,
             exit,
             events,
+            disk,
         } = snap;
         let begun = pre.is_some();
-        let (mut hasher, pre_pages) = match pre {
-            Some(p) => (p.hasher, p.pages),
-            None => (EpochHasher::new(), 0),
+        let (mut hasher, pre_pages, mut disk_hasher) = match pre {
+            Some(p) => (p.hasher, p.pages, p.disk),
+            None => (EpochHasher::new(), 0, None),
         };
         let entries = self
             .encoder
@@ -1030,6 +1109,21 @@ impl Primary {
             );
         }
         let n_page_frames = encode_pages(&entries, epoch, &mut b);
+        for w in disk {
+            disk_hasher
+                .get_or_insert_with(EpochHasher::new)
+                .add(w.offset, &w.data);
+            rec(
+                Record::DiskWrite {
+                    offset: w.offset,
+                    data: Bytes::from(w.data),
+                },
+                &mut b,
+            );
+        }
+        if let Some(d) = disk_hasher {
+            hasher.add(u64::MAX, &d.finish().to_le_bytes());
+        }
         for v in &state.vcpus {
             rec(
                 Record::VcpuState {
@@ -1275,6 +1369,18 @@ pub struct SecondaryConfig {
     pub datastore: PathBuf,
     pub serial_out: Option<PathBuf>,
     pub detect: Detect,
+    /// This side's copy of the guest's disk (filled by the sync, updated on every commit,
+    /// the guest's disk after a takeover).
+    pub disk: Option<PathBuf>,
+}
+
+/// Opens a disk image for a guest (read-write).
+pub fn open_disk(p: &std::path::Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .with_context(|| format!("cannot open --disk {}", p.display()))
 }
 
 /// Runs the standby. Returns the guest's exit code (after a takeover, or when the primary
@@ -1294,6 +1400,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     vmm::check_vcpus(u32::from(peer.vcpus))?;
     let mem = vmm::memory::create(peer.mem_mib).context("the primary's guest memory size")?;
     let mut sec = replay::Secondary::new(mem);
+    let disk = cfg.disk.as_deref().map(open_disk).transpose()?;
     let status = Arc::new(Mutex::new(Status {
         role: "secondary",
         protected: false,
@@ -1331,6 +1438,10 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
                 Ok((e, r)) => match sec.on_record(e, r) {
                     Ok(actions) => {
                         for replay::Action::Ack(k) in actions {
+                            if let Err(e) = apply_disk_writes(&mut sec, disk.as_ref()) {
+                                eprintln!("ftvm secondary: {e:#}; leaving the FT link");
+                                return Ok(Received::PrimaryLost);
+                            }
                             if session.is_none() {
                                 session = Some(ds.session()?);
                             }
@@ -1401,6 +1512,37 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     takeover(sec, &cfg, ds, (detected_us, now_us()))
 }
 
+/// Applies the committed epochs' disk writes to this side's disk copy (sized to the
+/// primary's disk first), before the epoch is acknowledged.
+fn apply_disk_writes(sec: &mut replay::Secondary, disk: Option<&std::fs::File>) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let writes = sec.take_disk_writes();
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let disk = disk.ok_or_else(|| {
+        anyhow!(
+            "the primary's guest has a disk: start the secondary with --disk FILE (its own copy)"
+        )
+    })?;
+    if let Some(size) = sec
+        .state()
+        .devices
+        .get(&DEV_DISK)
+        .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+        .map(u64::from_le_bytes)
+    {
+        if disk.metadata()?.len() != size {
+            disk.set_len(size).context("sizing the disk copy")?;
+        }
+    }
+    for (off, data) in writes {
+        disk.write_all_at(&data, off)
+            .context("writing the secondary's disk copy")?;
+    }
+    Ok(())
+}
+
 /// How the secondary's receive loop ended.
 enum Received {
     PrimaryLost,
@@ -1469,12 +1611,18 @@ fn takeover(
     let out_offset = sec.output().end(0);
     drop(out);
     let held = HeldOutput::default();
-    let vm = Vmm::from_state(
+    let mut vm = Vmm::from_state(
         sec.into_memory(),
         state,
         Box::new(held.clone()),
         DirtyTracking::Bitmap,
     )?;
+    if let Some(d) = &cfg.disk {
+        vm.attach_disk(open_disk(d)?)
+            .with_context(|| format!("cannot attach --disk {}", d.display()))?;
+    } else if vm.needs_disk() {
+        bail!("the guest has a disk but this secondary has none (--disk): cannot take over");
+    }
     // This process is the primary now: its control socket is the primary's.
     let _ = std::fs::remove_file(ctl::socket_path(ds.path(), "secondary"));
     let ds = Arc::new(ds);

@@ -248,6 +248,10 @@ struct PrimaryArgs {
     /// where the pause went (stopping the vCPUs, dirty log, state capture, page copy), in µs.
     #[arg(long = "epoch-stats", value_name = "FILE")]
     epoch_stats: Option<PathBuf>,
+    /// The guest's disk image (virtio-blk). The secondary keeps its own copy (its --disk),
+    /// filled during the sync and updated with every committed epoch's writes.
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
     #[command(flatten)]
     detect: DetectArgs,
 }
@@ -282,6 +286,10 @@ struct SecondaryArgs {
     /// The console file after a takeover (the same file as the primary's --serial-out).
     #[arg(long = "serial-out", value_name = "FILE")]
     serial_out: Option<PathBuf>,
+    /// This side's copy of the guest's disk (required if the primary's guest has one; it is
+    /// overwritten by the sync and sized to the primary's disk).
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
     #[command(flatten)]
     detect: DetectArgs,
 }
@@ -334,15 +342,9 @@ struct RunArgs {
 /// none is given.
 fn attach_disk(vm: &mut Vmm, disk: Option<&Path>) -> Result<()> {
     match disk {
-        Some(p) => {
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(p)
-                .with_context(|| format!("cannot open --disk {}", p.display()))?;
-            vm.attach_disk(f)
-                .with_context(|| format!("cannot attach --disk {}", p.display()))
-        }
+        Some(p) => vm
+            .attach_disk(ft::open_disk(p)?)
+            .with_context(|| format!("cannot attach --disk {}", p.display())),
         None if vm.needs_disk() => {
             bail!("the saved VM has a disk: give it again with --disk FILE")
         }
@@ -679,6 +681,7 @@ fn main() {
                     page_encoding: a.page_encoding,
                     epoch_stats: a.epoch_stats,
                 },
+                disk: a.disk,
             };
             ft::primary(cfg)
         })(),
@@ -687,6 +690,7 @@ fn main() {
             datastore: a.datastore,
             serial_out: a.serial_out,
             detect: a.detect.get(),
+            disk: a.disk,
         }),
         Cmd::Ctl(a) => run_ctl(a),
         Cmd::Coordinator(a) => cluster::coordinator::run(cluster::coordinator::Config {

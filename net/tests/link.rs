@@ -23,8 +23,8 @@ impl Drop for Dir {
 
 fn hello(role: Role) -> Hello {
     Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: ft_log::MIN_VERSION,
+        max_version: ft_log::VERSION,
         role,
         vcpus: 2,
         mem_mib: 128,
@@ -52,7 +52,7 @@ async fn pinned_peers_exchange_records_and_heartbeats() {
     let addr = listener.local_addr();
     let server = tokio::spawn(async move {
         let (mut link, peer, v) = listener.accept(&hello(Role::Secondary)).await.unwrap();
-        assert_eq!((peer.role, v), (Role::Primary, 1));
+        assert_eq!((peer.role, v), (Role::Primary, ft_log::VERSION));
         let (epoch, rec) = link.recv_record().await.unwrap();
         assert_eq!(epoch, 42);
         assert_eq!(

@@ -38,7 +38,8 @@ pub enum Error {
 /// What the secondary wants sent back or done after a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Acknowledge this committed epoch to the primary.
+    /// Acknowledge this committed epoch to the primary. The caller first applies the
+    /// epoch's disk writes ([`Secondary::take_disk_writes`]) to its disk copy.
     Ack(u64),
 }
 
@@ -51,6 +52,7 @@ struct Staging {
     vcpus: BTreeMap<u8, Bytes>,
     devices: BTreeMap<u16, Bytes>,
     outputs: Vec<(u8, u64, Bytes)>,
+    disk: Vec<(u64, Bytes)>,
 }
 
 /// The last committed machine state besides memory.
@@ -73,6 +75,8 @@ pub struct Secondary {
     /// state already reflect them (the epoch is a checkpoint); they are verified by count
     /// against `EpochEnd` and kept for a replaying consumer.
     pub events_committed: u64,
+    /// Disk writes of committed epochs, in order, not yet taken by the caller.
+    disk: Vec<(u64, Bytes)>,
 }
 
 fn discard(epoch: u64, why: impl Into<String>) -> Error {
@@ -93,6 +97,7 @@ impl Secondary {
             output: OutputLog::default(),
             discarded: 0,
             events_committed: 0,
+            disk: Vec::new(),
         }
     }
 
@@ -114,6 +119,12 @@ impl Secondary {
     /// The committed vCPU and device state.
     pub fn state(&self) -> &CommittedState {
         &self.state
+    }
+
+    /// The guest's disk writes of the epochs committed since the last call, in order (offset,
+    /// data): apply them to this side's disk copy before acknowledging.
+    pub fn take_disk_writes(&mut self) -> Vec<(u64, Bytes)> {
+        std::mem::take(&mut self.disk)
     }
 
     /// Committed output.
@@ -163,6 +174,9 @@ impl Secondary {
                 offset,
                 data,
             } => self.with_staging(epoch, |s| s.outputs.push((stream, offset, data))),
+            Record::DiskWrite { offset, data } => {
+                self.with_staging(epoch, |s| s.disk.push((offset, data)))
+            }
             Record::Heartbeat { .. }
             | Record::Hello(_)
             | Record::Shutdown { .. }
@@ -253,6 +267,15 @@ impl Secondary {
             hasher.add(e.gpa, &page[..]);
             staged.push((e.gpa, page));
         }
+        // The epoch hash covers the disk writes too: their own hash, in order, folded in
+        // after the pages (see `ft_log::record::EpochEnd::page_hash`).
+        if !s.disk.is_empty() {
+            let mut d = EpochHasher::new();
+            for (offset, data) in &s.disk {
+                d.add(*offset, data);
+            }
+            hasher.add(u64::MAX, &d.finish().to_le_bytes());
+        }
         if hasher.finish() != end.page_hash {
             return fail(self, "page hash differs from EpochEnd".into());
         }
@@ -269,6 +292,7 @@ impl Secondary {
         self.state.devices.extend(s.devices);
         self.output.commit(&s.outputs, &end.outputs);
         self.events_committed += s.events.len() as u64;
+        self.disk.extend(s.disk);
         self.committed = Some(epoch);
         Ok(())
     }

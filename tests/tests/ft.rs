@@ -713,3 +713,103 @@ fn garbage_on_the_ft_ports_of_a_running_pair_changes_nothing() {
     assert_both_exit_cleanly(&mut pair);
     assert_eq!(console(&dir), counter_output(N));
 }
+
+/// The `journal` guest on a replicated disk (each side its own copy), the primary killed at
+/// random moments: the new primary's disk holds every record exactly once with none torn,
+/// every record the console acknowledged is on it, and the console acknowledges each record
+/// once. The primary's disk starts with 30 records (copied to the secondary by the sync), and
+/// the secondary's copy starts as a short file of junk (resized and overwritten).
+#[test]
+fn journal_on_a_replicated_disk_survives_random_primary_kills() {
+    use ftvm_tests::journal::{acked, record, verify};
+    require_kvm!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = Rng::from_env("ft_journal");
+    const PRE: u64 = 30;
+    const N: u64 = 150;
+    let mut took_over = 0;
+    for round in 0..6 {
+        let dir = TempDir::new("ft-journal");
+        let (p_img, s_img) = (dir.path("p.img"), dir.path("s.img"));
+        let mut disk = vec![0u8; 1 << 20];
+        for i in 1..=PRE {
+            disk[i as usize * 512..(i as usize + 1) * 512].copy_from_slice(&record(i));
+        }
+        std::fs::write(&p_img, &disk).unwrap();
+        std::fs::write(&s_img, vec![0xa5u8; 4096]).unwrap();
+        let addr = format!("127.0.0.1:{}", free_udp_port());
+        let (p, s) = (p_img.to_str().unwrap(), s_img.to_str().unwrap());
+        let secondary = spawn_side(
+            Command::new(ftvm_bin()),
+            &["secondary", "--listen", &addr, "--disk", s],
+            &dir,
+        );
+        let cmdline = format!("count={N} rate=200");
+        let primary = spawn_side(
+            Command::new(ftvm_bin()),
+            &[
+                "primary",
+                "--guest",
+                "journal",
+                "--cmdline",
+                &cmdline,
+                "--peer",
+                &addr,
+                "--disk",
+                p,
+            ],
+            &dir,
+        );
+        let mut pair = Pair {
+            secondary,
+            primary,
+            addr,
+        };
+        wait_protected(&dir, &mut pair);
+        // Round 0 runs to the end unharmed: then both copies are identical.
+        let ms = rng.range(0, 700);
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+            let _ = pair.primary.kill(); // SIGKILL
+            let _ = pair.primary.wait();
+        } else {
+            let st = wait(&mut pair.primary, Duration::from_secs(60), "primary");
+            assert_eq!(
+                st.code(),
+                Some(0),
+                "{}",
+                pair.primary.wait_with_output_ref()
+            );
+        }
+        let st = wait(&mut pair.secondary, Duration::from_secs(60), "secondary");
+        let err = pair.secondary.wait_with_output_ref();
+        assert_eq!(st.code(), Some(0), "round {round} (kill at {ms} ms): {err}");
+        took_over += usize::from(err.contains("taking over"));
+        let text = console(&dir);
+        assert_eq!(
+            acked(&text),
+            (PRE + 1..=PRE + N).collect::<Vec<_>>(),
+            "round {round} (kill at {ms} ms): every record acknowledged once:\n{text}"
+        );
+        assert!(
+            text.ends_with(&format!("journal: last={}\n", PRE + N)),
+            "{text}"
+        );
+        assert_eq!(
+            verify(&std::fs::read(&s_img).unwrap()),
+            PRE + N,
+            "round {round}: the surviving disk holds every record once"
+        );
+        assert_eq!(std::fs::metadata(&s_img).unwrap().len(), 1 << 20);
+        if round == 0 {
+            assert!(
+                std::fs::read(&s_img).unwrap() == std::fs::read(&p_img).unwrap(),
+                "without a failure the secondary's disk copy equals the primary's"
+            );
+        }
+    }
+    assert!(
+        took_over >= 3,
+        "only {took_over} of 5 kills landed before the guest ended"
+    );
+}
