@@ -113,30 +113,29 @@ fn truncated_state_file_is_refused() {
     assert_clear_error(&out, "state file is corrupt");
 }
 
+/// A saved state whose header claims format `major` is refused with `needle`.
+fn state_of_major_version_is_refused(tag: &str, major: u16, needle: &str) {
+    let dir = TempDir::new(tag);
+    let s = saved_state(&dir);
+    let mut bytes = std::fs::read(&s).unwrap();
+    bytes[8..10].copy_from_slice(&major.to_le_bytes());
+    std::fs::write(&s, &bytes).unwrap();
+    let out = ftvm(&["run", "--restore", s.to_str().unwrap()]);
+    assert_clear_error(&out, needle);
+}
+
 #[test]
 fn newer_major_version_state_file_is_refused() {
     require_kvm!();
-    let dir = TempDir::new("newer-state");
-    let s = saved_state(&dir);
-    let mut bytes = std::fs::read(&s).unwrap();
     let newer = vmm::persist::VERSION_MAJOR + 1;
-    bytes[8..10].copy_from_slice(&newer.to_le_bytes());
-    std::fs::write(&s, &bytes).unwrap();
-    let out = ftvm(&["run", "--restore", s.to_str().unwrap()]);
-    assert_clear_error(&out, "newer than this ftvm understands");
+    state_of_major_version_is_refused("newer-state", newer, "newer than this ftvm understands");
 }
 
 #[test]
 fn older_major_version_state_file_is_refused() {
     require_kvm!();
-    let dir = TempDir::new("older-state");
-    let s = saved_state(&dir);
-    let mut bytes = std::fs::read(&s).unwrap();
     let older = vmm::persist::VERSION_MAJOR - 1;
-    bytes[8..10].copy_from_slice(&older.to_le_bytes());
-    std::fs::write(&s, &bytes).unwrap();
-    let out = ftvm(&["run", "--restore", s.to_str().unwrap()]);
-    assert_clear_error(&out, "was written by an older ftvm");
+    state_of_major_version_is_refused("older-state", older, "was written by an older ftvm");
 }
 
 #[test]
