@@ -86,6 +86,13 @@ pub struct Vm {
     /// … with this initial ramdisk (a path on the hosts).
     #[serde(default)]
     pub initrd: Option<String>,
+    /// A virtio-blk disk of this many MiB (each process keeps its own copy in the VM's
+    /// datastore directory; the secondary's is filled by the sync).
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
+    /// The disk file the primary uses (in the VM's datastore directory).
+    #[serde(default)]
+    pub disk_file: Option<String>,
     pub cmdline: String,
     pub vcpus: u8,
     pub mem_mib: u64,

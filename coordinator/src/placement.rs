@@ -153,6 +153,8 @@ mod tests {
                 guest: Some("counter".into()),
                 kernel: None,
                 initrd: None,
+                disk_mib: None,
+                disk_file: None,
                 cmdline: String::new(),
                 vcpus: 2,
                 mem_mib: 64,

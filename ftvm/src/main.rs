@@ -143,6 +143,11 @@ enum VmCmd {
         /// Turn FT on (at most 8 vCPUs).
         #[arg(long)]
         ft: bool,
+        /// Give the VM a virtio-blk disk of this many MiB (created zeroed; with FT each side
+        /// keeps its own copy in the VM's datastore directory).
+        #[arg(long = "disk-mib", value_name = "MIB",
+              value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        disk_mib: Option<u64>,
         #[command(flatten)]
         coord: CoordinatorOpt,
     },
@@ -444,6 +449,7 @@ fn run_vm(c: VmCmd) -> Result<u8> {
             name,
             guest,
             ft,
+            disk_mib,
             coord,
         } => {
             // The hosts' agents start the VMM elsewhere: relative paths mean this directory.
@@ -460,6 +466,7 @@ fn run_vm(c: VmCmd) -> Result<u8> {
                     guest: guest.guest,
                     kernel: guest.kernel.map(on_hosts).transpose()?,
                     initrd: guest.initrd.map(on_hosts).transpose()?,
+                    disk_mib,
                     cmdline: guest.cmdline,
                     vcpus: guest.vcpus.min(255) as u8,
                     mem_mib: guest.mem_mib,

@@ -729,6 +729,65 @@ fn ft_on_for_a_running_vm_and_kernel_vms_with_initrd(b: Backend) {
     }
 }
 
+/// A cluster VM with a disk: the `journal` guest under FT, Test Failover mid-run. Each
+/// process has its own disk copy in the VM's datastore; after the failover the VM runs on the
+/// secondary's copy (status names it), which ends with every record, each acknowledged once.
+fn journal_vm_with_a_disk_survives_test_failover(b: Backend) {
+    use ftvm_tests::journal::{acked, verify};
+    let c = Cluster::start("cl-disk", &["h1", "h2", "h3"], &[], b);
+    c.ok(&[
+        "vm",
+        "create",
+        "jr",
+        "--guest",
+        "journal",
+        "--cmdline",
+        "count=400 rate=200",
+        "--mem-mib",
+        "32",
+        "--disk-mib",
+        "1",
+        "--ft",
+    ]);
+    c.ok(&["vm", "start", "jr"]);
+    let disk_of = |st: &str| {
+        st.lines()
+            .find(|l| l.starts_with("VM jr:"))
+            .and_then(|l| l.split("| disk ").nth(1))
+            .and_then(|f| f.split(" |").next())
+            .map(|f| f.trim().to_string())
+            .unwrap_or_else(|| panic!("no disk in the status: {st}"))
+    };
+    let st = c.wait(60, "protection", |s| {
+        s.contains("VM jr: running, protected")
+    });
+    let first = disk_of(&st);
+    let out = c.ok(&["ft", "test-failover", "jr"]);
+    assert!(out.contains("re-protected"), "{out}");
+    let st = c.wait(60, "the guest's end", |s| {
+        s.contains("VM jr: ended (exit 0)")
+    });
+    let last = disk_of(&st);
+    assert_ne!(
+        first, last,
+        "after the failover the VM runs on the secondary's copy"
+    );
+    let text = c.console("jr");
+    assert_eq!(acked(&text), (1..=400).collect::<Vec<_>>(), "{text}");
+    let vm_dir = c.dir.path("cluster").join("vms/jr");
+    let disk = std::fs::read(vm_dir.join(&last)).unwrap_or_else(|e| {
+        let files: Vec<_> = std::fs::read_dir(&vm_dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        panic!(
+            "{last}: {e}; {} holds {files:?}; status: {st}",
+            vm_dir.display()
+        )
+    });
+    assert_eq!(disk.len(), 1 << 20);
+    assert_eq!(verify(&disk), 400);
+}
+
 /// Every scenario above, once on the embedded file store and once on etcd.
 macro_rules! on_both_stores {
     ($($scenario:ident),* $(,)?) => {
@@ -758,4 +817,5 @@ on_both_stores!(
     isolation_and_partition_in_namespaces_never_make_two_primaries,
     a_standby_coordinator_takes_over_the_cluster,
     ft_on_for_a_running_vm_and_kernel_vms_with_initrd,
+    journal_vm_with_a_disk_survives_test_failover,
 );

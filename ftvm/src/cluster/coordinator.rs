@@ -207,6 +207,7 @@ impl Coord {
                 guest,
                 kernel,
                 initrd,
+                disk_mib,
                 cmdline,
                 vcpus,
                 mem_mib,
@@ -242,6 +243,8 @@ impl Coord {
                         guest,
                         kernel,
                         initrd,
+                        disk_mib,
+                        disk_file: None,
                         cmdline,
                         vcpus,
                         mem_mib,
@@ -369,7 +372,7 @@ impl Coord {
         let console = dir.join("console.txt").display().to_string();
         let ip = |h: &str| c.hosts.get(h).map_or("127.0.0.1".into(), |h| h.ip.clone());
         if p.port != 0 {
-            return vec![
+            let mut a: Vec<String> = vec![
                 "secondary".into(),
                 "--listen".into(),
                 format!("{}:{}", ip(&p.host), p.port),
@@ -378,6 +381,11 @@ impl Coord {
                 "--serial-out".into(),
                 console,
             ];
+            if v.disk_mib.is_some() {
+                let f = dir.join(disk_name(p.id));
+                a.extend(["--disk".into(), f.display().to_string()]);
+            }
+            return a;
         }
         let mut a: Vec<String> = Vec::new();
         let peer = v
@@ -394,6 +402,9 @@ impl Coord {
         }
         if let Some(i) = &v.initrd {
             a.extend(["--initrd".into(), i.clone()]);
+        }
+        if let Some(f) = &v.disk_file {
+            a.extend(["--disk".into(), dir.join(f).display().to_string()]);
         }
         a.extend([
             "--cmdline".into(),
@@ -412,9 +423,30 @@ impl Coord {
         a
     }
 
-    fn new_placement(&self, c: &mut Cluster, host: String, secondary: bool) -> Placement {
+    /// A new process of `vm` on `host`. With a disk, the process's own disk copy is created
+    /// in the VM's datastore directory (a first primary's becomes the VM's disk; a
+    /// secondary's is filled by the sync).
+    fn new_placement(
+        &self,
+        c: &mut Cluster,
+        vm: &str,
+        host: String,
+        secondary: bool,
+    ) -> Result<Placement> {
         let id = c.new_id();
-        Placement {
+        if let Some(mib) = c.vms.get(vm).and_then(|v| v.disk_mib) {
+            let dir = self.vm_dir(vm);
+            std::fs::create_dir_all(&dir)?;
+            let v = c.vms.get_mut(vm).unwrap();
+            if secondary || v.disk_file.is_none() {
+                let f = std::fs::File::create(dir.join(disk_name(id)))?;
+                f.set_len(mib << 20)?;
+                if !secondary {
+                    v.disk_file = Some(disk_name(id));
+                }
+            }
+        }
+        Ok(Placement {
             host,
             id,
             port: if secondary {
@@ -422,7 +454,7 @@ impl Coord {
             } else {
                 0
             },
-        }
+        })
     }
 
     /// Tells a primary reconnecting for a new secondary where it listens.
@@ -545,6 +577,10 @@ impl Coord {
                 live_after_ms: live.saturating_sub(at),
                 protected_after_ms: None,
             });
+            if vm2.disk_mib.is_some() {
+                // The new primary runs on the secondary's disk copy.
+                vm2.disk_file = Some(disk_name(s.id));
+            }
             vm2.primary = Some(Placement { port: 0, ..s });
             vm2.secondary = None;
         } else if let Some(r) = report(&vm.primary).filter(|r| !r.running) {
@@ -594,12 +630,12 @@ impl Coord {
                     return Ok(());
                 }
             };
-            let p = self.new_placement(c, host, false);
+            let p = self.new_placement(c, name, host, false)?;
             c.vms.get_mut(name).unwrap().primary = Some(p);
             if wants_secondary {
                 match placement::place_secondary(c, name, &self.cfg.limits, &[]) {
                     Ok(h) => {
-                        let s = self.new_placement(c, h, true);
+                        let s = self.new_placement(c, name, h, true)?;
                         let vm = c.vms.get_mut(name).unwrap();
                         vm.secondary = Some(s);
                         vm.ft = FtState::Starting;
@@ -619,7 +655,7 @@ impl Coord {
         if wants_secondary && vm2.secondary.is_none() {
             match placement::place_secondary(c, name, &self.cfg.limits, &[]) {
                 Ok(h) => {
-                    let s = self.new_placement(c, h, true);
+                    let s = self.new_placement(c, name, h, true)?;
                     self.publish_peer(c, name, &s)?;
                     let vm = c.vms.get_mut(name).unwrap();
                     vm.secondary = Some(s);
@@ -779,7 +815,7 @@ impl Coord {
                 let h = placement::place_secondary(&c, name, &self.cfg.limits, &avoid).map_err(
                     |e| anyhow::anyhow!("cannot move the secondary of VM {name} to {to}: {e}"),
                 )?;
-                let n = self.new_placement(&mut c, h, true);
+                let n = self.new_placement(&mut c, name, h, true)?;
                 self.publish_peer(&c, name, &n)?;
                 let v = c.vms.get_mut(name).unwrap();
                 v.secondary = Some(n);
@@ -811,7 +847,7 @@ impl Coord {
             };
             let pst = st(&v.primary).unwrap_or_default();
             text += &format!(
-                "VM {}: {} | primary {} | secondary {} | epoch {} lag {} | {} B/s{}\n",
+                "VM {}: {} | primary {} | secondary {} | epoch {} lag {} | {} B/s{}{}\n",
                 v.name,
                 vm_state(v),
                 v.primary.as_ref().map_or("-", |p| p.host.as_str()),
@@ -819,6 +855,9 @@ impl Coord {
                 field(&pst, "epoch").unwrap_or("-"),
                 field(&pst, "lag_epochs").unwrap_or("-"),
                 field(&pst, "bytes_per_sec").unwrap_or("-"),
+                v.disk_file
+                    .as_ref()
+                    .map_or(String::new(), |f| format!(" | disk {f}")),
                 v.last_failover.as_ref().map_or(String::new(), |f| format!(
                     " | last failover {} -> {}: live after {} ms, protected after {}",
                     f.from,
@@ -856,6 +895,11 @@ impl Coord {
             text: text.trim_end().to_string(),
         })
     }
+}
+
+/// The disk copy of placement `id`, in its VM's datastore directory.
+fn disk_name(id: u64) -> String {
+    format!("disk-{id}.img")
 }
 
 /// The FT port of placement `id`: one of the (at most 20000) ports from `base` to 65535.

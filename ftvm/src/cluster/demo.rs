@@ -114,6 +114,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<u8> {
                 guest: Some("counter".into()),
                 kernel: None,
                 initrd: None,
+                disk_mib: None,
                 cmdline: "count=1000000 rate=50".into(),
                 vcpus: 1,
                 mem_mib: 64,

@@ -23,6 +23,8 @@ pub enum Request {
         kernel: Option<String>,
         #[serde(default)]
         initrd: Option<String>,
+        #[serde(default)]
+        disk_mib: Option<u64>,
         cmdline: String,
         vcpus: u8,
         mem_mib: u64,
