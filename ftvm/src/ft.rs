@@ -780,7 +780,9 @@ impl Primary {
         Ok(f.transpose()?)
     }
 
-    /// Sends the disk's size and its whole contents as epoch-0 `DiskWrite` records.
+    /// Sends the disk's size and its contents as epoch-0 `DiskWrite` records: every chunk
+    /// that is not all zeros (the secondary starts its copy from an all-zero disk of the
+    /// size sent).
     fn send_disk_copy(&mut self, disk: &std::fs::File, pre: &mut Precopy) -> Result<()> {
         use std::os::unix::fs::FileExt;
         let size = disk.metadata()?.len();
@@ -798,6 +800,10 @@ impl Primary {
             let mut data = vec![0u8; n];
             disk.read_exact_at(&mut data, off)
                 .context("reading the disk for the secondary's copy")?;
+            if data.iter().all(|b| *b == 0) {
+                off += n as u64;
+                continue;
+            }
             h.add(off, &data);
             b.clear();
             Record::DiskWrite {
@@ -1401,6 +1407,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     let mem = vmm::memory::create(peer.mem_mib).context("the primary's guest memory size")?;
     let mut sec = replay::Secondary::new(mem);
     let disk = cfg.disk.as_deref().map(open_disk).transpose()?;
+    let mut disk_sized = false;
     let status = Arc::new(Mutex::new(Status {
         role: "secondary",
         protected: false,
@@ -1438,7 +1445,9 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
                 Ok((e, r)) => match sec.on_record(e, r) {
                     Ok(actions) => {
                         for replay::Action::Ack(k) in actions {
-                            if let Err(e) = apply_disk_writes(&mut sec, disk.as_ref()) {
+                            if let Err(e) =
+                                apply_disk_writes(&mut sec, disk.as_ref(), &mut disk_sized)
+                            {
                                 eprintln!("ftvm secondary: {e:#}; leaving the FT link");
                                 return Ok(Received::PrimaryLost);
                             }
@@ -1512,12 +1521,23 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     takeover(sec, &cfg, ds, (detected_us, now_us()))
 }
 
-/// Applies the committed epochs' disk writes to this side's disk copy (sized to the
-/// primary's disk first), before the epoch is acknowledged.
-fn apply_disk_writes(sec: &mut replay::Secondary, disk: Option<&std::fs::File>) -> Result<()> {
+/// Applies the committed epochs' disk writes to this side's disk copy, before the epoch is
+/// acknowledged. The first time (the sync's epoch 0, which carries the primary's disk size
+/// and its non-zero chunks) the copy is first emptied and sized: all zeros.
+fn apply_disk_writes(
+    sec: &mut replay::Secondary,
+    disk: Option<&std::fs::File>,
+    sized: &mut bool,
+) -> Result<()> {
     use std::os::unix::fs::FileExt;
+    let size = sec
+        .state()
+        .devices
+        .get(&DEV_DISK)
+        .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+        .map(u64::from_le_bytes);
     let writes = sec.take_disk_writes();
-    if writes.is_empty() {
+    if writes.is_empty() && (size.is_none() || *sized) {
         return Ok(());
     }
     let disk = disk.ok_or_else(|| {
@@ -1525,16 +1545,11 @@ fn apply_disk_writes(sec: &mut replay::Secondary, disk: Option<&std::fs::File>) 
             "the primary's guest has a disk: start the secondary with --disk FILE (its own copy)"
         )
     })?;
-    if let Some(size) = sec
-        .state()
-        .devices
-        .get(&DEV_DISK)
-        .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
-        .map(u64::from_le_bytes)
-    {
-        if disk.metadata()?.len() != size {
-            disk.set_len(size).context("sizing the disk copy")?;
-        }
+    if let (Some(size), false) = (size, *sized) {
+        disk.set_len(0)
+            .and_then(|()| disk.set_len(size))
+            .context("emptying and sizing the disk copy")?;
+        *sized = true;
     }
     for (off, data) in writes {
         disk.write_all_at(&data, off)
