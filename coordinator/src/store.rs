@@ -63,10 +63,22 @@ pub fn lock_exclusive(path: &Path) -> std::io::Result<fs::File> {
 /// Replaces `path` with `bytes` so that readers see the old or the new contents, never a torn
 /// mix: written to `path` + `.tmp~`, synced, then renamed over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_replacing(path, bytes, true)
+}
+
+/// [`write_atomic`] without the sync: for heartbeats, rewritten many times a second, whose
+/// readers need an untorn value but not one that survives a crash.
+pub fn write_heartbeat(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_replacing(path, bytes, false)
+}
+
+fn write_replacing(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp~");
     let mut f = fs::File::create(&tmp)?;
     f.write_all(bytes)?;
-    f.sync_all()?;
+    if sync {
+        f.sync_all()?;
+    }
     fs::rename(&tmp, path)
 }
 

@@ -7,7 +7,7 @@
 //!                                              live after losing its peer; holds its role
 //! ```
 use anyhow::{bail, Context, Result};
-use coordinator::store::{lock_exclusive, write_atomic};
+use coordinator::store::{lock_exclusive, write_atomic, write_heartbeat};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -136,12 +136,9 @@ impl Datastore {
 
     /// Records that `role` is alive now.
     pub fn touch_heartbeat(&self, role: &str) -> Result<()> {
-        let p = self.heartbeat(role);
-        let tmp = p.with_extension("tmp");
-        fs::write(&tmp, format!("{:?}", SystemTime::now()))
-            .context("writing datastore heartbeat")?;
-        fs::rename(&tmp, &p).context("writing datastore heartbeat")?;
-        Ok(())
+        let now = format!("{:?}", SystemTime::now());
+        write_heartbeat(&self.heartbeat(role), now.as_bytes())
+            .context("writing datastore heartbeat")
     }
 
     /// How long ago `role` last touched its heartbeat (None: never).

@@ -59,7 +59,7 @@ pub fn run(cfg: Config) -> Result<u8> {
                     if let Some(d) = f.parent() {
                         let _ = std::fs::create_dir_all(d);
                     }
-                    let r = coordinator::store::write_atomic(&f, beats.to_string().as_bytes());
+                    let r = coordinator::store::write_heartbeat(&f, beats.to_string().as_bytes());
                     if let Err(e) = r {
                         if beats % 50 == 1 {
                             eprintln!(
