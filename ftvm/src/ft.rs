@@ -479,11 +479,12 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
     };
     let mut vm =
         Vmm::boot(&vm_cfg, &cfg.boot, Box::new(held.clone())).context("cannot create the VM")?;
-    if let Some(d) = &cfg.disk {
-        vm.attach_disk(open_disk(d)?)
-            .with_context(|| format!("cannot attach --disk {}", d.display()))?;
-        vm.with_disk(|d| d.keep_writes(true));
-    }
+    // (Its writes are kept for the secondary once a sync starts: see `disk_copy_source`.)
+    attach_disk(
+        &mut vm,
+        cfg.disk.as_deref(),
+        "the guest has a disk: give --disk FILE",
+    )?;
     let hello = hello(Role::Primary, vm_cfg.vcpus, vm_cfg.mem_mib);
     let Some(peer) = cfg.ft.peer else {
         // No secondary yet: run unprotected (untracked, output released at once), holding
@@ -773,8 +774,8 @@ impl Primary {
     /// the writes kept so far dropped (the full copy supersedes them). None without a disk.
     fn disk_copy_source(&mut self) -> Result<Option<std::fs::File>> {
         let f = self.vm.with_disk(|d| {
-            d.keep_writes(false);
             d.keep_writes(true);
+            drop(d.take_writes());
             d.disk().try_clone()
         });
         Ok(f.transpose()?)
@@ -1380,8 +1381,20 @@ pub struct SecondaryConfig {
     pub disk: Option<PathBuf>,
 }
 
+/// Attaches the disk image `disk` to `vm`; without one, a VM whose state has a disk device
+/// is refused with `missing`.
+pub fn attach_disk(vm: &mut Vmm, disk: Option<&std::path::Path>, missing: &str) -> Result<()> {
+    match disk {
+        Some(p) => vm
+            .attach_disk(open_disk(p)?)
+            .with_context(|| format!("cannot attach --disk {}", p.display())),
+        None if vm.needs_disk() => bail!("{missing}"),
+        None => Ok(()),
+    }
+}
+
 /// Opens a disk image for a guest (read-write).
-pub fn open_disk(p: &std::path::Path) -> Result<std::fs::File> {
+fn open_disk(p: &std::path::Path) -> Result<std::fs::File> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -1632,12 +1645,11 @@ fn takeover(
         Box::new(held.clone()),
         DirtyTracking::Bitmap,
     )?;
-    if let Some(d) = &cfg.disk {
-        vm.attach_disk(open_disk(d)?)
-            .with_context(|| format!("cannot attach --disk {}", d.display()))?;
-    } else if vm.needs_disk() {
-        bail!("the guest has a disk but this secondary has none (--disk): cannot take over");
-    }
+    attach_disk(
+        &mut vm,
+        cfg.disk.as_deref(),
+        "the guest has a disk but this secondary has none (--disk): cannot take over",
+    )?;
     // This process is the primary now: its control socket is the primary's.
     let _ = std::fs::remove_file(ctl::socket_path(ds.path(), "secondary"));
     let ds = Arc::new(ds);

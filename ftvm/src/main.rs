@@ -343,20 +343,6 @@ struct RunArgs {
     disk: Option<PathBuf>,
 }
 
-/// Opens `--disk` for the guest and attaches it; refuses a restored VM that had a disk when
-/// none is given.
-fn attach_disk(vm: &mut Vmm, disk: Option<&Path>) -> Result<()> {
-    match disk {
-        Some(p) => vm
-            .attach_disk(ft::open_disk(p)?)
-            .with_context(|| format!("cannot attach --disk {}", p.display())),
-        None if vm.needs_disk() => {
-            bail!("the saved VM has a disk: give it again with --disk FILE")
-        }
-        None => Ok(()),
-    }
-}
-
 fn serial_sink(path: Option<&Path>) -> Result<SerialOut> {
     Ok(match path {
         None => Box::new(std::io::stdout()),
@@ -418,7 +404,11 @@ fn run(a: RunArgs) -> Result<u8> {
             Vmm::boot(&cfg, &src, serial).context("cannot create the VM")?
         }
     };
-    attach_disk(&mut vm, a.disk.as_deref())?;
+    ft::attach_disk(
+        &mut vm,
+        a.disk.as_deref(),
+        "the saved VM has a disk: give it again with --disk FILE",
+    )?;
     vm.resume()?;
     let ev = match (a.save_after_ms, &a.save) {
         (Some(ms), Some(path)) => match vm.wait_event(Some(Duration::from_millis(ms))) {
