@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Serialize, Default)]
@@ -112,14 +112,8 @@ impl Drop for ColoPair {
 }
 
 fn qemu(dir: &Path, name: &str, elf: &Path, cmdline: &str, extra: &[&str]) -> Result<Child> {
-    Command::new("qemu-system-x86_64")
-        .args([
-            "-accel", "kvm", "-m", "128", "-smp", "1", "-display", "none",
-        ])
-        .args(["-nodefaults", "-no-reboot", "-nic", "none", "-kernel"])
-        .arg(elf)
-        .args(["-append", cmdline])
-        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1", "-serial"])
+    crate::peers::qemu_command(elf, cmdline, 1)
+        .arg("-serial")
         .arg(format!(
             "file:{}",
             dir.join(format!("{name}.txt")).display()

@@ -54,26 +54,8 @@ pub(crate) fn elapsed_ms(out: &str) -> Result<f64> {
 /// Runs `elf` under QEMU/KVM; returns (seconds, serial output).
 pub(crate) fn qemu(elf: &Path, cmdline: &str, vcpus: u8) -> Result<(f64, String)> {
     let t = Instant::now();
-    let o = Command::new("qemu-system-x86_64")
-        .args(["-accel", "kvm", "-m", "128", "-smp"])
-        .arg(vcpus.to_string())
-        .args([
-            "-display",
-            "none",
-            "-nodefaults",
-            "-no-reboot",
-            "-nic",
-            "none",
-            "-kernel",
-        ])
-        .arg(elf)
-        .args(["-append", cmdline])
-        .args([
-            "-device",
-            "isa-debug-exit,iobase=0x501,iosize=1",
-            "-serial",
-            "stdio",
-        ])
+    let o = qemu_command(elf, cmdline, vcpus)
+        .args(["-serial", "stdio"])
         .output()
         .context("running qemu-system-x86_64 (Debian: qemu-system-x86)")?;
     let secs = t.elapsed().as_secs_f64();
@@ -86,6 +68,27 @@ pub(crate) fn qemu(elf: &Path, cmdline: &str, vcpus: u8) -> Result<(f64, String)
         );
     }
     Ok((secs, String::from_utf8_lossy(&o.stdout).to_string()))
+}
+
+/// QEMU/KVM booting the PVH image `elf` as ftvm does (128 MiB, no devices but the
+/// `isa-debug-exit` at ftvm's exit port); the caller adds the serial console.
+pub(crate) fn qemu_command(elf: &Path, cmdline: &str, vcpus: u8) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-accel", "kvm", "-m", "128", "-smp"])
+        .arg(vcpus.to_string())
+        .args([
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ])
+        .arg("-kernel")
+        .arg(elf)
+        .args(["-append", cmdline])
+        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"]);
+    c
 }
 
 fn ftvm(bin: &Path, guest: &str, cmdline: &str, vcpus: u8) -> Result<(f64, String)> {
