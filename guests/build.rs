@@ -1,7 +1,9 @@
 //! Builds the bare-metal test guests in `bare/` with a nested cargo invocation.
 //!
 //! The guests use only the host target (`x86_64-unknown-linux-gnu`, always installed) as a
-//! freestanding, statically linked ELF: no extra rustup target, no download. The nested build
+//! freestanding, statically linked ELF: no extra rustup target. Their one dependency,
+//! smoltcp (the `netserve` guest's TCP/IP stack), comes from crates.io at the versions in
+//! `bare/Cargo.lock` (downloaded by the first build, like the outer build's crates). The nested build
 //! has its own target directory under `OUT_DIR`, so it never contends for the outer build's
 //! lock, and a clean environment so the outer build's flags and wrappers (clippy, coverage)
 //! do not leak into it. The images are copied to `OUT_DIR` for `include_bytes!` and to
@@ -9,7 +11,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const GUESTS: &[&str] = &["counter", "dirtier", "smp", "pages", "journal"];
+const GUESTS: &[&str] = &["counter", "dirtier", "smp", "pages", "journal", "netserve"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -23,7 +25,7 @@ fn main() {
     let target_dir = out.join("bare-target");
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&bare)
-        .args(["build", "--release", "--offline", "--target", &host])
+        .args(["build", "--release", "--target", &host])
         .arg("--target-dir")
         .arg(&target_dir);
     for (k, _) in std::env::vars() {

@@ -165,7 +165,7 @@ impl Path2 {
     }
 }
 
-fn enter_netns(ns: &str) -> Result<()> {
+pub(crate) fn enter_netns(ns: &str) -> Result<()> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(format!("/var/run/netns/{ns}"))
         .with_context(|| format!("network namespace {ns}"))?;

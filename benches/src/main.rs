@@ -81,7 +81,7 @@ struct Report {
 }
 
 #[derive(Serialize)]
-struct Machine {
+pub(crate) struct Machine {
     cpu: String,
     cores: usize,
     kernel: String,
@@ -98,7 +98,7 @@ impl std::fmt::Display for Machine {
     }
 }
 
-fn machine() -> Machine {
+pub(crate) fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
@@ -314,7 +314,7 @@ fn dirty_harvest(
     Ok((r, manual))
 }
 
-fn ftvm_binary() -> Result<PathBuf> {
+pub(crate) fn ftvm_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("exe dir")?.join("ftvm");
     if !bin.exists() {
@@ -476,6 +476,7 @@ fn main() -> Result<()> {
         Some("ft") => ft::run(&args[1..]),
         Some("link") => link::run(&args[1..]),
         Some("peers") => peers::run(&args[1..]),
+        Some("netserve") => netserve::run(&args[1..]),
         Some("kernel-compile") => kernel::run(&args[1..]),
         Some("plots") => plots::run(&args[1..]),
         Some("all") => all(&args[1..]),
@@ -486,6 +487,7 @@ fn main() -> Result<()> {
                  ftvm-bench ft [--runs N] [--jobs J] [--vcpus 1,2,4,8] [--kills K]\n       \
                  ftvm-bench link [--runs N] [--mib M]\n       \
                  ftvm-bench peers [--runs N]\n       \
+                 ftvm-bench netserve [--runs N] [--mib M] [--rr K]\n       \
                  ftvm-bench kernel-compile [--kernel BZIMAGE --initrd INITRAMFS] [--vcpus N] [--runs N]\n       \
                  ftvm-bench plots                  redraw benches/results/plots/*.svg from the JSON\n\
                  micro-benchmarks (criterion): cargo bench -p ftvm-benches --bench micro"
@@ -517,6 +519,7 @@ fn all(args: &[String]) -> Result<()> {
         }),
         ("link", runs("5", "1")),
         ("peers", runs("5", "1")),
+        ("netserve", runs("3", "1")),
         ("kernel-compile", runs("3", "1")),
     ];
     let mut failed = Vec::new();
@@ -527,6 +530,7 @@ fn all(args: &[String]) -> Result<()> {
             "ft" => ft::run(a),
             "link" => link::run(a),
             "peers" => peers::run(a),
+            "netserve" => netserve::run(a),
             _ => kernel::run(a),
         };
         if let Err(e) = r {
@@ -576,5 +580,6 @@ mod colo;
 mod ft;
 mod kernel;
 mod link;
+mod netserve;
 mod peers;
 mod plots;

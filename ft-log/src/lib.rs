@@ -48,6 +48,7 @@
 //! [`frame::MAX_PAYLOAD`], checked before any payload is buffered), and reports corruption
 //! as [`Error::Corruption`], never a panic. A torn tail is simply "need more bytes".
 pub mod frame;
+pub mod frames;
 pub mod page;
 pub mod record;
 

@@ -12,11 +12,19 @@
 //! append-only `--serial-out` file's length with the committed output), and runs the VM on
 //! from the last committed epoch. A primary that loses its secondary must win the same
 //! arbitration to go on unprotected; the loser halts. Never two live copies.
+//!
+//! The guest's network device follows the same rule: frames it transmits are held with the
+//! epoch and sent when the epoch is acknowledged (they also travel in the epoch, as output
+//! stream [`ft_log::frames::NET_STREAM`], so a new primary sends the last committed epochs'
+//! frames again: duplicates TCP discards, rather than frames lost); frames it receives are
+//! recorded as input. After a takeover the new primary announces the guest's MAC (RARP) so
+//! switches learn its new port.
 use crate::ctl::{self, Status};
 use crate::datastore::Datastore;
 use crate::now_us;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
+use ft_log::frames::NET_STREAM;
 use ft_log::page::{PageData, PageEntry, PAGE_SIZE};
 use ft_log::record::{encode_pages, EpochEnd, EpochHasher};
 use ft_log::{Hello, Record, Role};
@@ -77,6 +85,9 @@ const DISK_CHUNK: usize = 1 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a secondary waits for its primary to connect.
 const PRIMARY_WAIT: Duration = Duration::from_secs(120);
+/// Committed epochs whose transmitted frames a new primary sends again at takeover: every
+/// epoch the old primary may not have released (it holds at most `MAX_IN_FLIGHT + 1`).
+const RESEND_EPOCHS: usize = MAX_IN_FLIGHT + 2;
 /// Exit status of a side that lost arbitration and halted.
 pub const HALTED: u8 = 3;
 
@@ -98,6 +109,13 @@ fn log_event(seq: u32, e: &DeviceEvent) -> ft_log::Event {
             value,
         } => (vcpu, EventKind::MmioRead { addr, size, value }),
         DeviceEvent::Interrupt { gsi } => (NO_VCPU, EventKind::Interrupt { gsi, level: true }),
+        DeviceEvent::DeviceInput { device, ref data } => (
+            NO_VCPU,
+            EventKind::DeviceInput {
+                device,
+                data: Bytes::copy_from_slice(data),
+            },
+        ),
     };
     ft_log::Event { vcpu, seq, kind }
 }
@@ -356,6 +374,9 @@ struct Snapshot {
     events: Vec<DeviceEvent>,
     /// The guest's disk writes during the epoch, in order.
     disk: Vec<vmm::devices::virtio_blk::DiskWrite>,
+    /// The frames the guest transmitted in the epoch, in stream form, and the stream offset
+    /// of the first (None: the VM has no network device).
+    net: Option<(Bytes, u64)>,
 }
 
 /// Where one epoch's pause went.
@@ -376,6 +397,8 @@ struct EpochStat {
 struct Held {
     epoch: u64,
     output: Bytes,
+    /// Network frames the guest transmitted in the epoch.
+    frames: Vec<Vec<u8>>,
     /// When its first byte left the guest (for the output-latency statistics).
     since: Option<Instant>,
 }
@@ -387,6 +410,15 @@ pub struct PrimaryConfig {
     pub ft: FtConfig,
     /// The guest's disk (virtio-blk); the secondary keeps its own copy.
     pub disk: Option<PathBuf>,
+    /// The guest's network device (virtio-net on a tap).
+    pub net: Option<NetConfig>,
+}
+
+/// A VM's network device: the host tap it is attached to, and its MAC.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
 }
 
 /// How a primary replicates (also what a secondary uses once it has taken over).
@@ -448,6 +480,10 @@ struct Primary {
     /// acknowledges the epoch.
     pending: VecDeque<Held>,
     out_offset: u64,
+    /// Network frame stream offset (see [`ft_log::frames`]).
+    net_offset: u64,
+    /// The guest's tap, for releasing held frames.
+    tap: Option<Arc<std::fs::File>>,
     ds: Arc<Datastore>,
     status: Arc<Mutex<Status>>,
     rate_mark: (Instant, u64),
@@ -485,6 +521,9 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         cfg.disk.as_deref(),
         "the guest has a disk: give --disk FILE",
     )?;
+    if let Some(n) = &cfg.net {
+        attach_net(&mut vm, Some(open_tap(&n.tap)?), n.mac, "")?;
+    }
     let hello = hello(Role::Primary, vm_cfg.vcpus, vm_cfg.mem_mib);
     let Some(peer) = cfg.ft.peer else {
         // No secondary yet: run unprotected (untracked, output released at once), holding
@@ -569,6 +608,7 @@ impl Primary {
                 std::thread::sleep(detect.interval());
             })?;
         let out = crate::serial_sink(cfg.serial_out.as_deref())?;
+        let tap = vm.with_net(|n| n.tap());
         let events = vm.events();
         events.set_recording(true);
         Ok(Primary {
@@ -584,6 +624,8 @@ impl Primary {
             requests,
             pending: VecDeque::new(),
             out_offset,
+            net_offset: 0,
+            tap,
             ds,
             status,
             rate_mark: (Instant::now(), 0),
@@ -737,6 +779,7 @@ impl Primary {
         // and its disk writes are not kept.
         self.vm.set_dirty_logging(false)?;
         self.vm.with_disk(|d| d.keep_writes(false));
+        self.vm.with_net(|n| n.hold_tx(false));
         self.vm.resume()?;
         loop {
             let ev = self.vm.wait_event(Some(Duration::from_micros(500)));
@@ -760,7 +803,8 @@ impl Primary {
         }
     }
 
-    /// Unprotected: writes the guest's output straight out.
+    /// Unprotected: writes the guest's output straight out (and the frames it transmitted
+    /// while they were still held).
     fn release_held(&mut self) {
         let held = self.held.take();
         if !held.is_empty() {
@@ -768,6 +812,23 @@ impl Primary {
             let _ = self.out.write_all(&held);
             let _ = self.out.flush();
         }
+        if let Some(frames) = self.vm.with_net(|n| n.take_tx()) {
+            self.send_frames(&frames);
+        }
+    }
+
+    /// Sends frames the guest transmitted to the network.
+    fn send_frames(&self, frames: &[Vec<u8>]) {
+        if let Some(tap) = &self.tap {
+            for f in frames {
+                vmm::devices::tap::write_frame(tap, f);
+            }
+        }
+    }
+
+    /// Whether transmitted frames wait in the device (an epoch then closes early).
+    fn frames_waiting(&self) -> bool {
+        self.tap.is_some() && self.vm.with_net(|n| n.held_tx() > 0).unwrap_or(false)
     }
 
     /// For a sync: the guest's disk (a second handle), with write keeping switched on and
@@ -845,7 +906,8 @@ impl Primary {
                 }
                 let el = t0.elapsed();
                 if el >= self.cfg.epoch
-                    || (el >= self.cfg.min_epoch && !self.held.is_empty())
+                    || (el >= self.cfg.min_epoch
+                        && (!self.held.is_empty() || self.frames_waiting()))
                     || self.events.len() >= MAX_EPOCH_EVENTS
                 {
                     break;
@@ -950,6 +1012,8 @@ impl Primary {
     fn sync(&mut self) -> Result<Synced> {
         let t0 = Instant::now();
         self.encoder.shadow.clear();
+        // From here the guest's frames leave only with an acknowledged epoch.
+        self.vm.with_net(|n| n.hold_tx(true));
         self.vm.set_dirty_logging(true)?;
         self.vm.dirty_pages()?; // a clean log: from here every guest write is seen
         let mut b = BytesMut::new();
@@ -1052,12 +1116,21 @@ impl Primary {
         let capture = t.elapsed();
         let (output, since) = self.held.take_timed();
         let output = Bytes::from(output);
+        let frames = self.vm.with_net(|n| n.take_tx());
+        let net = frames.as_ref().map(|f| {
+            let mut b = Vec::new();
+            ft_log::frames::encode(f.iter().map(Vec::as_slice), &mut b);
+            let at = self.net_offset;
+            self.net_offset += b.len() as u64;
+            (Bytes::from(b), at)
+        });
         // Held from this moment: whatever happens next, this output is released exactly when
         // its epoch is acknowledged, or by whichever side goes live. Offsets are absolute in
         // the console stream and advance as output leaves the guest.
         self.pending.push_back(Held {
             epoch,
             output: output.clone(), // shares the buffer
+            frames: frames.unwrap_or_default(),
             since,
         });
         let offset = self.out_offset;
@@ -1075,6 +1148,7 @@ impl Primary {
             exit,
             events: self.events.take(),
             disk: self.vm.with_disk(|d| d.take_writes()).unwrap_or_default(),
+            net,
         })
     }
 
@@ -1091,6 +1165,7 @@ impl Primary {
             exit,
             events,
             disk,
+            net,
         } = snap;
         let begun = pre.is_some();
         let (mut hasher, pre_pages, mut disk_hasher) = match pre {
@@ -1178,12 +1253,26 @@ impl Primary {
                 &mut b,
             );
         }
+        let mut outputs = vec![(0, end_off)];
+        if let Some((data, at)) = net {
+            outputs.push((NET_STREAM, at + data.len() as u64));
+            if !data.is_empty() {
+                rec(
+                    Record::Output {
+                        stream: NET_STREAM,
+                        offset: at,
+                        data,
+                    },
+                    &mut b,
+                );
+            }
+        }
         rec(
             Record::EpochEnd(EpochEnd {
                 pages: pre_pages + entries.len() as u32,
                 events: events.len() as u32,
                 page_hash: hasher.finish(),
-                outputs: vec![(0, end_off)],
+                outputs,
             }),
             &mut b,
         );
@@ -1299,6 +1388,7 @@ impl Primary {
             if let Err(e) = self.out.write_all(&h.output).and_then(|_| self.out.flush()) {
                 tracing::warn!("releasing guest output failed: {e}");
             }
+            self.send_frames(&h.frames);
             if let Some(t) = h.since {
                 self.holds.push((h.epoch, t.elapsed()));
             }
@@ -1379,6 +1469,8 @@ pub struct SecondaryConfig {
     /// This side's copy of the guest's disk (filled by the sync, updated on every commit,
     /// the guest's disk after a takeover).
     pub disk: Option<PathBuf>,
+    /// The host tap the guest's network device uses after a takeover.
+    pub tap: Option<String>,
 }
 
 /// Attaches the disk image `disk` to `vm`; without one, a VM whose state has a disk device
@@ -1391,6 +1483,54 @@ pub fn attach_disk(vm: &mut Vmm, disk: Option<&std::path::Path>, missing: &str) 
         None if vm.needs_disk() => bail!("{missing}"),
         None => Ok(()),
     }
+}
+
+/// Opens the host tap `name` for a guest's network device.
+pub fn open_tap(name: &str) -> Result<std::fs::File> {
+    vmm::devices::tap::open(name).with_context(|| format!("cannot use --tap {name}"))
+}
+
+/// Attaches `tap` as `vm`'s network device with MAC `mac` (a restored VM keeps its saved
+/// MAC); without one, a VM whose state has a network device is refused with `missing`.
+pub fn attach_net(
+    vm: &mut Vmm,
+    tap: Option<std::fs::File>,
+    mac: [u8; 6],
+    missing: &str,
+) -> Result<()> {
+    match tap {
+        Some(t) => vm
+            .attach_net(t, mac)
+            .context("cannot attach the network device"),
+        None if vm.needs_net() => bail!("{missing}"),
+        None => Ok(()),
+    }
+}
+
+/// A new primary on a new host: tells the network where the guest's MAC is now (RARP, as
+/// live migration does: at once, then twice more in case the first is lost), and sends the
+/// frames of the last committed epochs again (`resend`, in stream form).
+fn announce(tap: Arc<std::fs::File>, mac: [u8; 6], resend: &[u8]) {
+    use vmm::devices::tap::{rarp_announce, write_frame};
+    let rarp = rarp_announce(mac);
+    write_frame(&tap, &rarp);
+    let (frames, _) = ft_log::frames::decode(resend);
+    for f in &frames {
+        write_frame(&tap, f);
+    }
+    eprintln!(
+        "ftvm secondary: announced MAC {} with RARP; sent the last committed epochs' {} frames again",
+        mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
+        frames.len()
+    );
+    let _ = std::thread::Builder::new()
+        .name("announce".into())
+        .spawn(move || {
+            for gap in [50, 100] {
+                std::thread::sleep(Duration::from_millis(gap));
+                write_frame(&tap, &rarp);
+            }
+        });
 }
 
 /// Opens a disk image for a guest (read-write).
@@ -1421,6 +1561,14 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     let mut sec = replay::Secondary::new(mem);
     let disk = cfg.disk.as_deref().map(open_disk).transpose()?;
     let mut disk_sized = false;
+    // Attached only at takeover (the standby must not take the tap's frames, and a new
+    // secondary may start on the host where the primary holds the same tap); a name that can
+    // never work is refused now.
+    if let Some(name) = &cfg.tap {
+        vmm::devices::tap::check(name).with_context(|| format!("cannot use --tap {name}"))?;
+    }
+    // Network-stream end offsets after the last committed epochs (for the resend).
+    let mut net_ends: VecDeque<u64> = VecDeque::new();
     let status = Arc::new(Mutex::new(Status {
         role: "secondary",
         protected: false,
@@ -1466,6 +1614,10 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
                             }
                             if session.is_none() {
                                 session = Some(ds.session()?);
+                            }
+                            net_ends.push_back(sec.output().end(NET_STREAM));
+                            if net_ends.len() > RESEND_EPOCHS + 1 {
+                                net_ends.pop_front();
                             }
                             {
                                 let mut st = status.lock().unwrap();
@@ -1531,7 +1683,11 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     // Free the FT port (a new secondary may listen there) and the link before going live.
     drop((listener, log_tx, log_rx, control));
     drop(rt);
-    takeover(sec, &cfg, ds, (detected_us, now_us()))
+    let resend_from = match net_ends.front() {
+        Some(&end) if net_ends.len() > RESEND_EPOCHS => end,
+        _ => sec.output().base(NET_STREAM),
+    };
+    takeover(sec, &cfg, ds, resend_from, (detected_us, now_us()))
 }
 
 /// Applies the committed epochs' disk writes to this side's disk copy, before the epoch is
@@ -1591,6 +1747,7 @@ fn takeover(
     sec: replay::Secondary,
     cfg: &SecondaryConfig,
     ds: Datastore,
+    resend_from: u64,
     (detected_us, arbitrated_us): (u64, u64),
 ) -> Result<u8> {
     let serial_out = cfg.serial_out.as_deref();
@@ -1637,6 +1794,12 @@ fn takeover(
         devices,
     };
     let out_offset = sec.output().end(0);
+    let net_offset = sec.output().end(NET_STREAM);
+    let resend = sec
+        .output()
+        .unreleased(NET_STREAM, resend_from)
+        .unwrap_or_default()
+        .to_vec();
     drop(out);
     let held = HeldOutput::default();
     let mut vm = Vmm::from_state(
@@ -1650,6 +1813,15 @@ fn takeover(
         cfg.disk.as_deref(),
         "the guest has a disk but this secondary has none (--disk): cannot take over",
     )?;
+    attach_net(
+        &mut vm,
+        cfg.tap.as_deref().map(open_tap).transpose()?,
+        vmm::devices::virtio_net::DEFAULT_MAC,
+        "the guest has a network device but this secondary has no --tap: cannot take over",
+    )?;
+    if let Some((tap, mac)) = vm.with_net(|n| (n.tap(), n.mac())) {
+        announce(tap, mac, &resend);
+    }
     // This process is the primary now: its control socket is the primary's.
     let _ = std::fs::remove_file(ctl::socket_path(ds.path(), "secondary"));
     let ds = Arc::new(ds);
@@ -1673,5 +1845,6 @@ fn takeover(
         hello(Role::Primary, vcpu_count, mem_mib),
         out_offset,
     )?;
+    p.net_offset = net_offset;
     p.run(false)
 }

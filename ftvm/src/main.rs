@@ -258,7 +258,53 @@ struct PrimaryArgs {
     #[arg(long, value_name = "FILE")]
     disk: Option<PathBuf>,
     #[command(flatten)]
+    net: NetArgs,
+    #[command(flatten)]
     detect: DetectArgs,
+}
+
+#[derive(Args)]
+struct NetArgs {
+    /// Give the guest a virtio-net device (virtio-mmio at 0xd0001000, GSI 6) on this host tap
+    /// device (an existing tap, e.g. `ip tuntap add NAME mode tap` bridged to the LAN, or a
+    /// new one: creating it needs CAP_NET_ADMIN). Under FT, frames the guest sends leave only
+    /// once their epoch is acknowledged; the secondary gives its own --tap on its host.
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
+    /// The guest's MAC address (unicast). With --restore the saved MAC is kept.
+    #[arg(long, value_name = "MAC", requires = "tap", value_parser = parse_mac,
+          default_value = "02:46:54:56:4d:01")]
+    mac: [u8; 6],
+}
+
+impl NetArgs {
+    fn config(&self) -> Option<ft::NetConfig> {
+        self.tap
+            .clone()
+            .map(|tap| ft::NetConfig { tap, mac: self.mac })
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, unicast.
+fn parse_mac(s: &str) -> std::result::Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        *b = parts
+            .next()
+            .filter(|p| p.len() == 2)
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+            .ok_or_else(|| format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "{s:?} is a multicast address; a NIC needs a unicast MAC"
+        ));
+    }
+    Ok(mac)
 }
 
 #[derive(Args)]
@@ -295,6 +341,11 @@ struct SecondaryArgs {
     /// overwritten by the sync and sized to the primary's disk).
     #[arg(long, value_name = "FILE")]
     disk: Option<PathBuf>,
+    /// The tap on this host the guest's network device uses after a takeover (required if
+    /// the primary's guest has one). Attached only at takeover (the name is checked at start);
+    /// the guest's MAC comes from its state.
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
     #[command(flatten)]
     detect: DetectArgs,
 }
@@ -341,6 +392,8 @@ struct RunArgs {
     /// at 0xd0000000, GSI 5. With --restore: the same disk the VM was saved with.
     #[arg(long, value_name = "FILE")]
     disk: Option<PathBuf>,
+    #[command(flatten)]
+    net: NetArgs,
 }
 
 fn serial_sink(path: Option<&Path>) -> Result<SerialOut> {
@@ -408,6 +461,12 @@ fn run(a: RunArgs) -> Result<u8> {
         &mut vm,
         a.disk.as_deref(),
         "the saved VM has a disk: give it again with --disk FILE",
+    )?;
+    ft::attach_net(
+        &mut vm,
+        a.net.tap.as_deref().map(ft::open_tap).transpose()?,
+        a.net.mac,
+        "the saved VM has a network device: give a tap with --tap NAME",
     )?;
     vm.resume()?;
     let ev = match (a.save_after_ms, &a.save) {
@@ -679,6 +738,7 @@ fn main() {
                     epoch_stats: a.epoch_stats,
                 },
                 disk: a.disk,
+                net: a.net.config(),
             };
             ft::primary(cfg)
         })(),
@@ -688,6 +748,7 @@ fn main() {
             serial_out: a.serial_out,
             detect: a.detect.get(),
             disk: a.disk,
+            tap: a.tap,
         }),
         Cmd::Ctl(a) => run_ctl(a),
         Cmd::Coordinator(a) => cluster::coordinator::run(cluster::coordinator::Config {

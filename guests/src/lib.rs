@@ -12,6 +12,8 @@
 //! | `dirtier` | `preset=compile-profile [jobs=J] [mib=W]` | **stand-in for a kernel compile** (see its source); exits 0 |
 //! | `smp`     | —                                         | every vCPU prints `vcpu I ok`; exits 0 when all reported |
 //! | `pages`   | `base=MIB count=N stride=S`               | writes a known page set after a host handshake (dirty-tracking tests) |
+//! | `journal` | `count=K rate=R`                          | appends numbered, checksummed records to its virtio-blk disk (`--disk`) |
+//! | `netserve`| `ip=A.B.C.D/P port=N conns=N`             | TCP echo server on its virtio-net device (`--tap`), smoltcp at CPL3 |
 
 /// A built-in guest image.
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +45,10 @@ pub const ALL: &[Guest] = &[
     guest!(
         "journal",
         "appends checksummed records to its virtio-blk disk, acks each on the console (count=K rate=R; needs --disk)"
+    ),
+    guest!(
+        "netserve",
+        "TCP echo server on its virtio-net device, smoltcp at CPL3 (ip=A.B.C.D/P port=N conns=N; needs --tap)"
     ),
 ];
 

@@ -29,6 +29,11 @@ pub struct OutputLog {
 }
 
 impl OutputLog {
+    /// Offset of the oldest committed byte of `stream` still kept.
+    pub fn base(&self, stream: u8) -> u64 {
+        self.streams.get(&stream).map_or(0, |s| s.base)
+    }
+
     /// Cumulative committed end offset of `stream`.
     pub fn end(&self, stream: u8) -> u64 {
         self.streams.get(&stream).map_or(0, Stream::end)

@@ -143,3 +143,28 @@ fn save_without_delay_is_a_usage_error() {
     let out = ftvm(&["run", "--guest", "counter", "--save", "/tmp/x"]);
     assert_clear_error(&out, "--save-after-ms");
 }
+
+#[test]
+fn bad_network_options_are_refused_clearly() {
+    let out = ftvm(&[
+        "run",
+        "--guest",
+        "netserve",
+        "--tap",
+        "t0",
+        "--mac",
+        "01:00:5e:00:00:01",
+    ]);
+    assert_clear_error(&out, "multicast");
+    let out = ftvm(&[
+        "run", "--guest", "netserve", "--tap", "t0", "--mac", "02:00:00",
+    ]);
+    assert_clear_error(&out, "is not a MAC address");
+    let out = ftvm(&["run", "--guest", "netserve", "--mac", "02:00:00:00:00:01"]);
+    assert_clear_error(&out, "--tap");
+    require_kvm!();
+    let out = ftvm(&["run", "--guest", "netserve", "--tap", "a/b"]);
+    assert_clear_error(&out, "tap name");
+    let out = ftvm(&["run", "--guest", "netserve", "--tap", "lo"]);
+    assert_clear_error(&out, "is not a tap device");
+}

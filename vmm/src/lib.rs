@@ -70,6 +70,10 @@ pub enum Error {
     DiskIrq(#[source] std::io::Error),
     #[error(transparent)]
     Disk(#[from] devices::virtio_blk::Error),
+    #[error("setting up the network device")]
+    NetIrq(#[source] std::io::Error),
+    #[error("network device state")]
+    Net(#[from] devices::virtio_mmio::Error),
     #[error("installing the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
     #[error("starting vCPU thread {0}")]
@@ -134,6 +138,8 @@ pub struct Vmm {
     mem: GuestMemory,
     mem_mib: u64,
     running: bool,
+    /// The network device's receive thread: its stop signal and handle.
+    net_rx: Option<(Arc<EventFd>, JoinHandle<()>)>,
 }
 
 impl Vmm {
@@ -195,7 +201,11 @@ impl Vmm {
         let kvm = KvmVm::new(&mem, dirty)?;
         kvm.restore(&state.vm)?;
         let devices = Self::devices(&kvm, serial_out, Some(&state.devices.serial))?;
-        devices.lock().unwrap().blk_saved = state.devices.blk.clone();
+        {
+            let mut d = devices.lock().unwrap();
+            d.blk_saved = state.devices.blk.clone();
+            d.net_saved = state.devices.net.clone();
+        }
         let mut vcpus = Vec::new();
         for s in &state.vcpus {
             let v = Vcpu::new(&kvm, s.id)?;
@@ -272,6 +282,7 @@ impl Vmm {
             mem,
             mem_mib,
             running: false,
+            net_rx: None,
         })
     }
 
@@ -312,11 +323,18 @@ impl Vmm {
     pub fn resume(&mut self) -> Result<()> {
         self.command(VcpuCmd::Resume)?;
         self.running = true;
+        if let Some(n) = self.devices.lock().unwrap().net.as_mut() {
+            n.set_frozen(false);
+        }
         Ok(())
     }
 
     /// Stops every vCPU at an instruction boundary (in-flight port I/O completed).
     pub fn pause(&mut self) -> Result<()> {
+        // First: from here on no received frame is written into guest memory.
+        if let Some(n) = self.devices.lock().unwrap().net.as_mut() {
+            n.set_frozen(true);
+        }
         self.command(VcpuCmd::Pause)?;
         self.running = false;
         Ok(())
@@ -382,8 +400,12 @@ impl Vmm {
         }
     }
 
-    /// Stops and joins every vCPU thread (idempotent).
+    /// Stops and joins every vCPU thread and the network receive thread (idempotent).
     pub fn stop(&mut self) {
+        if let Some((stop, t)) = self.net_rx.take() {
+            let _ = stop.write(1);
+            let _ = t.join();
+        }
         for v in &self.vcpus {
             let _ = v.cmds.send(VcpuCmd::Stop);
         }
@@ -460,6 +482,48 @@ impl Vmm {
         Ok(())
     }
 
+    /// Attaches `tap` (see [`devices::tap::open`]) as the VM's virtio-net device with MAC
+    /// `mac` (a restored VM keeps its saved MAC and queues), and starts the thread that
+    /// receives its frames. Before the vCPUs first run.
+    pub fn attach_net(&mut self, tap: std::fs::File, mac: [u8; 6]) -> Result<()> {
+        use devices::virtio_net::{VirtioNet, NET_GSI};
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::NetIrq)?;
+        self.kvm
+            .fd
+            .register_irqfd(&irq, NET_GSI)
+            .map_err(|e| Error::NetIrq(std::io::Error::from_raw_os_error(e.errno())))?;
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::NetIrq)?);
+        let tap_rx = tap.try_clone().map_err(Error::NetIrq)?;
+        {
+            let mut d = self.devices.lock().unwrap();
+            let events = d.events.clone();
+            let saved = d.net_saved.take();
+            let mut net = VirtioNet::new(tap, mac, self.mem.clone(), irq, events, saved.as_ref())?;
+            net.set_frozen(!self.running);
+            d.net = Some(net);
+        }
+        let (devs, stop2) = (self.devices.clone(), stop.clone());
+        let t = std::thread::Builder::new()
+            .name("net-rx".into())
+            .spawn(move || net_rx_loop(devs, tap_rx, stop2))
+            .map_err(Error::NetIrq)?;
+        self.net_rx = Some((stop, t));
+        Ok(())
+    }
+
+    /// A restored VM whose state has a network device still waiting for its tap.
+    pub fn needs_net(&self) -> bool {
+        self.devices.lock().unwrap().net_saved.is_some()
+    }
+
+    /// Runs `f` on the network device, if one is attached.
+    pub fn with_net<T>(
+        &self,
+        f: impl FnOnce(&mut devices::virtio_net::VirtioNet) -> T,
+    ) -> Option<T> {
+        self.devices.lock().unwrap().net.as_mut().map(f)
+    }
+
     /// A restored VM whose state has a disk device still waiting for its disk.
     pub fn needs_disk(&self) -> bool {
         self.devices.lock().unwrap().blk_saved.is_some()
@@ -476,6 +540,57 @@ impl Vmm {
     /// Whether KVM's dirty log is cleared manually (`KVM_CLEAR_DIRTY_LOG`).
     pub fn dirty_log_manual_clear(&self) -> bool {
         self.kvm.manual_clear()
+    }
+}
+
+/// Reads frames from the tap and hands them to the network device until `stop` is signalled.
+fn net_rx_loop(devices: Arc<Mutex<Devices>>, tap: std::fs::File, stop: Arc<EventFd>) {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 65536];
+    let mut frames = Vec::new();
+    let mut waiting = false;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: tap.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, if waiting { 1 } else { 1000 }) };
+        if fds[1].revents != 0 {
+            return;
+        }
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return;
+        }
+        while frames.len() < 64 {
+            match devices::tap::read_frame(&tap, &mut buf) {
+                Some(n) if n > 0 => frames.push(buf[..n].to_vec()),
+                _ => break,
+            }
+        }
+        if frames.is_empty() && !waiting {
+            continue;
+        }
+        let mut d = devices.lock().unwrap();
+        if let Some(net) = d.net.as_mut() {
+            net.retry();
+            for f in frames.drain(..) {
+                net.receive(f);
+            }
+            waiting = net.backlogged();
+        }
+        frames.clear();
     }
 }
 

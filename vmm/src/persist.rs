@@ -32,7 +32,7 @@ use vm_memory::{Bytes, GuestAddress};
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
 pub const TRAILER_MAGIC: [u8; 4] = *b"FTVE";
 /// 2: device state gained the virtio-blk disk device.
-pub const VERSION_MAJOR: u16 = 2;
+pub const VERSION_MAJOR: u16 = 3;
 pub const VERSION_MINOR: u16 = 0;
 const HEADER_LEN: u64 = 24;
 const TRAILER_LEN: u64 = 8;
@@ -363,6 +363,7 @@ mod tests {
             devices: DevicesState {
                 serial: SerialDeviceState::default(),
                 blk: None,
+                net: None,
             },
         }
     }

@@ -10,6 +10,7 @@
 //!   ftvm exits with `v` (QEMU with `(v << 1) | 1`).
 //! - PIT channel 2 + port 0x61: TSC calibration.
 //! - virtio-blk over virtio-mmio at 0xd0000000 ([`virtio_blk`], polled; the `journal` guest).
+//! - virtio-net over virtio-mmio at 0xd0001000 ([`virtio_net`], polled; the `netserve` guest).
 #![no_std]
 
 pub mod boot;
@@ -19,6 +20,7 @@ mod mem;
 pub mod smp;
 pub mod time;
 pub mod virtio_blk;
+pub mod virtio_net;
 
 pub use io::{exit, print, Console};
 

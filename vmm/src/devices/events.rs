@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// One input, as the guest saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceEvent {
     /// An `in` from `port` returned `value` (little-endian, `size` bytes).
     PioRead {
@@ -26,6 +26,8 @@ pub enum DeviceEvent {
     },
     /// The VMM raised interrupt line `gsi`.
     Interrupt { gsi: u32 },
+    /// Data from outside entered the guest through `device` (a received network frame).
+    DeviceInput { device: u16, data: Vec<u8> },
 }
 
 /// Events recorded since the last [`EventLog::take`].
@@ -39,6 +41,10 @@ pub struct EventLog {
 impl EventLog {
     pub fn set_recording(&self, on: bool) {
         self.on.store(on, Ordering::SeqCst);
+    }
+
+    pub fn is_recording(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
     }
 
     pub fn record(&self, e: DeviceEvent) {

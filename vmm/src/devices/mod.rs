@@ -5,10 +5,14 @@
 //! | 0x3f8–0x3ff   | COM1 16550 UART ([`serial`]) → console |
 //! | 0x501         | exit device ([`EXIT_PORT`]): a byte written ends the VM with that code |
 //! | 0xd0000000 +4K | virtio-blk over virtio-mmio ([`virtio_blk`]), GSI 5, if a disk is attached |
+//! | 0xd0001000 +4K | virtio-net over virtio-mmio ([`virtio_net`]), GSI 6, if a tap is attached |
 //! | anything else | absent: reads return all-ones, writes are ignored |
 pub mod events;
 pub mod serial;
+pub mod tap;
 pub mod virtio_blk;
+pub mod virtio_mmio;
+pub mod virtio_net;
 
 use events::{le_value, DeviceEvent, EventLog};
 use serde::{Deserialize, Serialize};
@@ -35,6 +39,10 @@ pub struct Devices {
     pub blk: Option<virtio_blk::VirtioBlk>,
     /// A restored VM's disk-device state, until its disk is attached.
     pub blk_saved: Option<virtio_blk::VirtioBlkState>,
+    /// The network device, once attached ([`crate::Vmm::attach_net`]).
+    pub net: Option<virtio_net::VirtioNet>,
+    /// A restored VM's network-device state, until its tap is attached.
+    pub net_saved: Option<virtio_net::VirtioNetState>,
 }
 
 /// Saved state of [`Devices`].
@@ -43,11 +51,18 @@ pub struct DevicesState {
     pub serial: serial::SerialDeviceState,
     /// Present when the VM has a disk (its contents are the disk file's, not in the state).
     pub blk: Option<virtio_blk::VirtioBlkState>,
+    /// Present when the VM has a network device.
+    pub net: Option<virtio_net::VirtioNetState>,
 }
 
 fn in_blk(addr: u64) -> Option<u64> {
     addr.checked_sub(virtio_blk::BLK_MMIO_BASE)
         .filter(|o| *o < virtio_blk::BLK_MMIO_SIZE)
+}
+
+fn in_net(addr: u64) -> Option<u64> {
+    addr.checked_sub(virtio_net::NET_MMIO_BASE)
+        .filter(|o| *o < virtio_net::NET_MMIO_SIZE)
 }
 
 impl Devices {
@@ -57,18 +72,22 @@ impl Devices {
             events,
             blk: None,
             blk_saved: None,
+            net: None,
+            net_saved: None,
         }
     }
 
     /// Whether a guest write at `addr` went to a device (else: unmapped MMIO).
     pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool {
-        match (in_blk(addr), self.blk.as_mut()) {
-            (Some(off), Some(blk)) => {
-                blk.write(off, data);
-                true
-            }
-            _ => false,
+        if let (Some(off), Some(blk)) = (in_blk(addr), self.blk.as_mut()) {
+            blk.write(off, data);
+            return true;
         }
+        if let (Some(off), Some(net)) = (in_net(addr), self.net.as_mut()) {
+            net.write(off, data);
+            return true;
+        }
+        false
     }
 
     /// A guest `in` from `port` on `vcpu`; `data` is filled (and the result recorded).
@@ -90,9 +109,18 @@ impl Devices {
     /// A guest MMIO read: the device's register, or all-ones where no device is (recorded
     /// either way). Returns whether a device claimed it.
     pub fn mmio_read(&mut self, vcpu: u8, addr: u64, data: &mut [u8]) -> bool {
-        let claimed = match (in_blk(addr), self.blk.as_mut()) {
-            (Some(off), Some(blk)) => {
+        let claimed = match (
+            in_blk(addr),
+            self.blk.as_mut(),
+            in_net(addr),
+            self.net.as_mut(),
+        ) {
+            (Some(off), Some(blk), _, _) => {
                 blk.read(off, data);
+                true
+            }
+            (_, _, Some(off), Some(net)) => {
+                net.read(off, data);
                 true
             }
             _ => {
@@ -127,6 +155,10 @@ impl Devices {
             blk: match &self.blk {
                 Some(b) => Some(b.save()),
                 None => self.blk_saved.clone(),
+            },
+            net: match &self.net {
+                Some(n) => Some(n.save()),
+                None => self.net_saved.clone(),
             },
         }
     }
