@@ -17,12 +17,13 @@
 //! so the primary can ship it in the epoch; the secondary applies them to its own disk copy
 //! when the epoch commits.
 use super::events::{DeviceEvent, EventLog};
+use super::virtio_mmio::{Transport, TransportState, Written, F_VERSION_1};
 use crate::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,11 +37,8 @@ pub const MAX_CHAIN: usize = 130;
 /// Most data bytes in one request.
 pub const MAX_REQUEST: u64 = 1 << 20;
 
-const MAGIC: u32 = 0x7472_6976; // "virt"
-const VENDOR: u32 = 0x4d56_5446; // "FTVM"
 const DEVICE_BLK: u32 = 2;
 const F_BLK_FLUSH: u64 = 1 << 9;
-const F_VERSION_1: u64 = 1 << 32;
 const FEATURES: u64 = F_VERSION_1 | F_BLK_FLUSH;
 
 const T_IN: u32 = 0;
@@ -50,10 +48,6 @@ const T_GET_ID: u32 = 8;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
-
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FAILED: u32 = 128;
 
 /// A guest write to the disk: `data` at byte `offset`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,29 +59,15 @@ pub struct DiskWrite {
 /// The device's registers and queue position (the disk's contents are the file's).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VirtioBlkState {
-    pub device_features_sel: u32,
-    pub driver_features_sel: u32,
-    pub driver_features: u64,
-    pub status: u32,
-    pub interrupt_status: u32,
-    pub config_generation: u32,
-    pub queue_size: u16,
-    pub queue_ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-    pub next_avail: u16,
-    pub next_used: u16,
+    pub transport: TransportState,
 }
 
 pub struct VirtioBlk {
     disk: File,
     capacity: u64,
     mem: GuestMemory,
-    irq: EventFd,
     events: Arc<EventLog>,
-    s: VirtioBlkState,
-    queue: Queue,
+    t: Transport,
     /// Guest writes not yet taken (kept only while `keep_writes`).
     writes: Vec<DiskWrite>,
     keep_writes: bool,
@@ -100,8 +80,8 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("disk image of {0} bytes: the size must be a non-zero multiple of 512")]
     Size(u64),
-    #[error("saved virtio-blk queue state is invalid: {0:?}")]
-    Queue(virtio_queue::Error),
+    #[error(transparent)]
+    Transport(#[from] super::virtio_mmio::Error),
 }
 
 impl VirtioBlk {
@@ -116,46 +96,29 @@ impl VirtioBlk {
         if len == 0 || !len.is_multiple_of(SECTOR) {
             return Err(Error::Size(len));
         }
-        let s = state.cloned().unwrap_or_default();
-        let queue = Queue::try_from(QueueState {
-            max_size: QUEUE_MAX,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: false,
-            size: if s.queue_size == 0 {
-                QUEUE_MAX
-            } else {
-                s.queue_size
-            },
-            ready: s.queue_ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-        })
-        .map_err(Error::Queue)?;
+        let t = Transport::new(
+            DEVICE_BLK,
+            FEATURES,
+            1,
+            QUEUE_MAX,
+            irq,
+            state.map(|s| &s.transport),
+        )?;
         Ok(VirtioBlk {
             disk,
             capacity: len / SECTOR,
             mem,
-            irq,
             events,
-            s,
-            queue,
+            t,
             writes: Vec::new(),
             keep_writes: false,
         })
     }
 
     pub fn save(&self) -> VirtioBlkState {
-        let mut s = self.s.clone();
-        s.queue_size = self.queue.size();
-        s.queue_ready = self.queue.ready();
-        s.desc_table = self.queue.desc_table();
-        s.avail_ring = self.queue.avail_ring();
-        s.used_ring = self.queue.used_ring();
-        s.next_avail = self.queue.next_avail();
-        s.next_used = self.queue.next_used();
-        s
+        VirtioBlkState {
+            transport: self.t.save(),
+        }
     }
 
     /// Keep every guest write for [`VirtioBlk::take_writes`] (an FT primary) or not.
@@ -176,119 +139,42 @@ impl VirtioBlk {
         &self.disk
     }
 
-    /// A guest read of `data.len()` bytes at `offset` in the MMIO window.
+    /// A guest read of `data.len()` bytes at `offset` in the MMIO window. Config space:
+    /// the capacity (u64, sectors), the rest zero.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= 0x100 {
-            // Config space: capacity (u64, sectors) at 0, the rest zero.
-            let mut cfg = [0u8; 0x40];
-            cfg[..8].copy_from_slice(&self.capacity.to_le_bytes());
-            let o = (offset - 0x100) as usize;
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = cfg.get(o + i).copied().unwrap_or(0);
-            }
-            return;
-        }
-        if data.len() != 4 {
-            data.fill(0);
-            return;
-        }
-        let v: u32 = match offset {
-            0x000 => MAGIC,
-            0x004 => 2,
-            0x008 => DEVICE_BLK,
-            0x00c => VENDOR,
-            0x010 => match self.s.device_features_sel {
-                0 => FEATURES as u32,
-                1 => (FEATURES >> 32) as u32,
-                _ => 0,
-            },
-            0x034 => u32::from(QUEUE_MAX),
-            0x044 => u32::from(self.queue.ready()),
-            0x060 => self.s.interrupt_status,
-            0x070 => self.s.status,
-            0x0fc => self.s.config_generation,
-            _ => 0,
-        };
-        data.copy_from_slice(&v.to_le_bytes());
+        let mut cfg = [0u8; 0x40];
+        cfg[..8].copy_from_slice(&self.capacity.to_le_bytes());
+        self.t.read(offset, data, &cfg);
     }
 
     /// A guest write at `offset` in the MMIO window.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() != 4 || offset >= 0x100 {
-            return; // config space is read-only; registers are 32-bit
+        if self.t.write(offset, data) == Written::Notify(0) {
+            self.notify();
         }
-        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        let hi = |old: u64, v: u32| (old & 0xffff_ffff) | (u64::from(v) << 32);
-        let lo = |old: u64, v: u32| (old & !0xffff_ffff) | u64::from(v);
-        // Queue layout may change only before the queue is ready.
-        let q_cfg = !self.queue.ready();
-        match offset {
-            0x014 => self.s.device_features_sel = v,
-            0x020 => {
-                let f = &mut self.s.driver_features;
-                match self.s.driver_features_sel {
-                    0 => *f = lo(*f, v) & FEATURES,
-                    1 => *f = hi(*f, v) & FEATURES,
-                    _ => {}
-                }
-            }
-            0x024 => self.s.driver_features_sel = v,
-            0x030 => {} // one queue: QueueSel is always 0
-            0x038 if q_cfg => self.queue.set_size(v.min(0xffff) as u16),
-            0x044 => self.queue.set_ready(v == 1),
-            0x050 => self.notify(),
-            0x064 => self.s.interrupt_status &= !v,
-            0x070 => {
-                if v == 0 {
-                    self.reset();
-                } else if v & STATUS_FEATURES_OK != 0 && self.s.driver_features & F_VERSION_1 == 0 {
-                    // A modern device needs VERSION_1: refuse FEATURES_OK.
-                    self.s.status = v & !STATUS_FEATURES_OK;
-                } else {
-                    self.s.status = v;
-                }
-            }
-            0x080 if q_cfg => self.queue.set_desc_table_address(Some(v), None),
-            0x084 if q_cfg => self.queue.set_desc_table_address(None, Some(v)),
-            0x090 if q_cfg => self.queue.set_avail_ring_address(Some(v), None),
-            0x094 if q_cfg => self.queue.set_avail_ring_address(None, Some(v)),
-            0x0a0 if q_cfg => self.queue.set_used_ring_address(Some(v), None),
-            0x0a4 if q_cfg => self.queue.set_used_ring_address(None, Some(v)),
-            _ => {}
-        }
-    }
-
-    fn reset(&mut self) {
-        self.s = VirtioBlkState::default();
-        self.queue.reset();
     }
 
     /// The guest notified the queue: serve every available request.
     fn notify(&mut self) {
-        if self.s.status & STATUS_DRIVER_OK == 0
-            || self.s.status & STATUS_FAILED != 0
-            || !self.queue.ready()
-            || !self.queue.is_valid(&self.mem)
-        {
+        if !self.t.usable(0, &self.mem) {
             return;
         }
         let mem = self.mem.clone();
         let mut served = false;
-        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+        while let Some(chain) = self.t.queues[0].pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             let descs: Vec<_> = chain.take(MAX_CHAIN + 1).collect();
             let len = self.serve(&mem, &descs);
-            if self.queue.add_used(&mem, head, len).is_err() {
+            if self.t.queues[0].add_used(&mem, head, len).is_err() {
                 // The used ring is outside guest memory: the driver broke the queue.
-                self.s.status |= STATUS_FAILED;
+                self.t.fail();
                 break;
             }
             served = true;
         }
         if served {
-            self.s.interrupt_status |= 1;
+            self.t.signal();
             self.events.record(DeviceEvent::Interrupt { gsi: BLK_GSI });
-            let _ = self.irq.write(1);
         }
     }
 
@@ -454,7 +340,7 @@ mod tests {
         let mem = crate::memory::create(16).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut blk = VirtioBlk::new(f, mem.clone(), irq, Arc::default(), None).unwrap();
-        assert_eq!(r(&mut blk, 0), MAGIC);
+        assert_eq!(r(&mut blk, 0), super::super::virtio_mmio::MAGIC);
         assert_eq!(r(&mut blk, 8), DEVICE_BLK);
         w(&mut blk, 0x70, 1 | 2);
         w(&mut blk, 0x24, 1);
@@ -597,7 +483,8 @@ mod tests {
             .unwrap();
         assert_eq!(g.request(T_OUT, 1, 512, false).1, S_OK);
         let st = g.blk.save();
-        assert_eq!((st.next_avail, st.next_used, st.queue_size), (1, 1, 16));
+        let q = &st.transport.queues[0];
+        assert_eq!((q.next_avail, q.next_used, q.size), (1, 1, 16));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
