@@ -786,6 +786,15 @@ fn journal_vm_with_a_disk_survives_test_failover(b: Backend) {
     });
     assert_eq!(disk.len(), 1 << 20);
     assert_eq!(verify(&disk), 400);
+    // The other copies (the first primary's, the new secondary's) were collected.
+    let mut copies: Vec<String> = std::fs::read_dir(&vm_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("disk-"))
+        .collect();
+    copies.sort();
+    assert_eq!(copies, vec![last], "only the VM's disk is left");
 }
 
 /// Every scenario above, once on the embedded file store and once on etcd.

@@ -504,8 +504,42 @@ impl Coord {
         }
         if *c != before {
             self.save(&c)?;
+            self.collect_disk_copies(&c);
         }
         Ok(())
+    }
+
+    /// Deletes the disk copies no process of a VM uses any more (a replaced secondary's, the
+    /// old primary's after a failover, the secondary's once the guest ended). The VM's disk —
+    /// the copy its primary runs on, or ran on last — is always kept. Called with the cluster
+    /// lock held, after the placements are recorded.
+    fn collect_disk_copies(&self, c: &Cluster) {
+        for (name, v) in &c.vms {
+            if v.disk_mib.is_none() {
+                continue;
+            }
+            let keep: Vec<String> = [&v.primary, &v.secondary]
+                .into_iter()
+                .flatten()
+                .map(|p| disk_name(p.id))
+                .chain(v.disk_file.clone())
+                .collect();
+            let Ok(dir) = std::fs::read_dir(self.vm_dir(name)) else {
+                continue;
+            };
+            for e in dir.flatten() {
+                let f = e.file_name().to_string_lossy().into_owned();
+                if f.starts_with("disk-")
+                    && f.ends_with(".img")
+                    && !keep.contains(&f)
+                    && std::fs::remove_file(e.path()).is_ok()
+                {
+                    eprintln!(
+                        "ftvm coordinator: VM {name}: removed {f}, the disk copy of a process that is gone"
+                    );
+                }
+            }
+        }
     }
 
     fn reconcile_vm(
