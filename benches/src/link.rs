@@ -1,7 +1,8 @@
 //! `ftvm-bench link`: the FT link's replication goodput against raw TCP on the same path, and
 //! the transport settings of [`net::Tuning`] measured side by side.
 //!
-//! `cargo run --release -p ftvm-benches -- link [--mib M] [--runs N]` (as root for the veth path)
+//! `cargo run --release -p ftvm-benches -- link [--mib M] [--runs N] [--rtt-us R]` (as root for
+//! the namespace paths)
 //!
 //! One epoch of M MiB of incompressible dirty pages (default 256), encoded as the primary
 //! encodes it (`Pages` frames + `EpochEnd`), is sent over a real FT link (QUIC, pinned mutual
@@ -12,8 +13,13 @@
 //! is reported. Two paths:
 //! - **loopback**, both ends in this process;
 //! - **veth**: the two ends in two network namespaces joined by a veth pair shaped like a
-//!   dedicated FT link — `tc netem` 10 Gbit/s, 0.25 ms each way (0.5 ms RTT), MTU 9000. Each
-//!   end's sockets are created by a thread that entered its namespace (`setns`).
+//!   dedicated FT link — `tc netem` 10 Gbit/s, 0.25 ms each way (0.5 ms RTT), MTU 9000, where
+//!   the kernel has netem; else `tbf` at 10 Gbit/s without added delay. Each end's sockets are
+//!   created by a thread that entered its namespace (`setns`).
+//! - **delay line**: two namespaces joined by a userspace wire ([`crate::delay`]) adding R/2
+//!   each way (default R = 500 µs RTT), for a real round-trip time on kernels without netem;
+//!   its own ceiling is below 10 Gbit/s, so the FT link is compared with iperf3 on the same
+//!   wire. ftvm's default tuning and jumbo frames only.
 use crate::median_f64 as median;
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
@@ -125,6 +131,11 @@ enum Path2 {
         a: String,
         b: String,
     },
+    /// Namespaces joined by the delay line.
+    Delayed {
+        a: String,
+        b: String,
+    },
 }
 
 const VETH_A: &str = "10.232.0.1";
@@ -134,6 +145,7 @@ impl Path2 {
         match self {
             Path2::Loopback => "127.0.0.1:0".parse().unwrap(),
             Path2::Veth { .. } => format!("{VETH_A}:0").parse().unwrap(),
+            Path2::Delayed { .. } => format!("{}:0", crate::delay::ADDR_A).parse().unwrap(),
         }
     }
     fn name(&self) -> &'static str {
@@ -141,6 +153,9 @@ impl Path2 {
             Path2::Loopback => "loopback (both ends in one process)",
             Path2::Veth { .. } => {
                 "veth between two network namespaces, shaped to 10 Gbit/s (+0.5 ms RTT where netem exists), MTU 9000"
+            }
+            Path2::Delayed { .. } => {
+                "delay line between two network namespaces (userspace wire adding a fixed delay each way), MTU 9000"
             }
         }
     }
@@ -152,7 +167,9 @@ impl Path2 {
     ) -> Result<T> {
         let ns = match self {
             Path2::Loopback => None,
-            Path2::Veth { a, b } => Some(if server { a.clone() } else { b.clone() }),
+            Path2::Veth { a, b } | Path2::Delayed { a, b } => {
+                Some(if server { a.clone() } else { b.clone() })
+            }
         };
         std::thread::spawn(move || {
             if let Some(ns) = ns {
@@ -389,12 +406,64 @@ fn measure(
     })
 }
 
-/// One `iperf3` TCP run from the client's namespace to the server's (veth path only).
-fn iperf3_once(a: &str, b: &str) -> Result<f64> {
+/// The delay-line path: the FT link and iperf3 on a wire with `rtt_us` of round trip.
+fn delayed(
+    rt: &tokio::runtime::Runtime,
+    keys: &Path,
+    variants: &[(&str, Tuning)],
+    epoch: &Epoch,
+    runs: usize,
+    rtt_us: u64,
+) -> PathResult {
+    let placeholder = Path2::Delayed {
+        a: String::new(),
+        b: String::new(),
+    };
+    let skipped = |why: String| PathResult {
+        path: placeholder.name(),
+        skipped: Some(why),
+        note: String::new(),
+        tcp_gbit_per_s: vec![],
+        tcp_median_gbit_per_s: 0.0,
+        iperf3_gbit_per_s: vec![],
+        iperf3_note: String::new(),
+        quic: vec![],
+    };
+    let line = match crate::delay::DelayLine::create(Duration::from_micros(rtt_us / 2)) {
+        Ok(l) => l,
+        Err(e) => return skipped(format!("{e:#} (the delay line needs root)")),
+    };
+    let path = Path2::Delayed {
+        a: line.a.clone(),
+        b: line.b.clone(),
+    };
+    let mut r = match measure(rt, &path, keys, variants, epoch, runs) {
+        Ok(r) => r,
+        Err(e) => return skipped(format!("{e:#}")),
+    };
+    r.note = format!(
+        "{} µs added each way ({rtt_us} µs RTT); 64-byte UDP round trips across the wire, min / median / max of 50: {}. The wire relays each frame in user space: its frame rate, not 10 Gbit/s, is the ceiling, so compare with iperf3 here (TCP uses 9000-byte frames, the FT link 1452-byte ones unless jumbo frames are allowed)",
+        rtt_us / 2,
+        line.rtt().unwrap_or_else(|e| format!("{e:#}"))
+    );
+    for _ in 0..runs {
+        match iperf3_once(&line.a, &line.b, crate::delay::ADDR_A) {
+            Ok(g) => r.iperf3_gbit_per_s.push(g),
+            Err(e) => {
+                r.iperf3_note = format!("{e:#}");
+                break;
+            }
+        }
+    }
+    r
+}
+
+/// One `iperf3` TCP run from the client's namespace `b` to the server's `a` at `addr`.
+fn iperf3_once(a: &str, b: &str, addr: &str) -> Result<f64> {
     let port = "45201";
     let mut server = std::process::Command::new("ip")
         .args([
-            "netns", "exec", a, "iperf3", "-s", "-1", "-B", VETH_A, "-p", port,
+            "netns", "exec", a, "iperf3", "-s", "-1", "-B", addr, "-p", port,
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -403,7 +472,7 @@ fn iperf3_once(a: &str, b: &str) -> Result<f64> {
     std::thread::sleep(Duration::from_millis(300));
     let out = std::process::Command::new("ip")
         .args([
-            "netns", "exec", b, "iperf3", "-c", VETH_A, "-p", port, "-t", "3", "-J",
+            "netns", "exec", b, "iperf3", "-c", addr, "-p", port, "-t", "3", "-J",
         ])
         .output()
         .context("iperf3 client")?;
@@ -419,11 +488,13 @@ fn iperf3_once(a: &str, b: &str) -> Result<f64> {
 pub fn run(args: &[String]) -> Result<()> {
     let mut runs = 3usize;
     let mut mib = 256u64;
+    let mut rtt_us = 500u64;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().context("--runs N")?.parse()?,
             "--mib" => mib = it.next().context("--mib M")?.parse()?,
+            "--rtt-us" => rtt_us = it.next().context("--rtt-us R")?.parse()?,
             other => anyhow::bail!("unknown argument {other:?}"),
         }
     }
@@ -495,7 +566,7 @@ pub fn run(args: &[String]) -> Result<()> {
             let mut r = measure(&rt, &path, &keys, &variants, &epoch, runs)?;
             r.note = v.note.clone();
             for _ in 0..runs {
-                match iperf3_once(&v.a, &v.b) {
+                match iperf3_once(&v.a, &v.b, VETH_A) {
                     Ok(g) => r.iperf3_gbit_per_s.push(g),
                     Err(e) => {
                         r.iperf3_note = format!("{e:#}");
@@ -516,6 +587,9 @@ pub fn run(args: &[String]) -> Result<()> {
             quic: vec![],
         }),
     }
+    // ftvm's default, and jumbo frames (fewer frames for the wire to relay).
+    let on_wire = [variants[0], variants[5]];
+    paths.push(delayed(&rt, &keys, &on_wire, &epoch, runs, rtt_us));
     let _ = std::fs::remove_dir_all(&keys);
     let report = Report {
         bench: "link",

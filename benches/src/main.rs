@@ -485,7 +485,7 @@ fn main() -> Result<()> {
                 "usage: ftvm-bench all [--quick]     every benchmark below, then the plots\n       \
                  ftvm-bench foundation [--runs N] [--sizes 64,256,1024]\n       \
                  ftvm-bench ft [--runs N] [--jobs J] [--vcpus 1,2,4,8] [--kills K]\n       \
-                 ftvm-bench link [--runs N] [--mib M]\n       \
+                 ftvm-bench link [--runs N] [--mib M] [--rtt-us R]\n       \
                  ftvm-bench peers [--runs N]\n       \
                  ftvm-bench netserve [--runs N] [--mib M] [--rr K]\n       \
                  ftvm-bench kernel-compile [--kernel BZIMAGE --initrd INITRAMFS] [--vcpus N] [--runs N]\n       \
@@ -577,6 +577,7 @@ fn all(args: &[String]) -> Result<()> {
 }
 
 mod colo;
+mod delay;
 mod ft;
 mod kernel;
 mod link;

@@ -286,6 +286,8 @@ fn link_plot(link: &Value, out: &Path) -> Result<PathBuf> {
         let path = p["path"].as_str().unwrap_or("?");
         let short = if path.starts_with("loopback") {
             "lo"
+        } else if path.starts_with("delay line") {
+            "delay line"
         } else {
             "veth 10G"
         };
