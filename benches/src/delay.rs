@@ -8,7 +8,8 @@
 //! sees the same wire: iperf3's TCP and the FT link's QUIC alike. The wire's own ceiling (one
 //! read and one write system call per frame, no offloads) is below 10 Gbit/s, so results on it
 //! are compared with iperf3 on the same wire, never with the veth path.
-use anyhow::{ensure, Context, Result};
+use crate::sh;
+use anyhow::Result;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -25,20 +26,6 @@ pub struct DelayLine {
     pub b: String,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-fn sh(args: &[&str]) -> Result<()> {
-    let o = std::process::Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {}", args[0]))?;
-    ensure!(
-        o.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stderr).trim()
-    );
-    Ok(())
 }
 
 /// Opens tap `dl0` inside namespace `ns` (a tap belongs to the namespace it is created in).

@@ -21,6 +21,7 @@
 //!   its own ceiling is below 10 Gbit/s, so the FT link is compared with iperf3 on the same
 //!   wire. ftvm's default tuning and jumbo frames only.
 use crate::median_f64 as median;
+use crate::sh;
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use ft_log::page::{PageData, PageEntry, PAGE_SIZE};
@@ -56,6 +57,22 @@ struct PathResult {
     iperf3_gbit_per_s: Vec<f64>,
     iperf3_note: String,
     quic: Vec<Variant>,
+}
+
+impl PathResult {
+    /// A path that could not be measured, and why.
+    fn skipped(path: &Path2, why: String) -> Self {
+        PathResult {
+            path: path.name(),
+            skipped: Some(why),
+            note: String::new(),
+            tcp_gbit_per_s: vec![],
+            tcp_median_gbit_per_s: 0.0,
+            iperf3_gbit_per_s: vec![],
+            iperf3_note: String::new(),
+            quic: vec![],
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -210,19 +227,6 @@ impl Veth {
             a: a.clone(),
             b: b.clone(),
             note: String::new(),
-        };
-        let sh = |args: &[&str]| -> Result<()> {
-            let o = std::process::Command::new(args[0])
-                .args(&args[1..])
-                .output()
-                .with_context(|| format!("running {}", args[0]))?;
-            anyhow::ensure!(
-                o.status.success(),
-                "{}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            Ok(())
         };
         sh(&["ip", "netns", "add", &a])?;
         sh(&["ip", "netns", "add", &b])?;
@@ -419,16 +423,7 @@ fn delayed(
         a: String::new(),
         b: String::new(),
     };
-    let skipped = |why: String| PathResult {
-        path: placeholder.name(),
-        skipped: Some(why),
-        note: String::new(),
-        tcp_gbit_per_s: vec![],
-        tcp_median_gbit_per_s: 0.0,
-        iperf3_gbit_per_s: vec![],
-        iperf3_note: String::new(),
-        quic: vec![],
-    };
+    let skipped = |why: String| PathResult::skipped(&placeholder, why);
     let line = match crate::delay::DelayLine::create(Duration::from_micros(rtt_us / 2)) {
         Ok(l) => l,
         Err(e) => return skipped(format!("{e:#} (the delay line needs root)")),
@@ -576,16 +571,10 @@ pub fn run(args: &[String]) -> Result<()> {
             }
             paths.push(r);
         }
-        Err(e) => paths.push(PathResult {
-            path: veth_path.name(),
-            skipped: Some(format!("{e:#} (the veth path needs root)")),
-            note: String::new(),
-            tcp_gbit_per_s: vec![],
-            tcp_median_gbit_per_s: 0.0,
-            iperf3_gbit_per_s: vec![],
-            iperf3_note: String::new(),
-            quic: vec![],
-        }),
+        Err(e) => paths.push(PathResult::skipped(
+            &veth_path,
+            format!("{e:#} (the veth path needs root)"),
+        )),
     }
     // ftvm's default, and jumbo frames (fewer frames for the wire to relay).
     let on_wire = [variants[0], variants[5]];

@@ -343,6 +343,21 @@ pub(crate) fn write_results(name: &str, report: &impl Serialize) -> Result<PathB
     Ok(path)
 }
 
+/// Runs a command (`args[0]` with the rest as arguments); an error carries its stderr.
+pub(crate) fn sh(args: &[&str]) -> Result<()> {
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
+    anyhow::ensure!(
+        o.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr).trim()
+    );
+    Ok(())
+}
+
 /// Median of samples (the upper one of an even count).
 pub(crate) fn median_f64(v: &[f64]) -> f64 {
     let mut s = v.to_vec();

@@ -11,7 +11,7 @@
 //! Topology: one network namespace with a bridge holding the two taps and the client's
 //! address; the FT link runs over the namespace's loopback. Under FT every frame the guest
 //! sends waits for its epoch's acknowledgement (the output rule): this is what that costs.
-use crate::{command_line, machine, median_f64, write_results, Machine};
+use crate::{command_line, machine, median_f64, sh, write_results, Machine};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 use std::io::{Read, Write};
@@ -50,16 +50,6 @@ struct Ns(String);
 impl Ns {
     fn create() -> Result<Ns> {
         let ns = format!("ftvm-nsb-{}", std::process::id());
-        let sh = |args: &[&str]| -> Result<()> {
-            let o = Command::new(args[0]).args(&args[1..]).output()?;
-            ensure!(
-                o.status.success(),
-                "{}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            Ok(())
-        };
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         sh(&["ip", "netns", "add", &ns])?;
         let n = Ns(ns.clone());

@@ -19,6 +19,7 @@ pub mod io;
 mod mem;
 pub mod smp;
 pub mod time;
+pub mod virtio;
 pub mod virtio_blk;
 pub mod virtio_net;
 

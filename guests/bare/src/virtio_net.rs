@@ -6,69 +6,26 @@
 //! — one MMIO write, one VM exit — only in [`Net::flush`]: once per batch of frames sent, and
 //! once per 16 receive buffers returned. Frames travel
 //! behind the 12-byte `virtio_net_hdr_v1`, all zero.
+use crate::virtio::{Desc, Mmio, QueueMem};
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
+
+pub use crate::virtio::Error;
 
 pub const BASE: usize = 0xd000_1000;
 pub const HDR: usize = 12;
 pub const QSIZE: u16 = 64;
 const BUF: usize = 2048;
-
-#[repr(C, align(16))]
-#[derive(Clone, Copy)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
-}
+const DEV: Mmio = Mmio(BASE);
+const Q: usize = QSIZE as usize;
 
 #[repr(C, align(4096))]
-struct QueueMem {
-    desc: [Desc; QSIZE as usize],
-    avail_flags: u16,
-    avail_idx: u16,
-    avail_ring: [u16; QSIZE as usize],
-    _pad: [u8; 2048 - 4 - 2 * QSIZE as usize],
-    used_flags: u16,
-    used_idx: u16,
-    used_ring: [(u32, u32); QSIZE as usize],
-}
+struct Bufs([[u8; BUF]; Q]);
 
-const EMPTY: QueueMem = QueueMem {
-    desc: [Desc { addr: 0, len: 0, flags: 0, next: 0 }; QSIZE as usize],
-    avail_flags: 0,
-    avail_idx: 0,
-    avail_ring: [0; QSIZE as usize],
-    _pad: [0; 2048 - 4 - 2 * QSIZE as usize],
-    used_flags: 0,
-    used_idx: 0,
-    used_ring: [(0, 0); QSIZE as usize],
-};
-
-#[repr(C, align(4096))]
-struct Bufs([[u8; BUF]; QSIZE as usize]);
-
-static mut RXQ: QueueMem = EMPTY;
-static mut TXQ: QueueMem = EMPTY;
-static mut RXB: Bufs = Bufs([[0; BUF]; QSIZE as usize]);
-static mut TXB: Bufs = Bufs([[0; BUF]; QSIZE as usize]);
-
-fn rd(off: usize) -> u32 {
-    // SAFETY: the virtio-mmio window is identity-mapped device memory.
-    unsafe { read_volatile((BASE + off) as *const u32) }
-}
-
-fn wr(off: usize, v: u32) {
-    // SAFETY: as for `rd`.
-    unsafe { write_volatile((BASE + off) as *mut u32, v) }
-}
-
-#[derive(Debug)]
-pub enum Error {
-    NoDevice,
-    FeaturesRefused,
-}
+static mut RXQ: QueueMem<Q> = QueueMem::EMPTY;
+static mut TXQ: QueueMem<Q> = QueueMem::EMPTY;
+static mut RXB: Bufs = Bufs([[0; BUF]; Q]);
+static mut TXB: Bufs = Bufs([[0; BUF]; Q]);
 
 /// The network device. Only one exists (it owns the static queues).
 pub struct Net {
@@ -84,44 +41,11 @@ pub struct Net {
     notify_tx: bool,
 }
 
-fn setup_queue(n: u32, q: *mut QueueMem) {
-    wr(0x030, n);
-    wr(0x038, u32::from(QSIZE));
-    // SAFETY: taking addresses of the static queue only.
-    let (d, a, u) = unsafe {
-        (
-            &raw const (*q).desc as u64,
-            &raw const (*q).avail_flags as u64,
-            &raw const (*q).used_flags as u64,
-        )
-    };
-    wr(0x080, d as u32);
-    wr(0x084, (d >> 32) as u32);
-    wr(0x090, a as u32);
-    wr(0x094, (a >> 32) as u32);
-    wr(0x0a0, u as u32);
-    wr(0x0a4, (u >> 32) as u32);
-    wr(0x044, 1);
-}
-
 impl Net {
     /// Finds and initialises the device (virtio 1.x, section 3.1) and offers every receive
     /// buffer.
     pub fn open() -> Result<Net, Error> {
-        if rd(0x000) != 0x7472_6976 || rd(0x004) != 2 || rd(0x008) != 1 {
-            return Err(Error::NoDevice);
-        }
-        wr(0x070, 0);
-        wr(0x070, 1);
-        wr(0x070, 1 | 2);
-        wr(0x024, 0);
-        wr(0x020, 1 << 5); // VIRTIO_NET_F_MAC
-        wr(0x024, 1);
-        wr(0x020, 1); // VIRTIO_F_VERSION_1
-        wr(0x070, 1 | 2 | 8);
-        if rd(0x070) & 8 == 0 {
-            return Err(Error::FeaturesRefused);
-        }
+        DEV.init(1, 1 << 5)?; // VIRTIO_NET_F_MAC
         let (rxq, txq) = (&raw mut RXQ, &raw mut TXQ);
         // SAFETY: the driver owns the static queues and buffers; the device uses them only
         // after QueueReady / the notifies below.
@@ -133,7 +57,7 @@ impl Net {
                     flags: 2, // device writes
                     next: 0,
                 };
-                (*rxq).avail_ring[i] = i as u16;
+                (*rxq).avail.ring[i] = i as u16;
                 (*txq).desc[i] = Desc {
                     addr: &raw mut (*(&raw mut TXB)).0[i] as u64,
                     len: 0,
@@ -141,15 +65,14 @@ impl Net {
                     next: 0,
                 };
             }
-            (*rxq).avail_idx = QSIZE;
+            (*rxq).avail.idx = QSIZE;
         }
-        setup_queue(0, rxq);
-        setup_queue(1, txq);
-        wr(0x070, 1 | 2 | 8 | 4); // DRIVER_OK
+        DEV.setup_queue(0, rxq);
+        DEV.setup_queue(1, txq);
+        DEV.driver_ok();
         let mut mac = [0u8; 6];
         for (i, b) in mac.iter_mut().enumerate() {
-            // SAFETY: byte reads of the device's config space.
-            *b = unsafe { read_volatile((BASE + 0x100 + i) as *const u8) };
+            *b = DEV.config_byte(i);
         }
         let mut tx_free = [0u16; QSIZE as usize];
         for (i, f) in tx_free.iter_mut().enumerate() {
@@ -173,11 +96,11 @@ impl Net {
         let q = &raw const RXQ;
         // SAFETY: reading the used ring the device writes; fenced before the entry.
         unsafe {
-            if read_volatile(&raw const (*q).used_idx) == self.rx_seen {
+            if read_volatile(&raw const (*q).used.idx) == self.rx_seen {
                 return None;
             }
             fence(Ordering::Acquire);
-            let (id, len) = read_volatile(&raw const (*q).used_ring[(self.rx_seen % QSIZE) as usize]);
+            let (id, len) = read_volatile(&raw const (*q).used.ring[(self.rx_seen % QSIZE) as usize]);
             self.rx_seen = self.rx_seen.wrapping_add(1);
             let id = (id as u16) % QSIZE;
             Some((id, (len as usize).saturating_sub(HDR).min(BUF - HDR)))
@@ -199,10 +122,10 @@ impl Net {
         let q = &raw mut RXQ;
         // SAFETY: the driver owns the avail ring.
         unsafe {
-            let idx = read_volatile(&raw const (*q).avail_idx);
-            write_volatile(&raw mut (*q).avail_ring[(idx % QSIZE) as usize], id);
+            let idx = read_volatile(&raw const (*q).avail.idx);
+            write_volatile(&raw mut (*q).avail.ring[(idx % QSIZE) as usize], id);
             fence(Ordering::Release);
-            write_volatile(&raw mut (*q).avail_idx, idx.wrapping_add(1));
+            write_volatile(&raw mut (*q).avail.idx, idx.wrapping_add(1));
         }
         self.returned += 1;
     }
@@ -212,9 +135,9 @@ impl Net {
         let q = &raw const TXQ;
         // SAFETY: reading the used ring the device writes.
         unsafe {
-            while read_volatile(&raw const (*q).used_idx) != self.tx_seen {
+            while read_volatile(&raw const (*q).used.idx) != self.tx_seen {
                 fence(Ordering::Acquire);
-                let (id, _) = read_volatile(&raw const (*q).used_ring[(self.tx_seen % QSIZE) as usize]);
+                let (id, _) = read_volatile(&raw const (*q).used.ring[(self.tx_seen % QSIZE) as usize]);
                 self.tx_seen = self.tx_seen.wrapping_add(1);
                 if self.tx_nfree < QSIZE as usize {
                     self.tx_free[self.tx_nfree] = (id as u16) % QSIZE;
@@ -247,10 +170,10 @@ impl Net {
             buf[..HDR].fill(0);
             let r = fill(&mut buf[HDR..HDR + len]);
             (*q).desc[id as usize].len = (HDR + len) as u32;
-            let idx = read_volatile(&raw const (*q).avail_idx);
-            write_volatile(&raw mut (*q).avail_ring[(idx % QSIZE) as usize], id);
+            let idx = read_volatile(&raw const (*q).avail.idx);
+            write_volatile(&raw mut (*q).avail.ring[(idx % QSIZE) as usize], id);
             fence(Ordering::Release);
-            write_volatile(&raw mut (*q).avail_idx, idx.wrapping_add(1));
+            write_volatile(&raw mut (*q).avail.idx, idx.wrapping_add(1));
             self.notify_tx = true;
             Some(r)
         }
@@ -261,13 +184,13 @@ impl Net {
     pub fn flush(&mut self) {
         fence(Ordering::SeqCst);
         if self.notify_tx {
-            wr(0x050, 1);
+            DEV.notify(1);
             self.notify_tx = false;
         }
         // The device also looks for buffers by itself when frames wait (every millisecond),
         // so returned buffers are announced only in batches.
         if self.returned >= QSIZE / 4 {
-            wr(0x050, 0);
+            DEV.notify(0);
             self.returned = 0;
         }
     }
