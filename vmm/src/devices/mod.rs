@@ -55,6 +55,16 @@ pub struct DevicesState {
     pub net: Option<virtio_net::VirtioNetState>,
 }
 
+/// Cases per run of the virtqueue property tests (`hostile_queues_never_crash_or_escape`):
+/// 300, or `FTVM_FUZZ_CASES` for a longer run.
+#[cfg(test)]
+pub(crate) fn fuzz_cases() -> u32 {
+    std::env::var("FTVM_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
+
 fn in_blk(addr: u64) -> Option<u64> {
     addr.checked_sub(virtio_blk::BLK_MMIO_BASE)
         .filter(|o| *o < virtio_blk::BLK_MMIO_SIZE)

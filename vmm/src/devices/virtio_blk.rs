@@ -513,7 +513,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
+        #![proptest_config(ProptestConfig::with_cases(crate::devices::fuzz_cases()))]
         /// Hostile descriptor tables and avail rings (any addresses, lengths, flags, next
         /// links, loops): the device never panics, never grows the disk, and writes the disk
         /// only inside it.

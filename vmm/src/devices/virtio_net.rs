@@ -548,7 +548,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
+        #![proptest_config(ProptestConfig::with_cases(crate::devices::fuzz_cases()))]
         /// Hostile descriptor tables and avail rings on both queues (any addresses, lengths,
         /// flags, next links, loops) and frames of any size: the device never panics, and
         /// whatever reaches the wire is a frame of a sane size.
