@@ -93,6 +93,12 @@ pub struct Vm {
     /// The disk file the primary uses (in the VM's datastore directory).
     #[serde(default)]
     pub disk_file: Option<String>,
+    /// A virtio-net device on the tap of this name, which every host provides (bridged to
+    /// the VM network), with this MAC (`aa:bb:cc:dd:ee:ff`).
+    #[serde(default)]
+    pub tap: Option<String>,
+    #[serde(default)]
+    pub mac: Option<String>,
     pub cmdline: String,
     pub vcpus: u8,
     pub mem_mib: u64,

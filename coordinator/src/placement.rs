@@ -154,6 +154,8 @@ mod tests {
                 kernel: None,
                 initrd: None,
                 disk_mib: None,
+                tap: None,
+                mac: None,
                 disk_file: None,
                 cmdline: String::new(),
                 vcpus: 2,

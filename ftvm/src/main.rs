@@ -148,6 +148,10 @@ enum VmCmd {
         #[arg(long = "disk-mib", value_name = "MIB",
               value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
         disk_mib: Option<u64>,
+        // --tap: every host must provide a tap of that name (bridged to the VM network);
+        // each process attaches its own host's.
+        #[command(flatten)]
+        net: NetArgs,
         #[command(flatten)]
         coord: CoordinatorOpt,
     },
@@ -499,6 +503,7 @@ fn run_vm(c: VmCmd) -> Result<u8> {
             guest,
             ft,
             disk_mib,
+            net,
             coord,
         } => {
             // The hosts' agents start the VMM elsewhere: relative paths mean this directory.
@@ -516,6 +521,14 @@ fn run_vm(c: VmCmd) -> Result<u8> {
                     kernel: guest.kernel.map(on_hosts).transpose()?,
                     initrd: guest.initrd.map(on_hosts).transpose()?,
                     disk_mib,
+                    mac: net.tap.as_ref().map(|_| {
+                        net.mac
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(":")
+                    }),
+                    tap: net.tap,
                     cmdline: guest.cmdline,
                     vcpus: guest.vcpus.min(255) as u8,
                     mem_mib: guest.mem_mib,

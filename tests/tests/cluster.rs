@@ -430,7 +430,15 @@ fn sh(args: &[&str]) {
 
 impl NetHosts {
     fn create(n: usize) -> NetHosts {
-        let tag = format!("{}", std::process::id() % 10_000);
+        Self::create_with(n, false)
+    }
+
+    /// `taps`: each host also gets a VM network, as a hypervisor host has: a bridge `br0`
+    /// holding its uplink (and its address) and a tap `fttap` for a VM.
+    fn create_with(n: usize, taps: bool) -> NetHosts {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{}{k}", std::process::id() % 10_000);
         let bridge = format!("ftbr{tag}");
         let _ = Command::new("ip").args(["link", "del", &bridge]).output();
         sh(&["ip", "link", "add", &bridge, "type", "bridge"]);
@@ -446,6 +454,17 @@ impl NetHosts {
             sh(&["ip", "link", "set", &v, "netns", &ns]);
             sh(&["ip", "link", "set", &vb, "master", &bridge]);
             sh(&["ip", "link", "set", &vb, "up"]);
+            let addr_dev = if taps {
+                sh(&["ip", "-n", &ns, "link", "add", "br0", "type", "bridge"]);
+                sh(&["ip", "-n", &ns, "link", "set", &v, "master", "br0"]);
+                sh(&["ip", "-n", &ns, "tuntap", "add", "fttap", "mode", "tap"]);
+                sh(&["ip", "-n", &ns, "link", "set", "fttap", "master", "br0"]);
+                sh(&["ip", "-n", &ns, "link", "set", "fttap", "up"]);
+                sh(&["ip", "-n", &ns, "link", "set", "br0", "up"]);
+                "br0"
+            } else {
+                &v
+            };
             sh(&[
                 "ip",
                 "-n",
@@ -454,7 +473,7 @@ impl NetHosts {
                 "add",
                 &format!("{NET}.{}/24", 10 + i),
                 "dev",
-                &v,
+                addr_dev,
             ]);
             sh(&["ip", "-n", &ns, "link", "set", &v, "up"]);
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
@@ -797,6 +816,68 @@ fn journal_vm_with_a_disk_survives_test_failover(b: Backend) {
     assert_eq!(copies, vec![last], "only the VM's disk is left");
 }
 
+/// A `netserve` VM with a network device (`vm create --tap`) on hosts that are network
+/// namespaces with a VM network each: a TCP stream from this (the "client") namespace through
+/// the guest's echo survives Test Failover byte for byte, and the guest answers a new
+/// connection on its new host.
+fn netserve_vm_keeps_a_tcp_stream_across_test_failover(b: Backend) {
+    let net = NetHosts::create_with(3, true);
+    let c = Cluster::start_in_namespaces("cl-net", &net, b);
+    let cmdline = format!("ip={NET}.2/24 conns=2");
+    c.ok(&[
+        "vm",
+        "create",
+        "ns",
+        "--guest",
+        "netserve",
+        "--cmdline",
+        &cmdline,
+        "--mem-mib",
+        "32",
+        "--tap",
+        "fttap",
+        "--ft",
+    ]);
+    c.ok(&["vm", "start", "ns"]);
+    c.wait(60, "protection", |s| {
+        s.contains("VM ns: running, protected")
+    });
+    let t = Instant::now();
+    while !c.console("ns").contains("netserve: listening") {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", c.console("ns"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 + i / 4099) as u8).collect();
+    let (input, output) = (c.dir.path("in"), c.dir.path("out"));
+    std::fs::write(&input, &data).unwrap();
+    let echo = |input: &std::path::Path, output: &std::path::Path| {
+        Command::new("socat")
+            .args(["-t", "60", "-T", "120", "-", &format!("TCP:{NET}.2:7")])
+            .stdin(std::fs::File::open(input).unwrap())
+            .stdout(std::fs::File::create(output).unwrap())
+            .spawn()
+            .expect("socat (Debian package socat)")
+    };
+    let mut client = echo(&input, &output);
+    while std::fs::metadata(&output).map_or(0, |m| m.len()) < 1 << 20 {
+        assert!(t.elapsed() < Duration::from_secs(90), "the echo stalled");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let out = c.ok(&["ft", "test-failover", "ns"]);
+    assert!(out.contains("re-protected"), "{out}");
+    assert!(client.wait().unwrap().success(), "socat failed");
+    assert!(
+        std::fs::read(&output).unwrap() == data,
+        "the echo differs from what was sent"
+    );
+    std::fs::write(&input, b"bye\n").unwrap();
+    assert!(echo(&input, &output).wait().unwrap().success());
+    assert_eq!(std::fs::read(&output).unwrap(), b"bye\n");
+    c.wait(60, "the guest's end", |s| {
+        s.contains("VM ns: ended (exit 0)")
+    });
+}
+
 /// Every scenario above, once on the embedded file store and once on etcd.
 macro_rules! on_both_stores {
     ($($scenario:ident),* $(,)?) => {
@@ -827,4 +908,5 @@ on_both_stores!(
     a_standby_coordinator_takes_over_the_cluster,
     ft_on_for_a_running_vm_and_kernel_vms_with_initrd,
     journal_vm_with_a_disk_survives_test_failover,
+    netserve_vm_keeps_a_tcp_stream_across_test_failover,
 );

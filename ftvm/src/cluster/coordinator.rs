@@ -208,12 +208,22 @@ impl Coord {
                 kernel,
                 initrd,
                 disk_mib,
+                tap,
+                mac,
                 cmdline,
                 vcpus,
                 mem_mib,
                 ft,
             } => {
                 valid_name(&name)?;
+                if let Some(t) = &tap {
+                    if !vmm::devices::tap::valid_name(t) {
+                        bail!("tap name {t:?}: 1 to 15 bytes, no NUL or '/'");
+                    }
+                }
+                if mac.is_some() && tap.is_none() {
+                    bail!("--mac needs --tap");
+                }
                 if guest.is_some() == kernel.is_some() {
                     bail!("give exactly one of --guest and --kernel");
                 }
@@ -245,6 +255,8 @@ impl Coord {
                         initrd,
                         disk_mib,
                         disk_file: None,
+                        tap,
+                        mac,
                         cmdline,
                         vcpus,
                         mem_mib,
@@ -385,6 +397,9 @@ impl Coord {
                 let f = dir.join(disk_name(p.id));
                 a.extend(["--disk".into(), f.display().to_string()]);
             }
+            if let Some(t) = &v.tap {
+                a.extend(["--tap".into(), t.clone()]);
+            }
             return a;
         }
         let mut a: Vec<String> = Vec::new();
@@ -405,6 +420,12 @@ impl Coord {
         }
         if let Some(f) = &v.disk_file {
             a.extend(["--disk".into(), dir.join(f).display().to_string()]);
+        }
+        if let Some(t) = &v.tap {
+            a.extend(["--tap".into(), t.clone()]);
+            if let Some(m) = &v.mac {
+                a.extend(["--mac".into(), m.clone()]);
+            }
         }
         a.extend([
             "--cmdline".into(),

@@ -115,6 +115,8 @@ pub fn run(dir: Option<PathBuf>) -> Result<u8> {
                 kernel: None,
                 initrd: None,
                 disk_mib: None,
+                tap: None,
+                mac: None,
                 cmdline: "count=1000000 rate=50".into(),
                 vcpus: 1,
                 mem_mib: 64,

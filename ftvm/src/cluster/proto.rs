@@ -25,6 +25,10 @@ pub enum Request {
         initrd: Option<String>,
         #[serde(default)]
         disk_mib: Option<u64>,
+        #[serde(default)]
+        tap: Option<String>,
+        #[serde(default)]
+        mac: Option<String>,
         cmdline: String,
         vcpus: u8,
         mem_mib: u64,

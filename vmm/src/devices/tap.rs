@@ -29,15 +29,19 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// Whether `name` can name a network interface (1 to 15 bytes, no NUL or '/', not `.`/`..`).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && !name.bytes().any(|b| b == 0 || b == b'/')
+        && name != "."
+        && name != ".."
+}
+
 /// Checks, without attaching, that `name` can be a tap: a valid interface name, and if an
 /// interface of that name exists, it is a tun/tap device.
 pub fn check(name: &str) -> Result<(), Error> {
-    if name.is_empty()
-        || name.len() >= libc::IFNAMSIZ
-        || name.bytes().any(|b| b == 0 || b == b'/')
-        || name == "."
-        || name == ".."
-    {
+    if !valid_name(name) {
         return Err(Error::Name(name.into()));
     }
     let dir = std::path::Path::new("/sys/class/net").join(name);
