@@ -502,7 +502,7 @@ fn main() -> Result<()> {
                  ftvm-bench ft [--runs N] [--jobs J] [--vcpus 1,2,4,8] [--kills K]\n       \
                  ftvm-bench link [--runs N] [--mib M] [--rtt-us R]\n       \
                  ftvm-bench peers [--runs N]\n       \
-                 ftvm-bench netserve [--runs N] [--mib M] [--rr K]\n       \
+                 ftvm-bench netserve [--runs N] [--mib M] [--rr K] [--min-epoch-ms E]\n       \
                  ftvm-bench kernel-compile [--kernel BZIMAGE --initrd INITRAMFS] [--vcpus N] [--runs N]\n       \
                  ftvm-bench plots                  redraw benches/results/plots/*.svg from the JSON\n\
                  micro-benchmarks (criterion): cargo bench -p ftvm-benches --bench micro"

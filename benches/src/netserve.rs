@@ -1,4 +1,5 @@
-//! `cargo run --release -p ftvm-benches -- netserve [--runs N] [--mib M] [--rr K]` (as root)
+//! `cargo run --release -p ftvm-benches -- netserve [--runs N] [--mib M] [--rr K]
+//! [--min-epoch-ms E]` (as root; E goes to the FT primary, default 2 as its own)
 //!
 //! TCP through the `netserve` guest (echo server, smoltcp at CPL3, virtio-net on a tap), with
 //! FT off (`ftvm run --tap`) and on (`ftvm primary` + `ftvm secondary`, each on its own tap),
@@ -99,7 +100,7 @@ impl Drop for Vm {
     }
 }
 
-fn start(ns: &Ns, ftvm: &Path, ft: bool, dir: &Path) -> Result<Vm> {
+fn start(ns: &Ns, ftvm: &Path, ft: bool, dir: &Path, min_epoch_ms: &str) -> Result<Vm> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let cmdline = format!("ip={NS_NET}.2/24");
@@ -123,6 +124,8 @@ fn start(ns: &Ns, ftvm: &Path, ft: bool, dir: &Path) -> Result<Vm> {
                     "tapp",
                     "--peer",
                     "127.0.0.1:47410",
+                    "--min-epoch-ms",
+                    min_epoch_ms,
                 ],
             ),
         ] {
@@ -247,6 +250,7 @@ fn round_trips(n: usize) -> Result<(f64, f64)> {
 
 pub fn run(args: &[String]) -> Result<()> {
     let (mut runs, mut mib, mut rr) = (3usize, 32u64, 2000usize);
+    let mut min_epoch = "2".to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut v = || it.next().context("a value");
@@ -254,6 +258,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "--runs" => runs = v()?.parse()?,
             "--mib" => mib = v()?.parse()?,
             "--rr" => rr = v()?.parse()?,
+            "--min-epoch-ms" => min_epoch = v()?.clone(),
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -269,7 +274,7 @@ pub fn run(args: &[String]) -> Result<()> {
     for run in 0..runs {
         for side in &mut sides {
             let label = if side.ft { "FT on" } else { "FT off" };
-            let vm = start(&ns, &ftvm, side.ft, &dir)?;
+            let vm = start(&ns, &ftvm, side.ft, &dir, &min_epoch)?;
             let g = in_ns(&ns, move || throughput(mib))?;
             let (p50, p99) = in_ns(&ns, move || round_trips(rr))?;
             drop(vm);
