@@ -16,8 +16,8 @@
 //! For FT, every write the guest makes to its disk is also kept ([`VirtioBlk::take_writes`])
 //! so the primary can ship it in the epoch; the secondary applies them to its own disk copy
 //! when the epoch commits.
-use super::events::{DeviceEvent, EventLog};
-use super::virtio_mmio::{Transport, TransportState, Written, F_VERSION_1};
+use super::events::EventLog;
+use super::virtio_mmio::{Irq, Transport, TransportState, Written, F_VERSION_1};
 use crate::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -66,7 +66,6 @@ pub struct VirtioBlk {
     disk: File,
     capacity: u64,
     mem: GuestMemory,
-    events: Arc<EventLog>,
     t: Transport,
     /// Guest writes not yet taken (kept only while `keep_writes`).
     writes: Vec<DiskWrite>,
@@ -101,14 +100,17 @@ impl VirtioBlk {
             FEATURES,
             1,
             QUEUE_MAX,
-            irq,
+            Irq {
+                fd: irq,
+                gsi: BLK_GSI,
+                events,
+            },
             state.map(|s| &s.transport),
         )?;
         Ok(VirtioBlk {
             disk,
             capacity: len / SECTOR,
             mem,
-            events,
             t,
             writes: Vec::new(),
             keep_writes: false,
@@ -174,7 +176,6 @@ impl VirtioBlk {
         }
         if served {
             self.t.signal();
-            self.events.record(DeviceEvent::Interrupt { gsi: BLK_GSI });
         }
     }
 

@@ -7,8 +7,10 @@
 //! queues selects nothing, the driver's features are masked to the offered ones, and
 //! `FEATURES_OK` is refused without `VIRTIO_F_VERSION_1`. A queue is served only once the
 //! driver is `DRIVER_OK`, not `FAILED`, and the queue's rings lie inside guest memory.
+use super::events::{DeviceEvent, EventLog};
 use crate::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -65,13 +67,21 @@ pub enum Error {
     QueueCount(usize, usize),
 }
 
+/// A device's interrupt: the irqfd KVM raises line `gsi` from, and the log each raise is
+/// recorded in (an input the guest sees).
+pub struct Irq {
+    pub fd: EventFd,
+    pub gsi: u32,
+    pub events: Arc<EventLog>,
+}
+
 pub struct Transport {
     device_id: u32,
     features: u64,
     max_size: u16,
     pub s: TransportState,
     pub queues: Vec<Queue>,
-    irq: EventFd,
+    irq: Irq,
 }
 
 impl Transport {
@@ -82,7 +92,7 @@ impl Transport {
         features: u64,
         nqueues: usize,
         max_size: u16,
-        irq: EventFd,
+        irq: Irq,
         saved: Option<&TransportState>,
     ) -> Result<Self, Error> {
         let s = saved.cloned().unwrap_or_else(|| TransportState {
@@ -267,9 +277,12 @@ impl Transport {
         self.s.status |= STATUS_FAILED;
     }
 
-    /// Raises the used-buffer interrupt.
+    /// Raises the used-buffer interrupt (and records it).
     pub fn signal(&mut self) {
         self.s.interrupt_status |= 1;
-        let _ = self.irq.write(1);
+        self.irq
+            .events
+            .record(DeviceEvent::Interrupt { gsi: self.irq.gsi });
+        let _ = self.irq.fd.write(1);
     }
 }

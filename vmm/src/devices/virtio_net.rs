@@ -21,7 +21,7 @@
 //! queue makes the VMM panic or touch memory outside guest RAM.
 use super::events::{DeviceEvent, EventLog};
 use super::tap;
-use super::virtio_mmio::{Transport, TransportState, Written, F_VERSION_1};
+use super::virtio_mmio::{Irq, Transport, TransportState, Written, F_VERSION_1};
 use crate::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -102,7 +102,11 @@ impl VirtioNet {
             FEATURES,
             2,
             QUEUE_MAX,
-            irq,
+            Irq {
+                fd: irq,
+                gsi: NET_GSI,
+                events: events.clone(),
+            },
             state.map(|s| &s.transport),
         )?;
         Ok(VirtioNet {
@@ -230,13 +234,8 @@ impl VirtioNet {
             delivered = true;
         }
         if delivered {
-            self.signal();
+            self.t.signal();
         }
-    }
-
-    fn signal(&mut self) {
-        self.t.signal();
-        self.events.record(DeviceEvent::Interrupt { gsi: NET_GSI });
     }
 
     /// Serves every available transmit chain.
@@ -267,7 +266,7 @@ impl VirtioNet {
             served = true;
         }
         if served {
-            self.signal();
+            self.t.signal();
         }
     }
 }
@@ -283,22 +282,20 @@ fn write_chain(mem: &GuestMemory, descs: &[Descriptor], frame: &[u8]) -> u32 {
     if room < total as u64 {
         return 0;
     }
-    let mut hdr = [0u8; HDR_LEN];
-    hdr[10] = 1; // num_buffers
-    let mut src = hdr.iter().chain(frame).copied();
-    let mut left = total;
-    let mut chunk = Vec::new();
+    let mut bytes = Vec::with_capacity(total);
+    bytes.extend_from_slice(&[0; HDR_LEN]);
+    bytes[10] = 1; // num_buffers
+    bytes.extend_from_slice(frame);
+    let mut at = 0;
     for d in descs {
-        if left == 0 {
+        if at == total {
             break;
         }
-        let n = (d.len() as usize).min(left);
-        chunk.clear();
-        chunk.extend(src.by_ref().take(n));
-        if mem.write_slice(&chunk, d.addr()).is_err() {
+        let n = (d.len() as usize).min(total - at);
+        if mem.write_slice(&bytes[at..at + n], d.addr()).is_err() {
             return 0;
         }
-        left -= n;
+        at += n;
     }
     total as u32
 }
