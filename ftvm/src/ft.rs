@@ -374,9 +374,9 @@ struct Snapshot {
     events: Vec<DeviceEvent>,
     /// The guest's disk writes during the epoch, in order.
     disk: Vec<vmm::devices::virtio_blk::DiskWrite>,
-    /// The frames the guest transmitted in the epoch, in stream form, and the stream offset
-    /// of the first (None: the VM has no network device).
-    net: Option<(Bytes, u64)>,
+    /// The frames the guest transmitted in the epoch (None: the VM has no network device),
+    /// shared with the epoch's [`Held`] entry.
+    net: Option<Arc<Vec<Vec<u8>>>>,
 }
 
 /// Where one epoch's pause went.
@@ -398,7 +398,7 @@ struct Held {
     epoch: u64,
     output: Bytes,
     /// Network frames the guest transmitted in the epoch.
-    frames: Vec<Vec<u8>>,
+    frames: Arc<Vec<Vec<u8>>>,
     /// When its first byte left the guest (for the output-latency statistics).
     since: Option<Instant>,
 }
@@ -1116,21 +1116,14 @@ impl Primary {
         let capture = t.elapsed();
         let (output, since) = self.held.take_timed();
         let output = Bytes::from(output);
-        let frames = self.vm.with_net(|n| n.take_tx());
-        let net = frames.as_ref().map(|f| {
-            let mut b = Vec::new();
-            ft_log::frames::encode(f.iter().map(Vec::as_slice), &mut b);
-            let at = self.net_offset;
-            self.net_offset += b.len() as u64;
-            (Bytes::from(b), at)
-        });
+        let net = self.vm.with_net(|n| Arc::new(n.take_tx()));
         // Held from this moment: whatever happens next, this output is released exactly when
         // its epoch is acknowledged, or by whichever side goes live. Offsets are absolute in
         // the console stream and advance as output leaves the guest.
         self.pending.push_back(Held {
             epoch,
             output: output.clone(), // shares the buffer
-            frames: frames.unwrap_or_default(),
+            frames: net.clone().unwrap_or_default(),
             since,
         });
         let offset = self.out_offset;
@@ -1254,14 +1247,18 @@ impl Primary {
             );
         }
         let mut outputs = vec![(0, end_off)];
-        if let Some((data, at)) = net {
-            outputs.push((NET_STREAM, at + data.len() as u64));
+        if let Some(frames) = net {
+            let mut data = Vec::new();
+            ft_log::frames::encode(frames.iter().map(Vec::as_slice), &mut data);
+            let at = self.net_offset;
+            self.net_offset += data.len() as u64;
+            outputs.push((NET_STREAM, self.net_offset));
             if !data.is_empty() {
                 rec(
                     Record::Output {
                         stream: NET_STREAM,
                         offset: at,
-                        data,
+                        data: Bytes::from(data),
                     },
                     &mut b,
                 );
