@@ -8,6 +8,7 @@
 //! sees the same wire: iperf3's TCP and the FT link's QUIC alike. The wire's own ceiling (one
 //! read and one write system call per frame, no offloads) is below 10 Gbit/s, so results on it
 //! are compared with iperf3 on the same wire, never with the veth path.
+use crate::link::in_netns;
 use crate::sh;
 use anyhow::Result;
 use std::collections::VecDeque;
@@ -30,13 +31,7 @@ pub struct DelayLine {
 
 /// Opens tap `dl0` inside namespace `ns` (a tap belongs to the namespace it is created in).
 fn tap_in(ns: &str) -> Result<File> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || -> Result<File> {
-        crate::link::enter_netns(&ns)?;
-        Ok(vmm::devices::tap::open("dl0")?)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("tap thread panicked"))?
+    in_netns(Some(ns.to_string()), || Ok(vmm::devices::tap::open("dl0")?))
 }
 
 impl DelayLine {
@@ -91,12 +86,9 @@ impl DelayLine {
     /// namespace `a` to one in `b`: "min / median / max µs" of 50.
     pub fn rtt(&self) -> Result<String> {
         let (a, b) = (self.a.clone(), self.b.clone());
-        let echo = std::thread::spawn(move || -> Result<std::net::UdpSocket> {
-            crate::link::enter_netns(&a)?;
+        let echo = in_netns(Some(a), || {
             Ok(std::net::UdpSocket::bind(format!("{ADDR_A}:0"))?)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+        })?;
         let to = echo.local_addr()?;
         echo.set_read_timeout(Some(Duration::from_secs(2)))?;
         let server = std::thread::spawn(move || {
@@ -108,8 +100,7 @@ impl DelayLine {
                 let _ = echo.send_to(&buf[..n], from);
             }
         });
-        let mut rtts = std::thread::spawn(move || -> Result<Vec<f64>> {
-            crate::link::enter_netns(&b)?;
+        let mut rtts = in_netns(Some(b), move || {
             let s = std::net::UdpSocket::bind(format!("{ADDR_B}:0"))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
             let mut buf = [0u8; 64];
@@ -122,9 +113,7 @@ impl DelayLine {
                 std::thread::sleep(Duration::from_millis(2));
             }
             Ok(v)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        })?;
         let _ = server.join();
         rtts.sort_by(f64::total_cmp);
         Ok(format!(

@@ -188,18 +188,27 @@ impl Path2 {
                 Some(if server { a.clone() } else { b.clone() })
             }
         };
-        std::thread::spawn(move || {
-            if let Some(ns) = ns {
-                enter_netns(&ns)?;
-            }
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread panicked"))?
+        in_netns(ns, f)
     }
 }
 
-pub(crate) fn enter_netns(ns: &str) -> Result<()> {
+/// Runs `f` on a new thread that first entered network namespace `ns` (if any), and waits
+/// for it: the sockets and taps `f` opens belong to that namespace.
+pub(crate) fn in_netns<T: Send + 'static>(
+    ns: Option<String>,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    std::thread::spawn(move || {
+        if let Some(ns) = ns {
+            enter_netns(&ns)?;
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread panicked"))?
+}
+
+fn enter_netns(ns: &str) -> Result<()> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(format!("/var/run/netns/{ns}"))
         .with_context(|| format!("network namespace {ns}"))?;

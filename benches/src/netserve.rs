@@ -12,6 +12,7 @@
 //! Topology: one network namespace with a bridge holding the two taps and the client's
 //! address; the FT link runs over the namespace's loopback. Under FT every frame the guest
 //! sends waits for its epoch's acknowledgement (the output rule): this is what that costs.
+use crate::link::in_netns;
 use crate::{command_line, machine, median_f64, sh, write_results, Machine};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
@@ -175,17 +176,6 @@ fn start(ns: &Ns, ftvm: &Path, ft: bool, dir: &Path, min_epoch_ms: &str) -> Resu
     Ok(vm)
 }
 
-/// Runs `f` on a thread inside the namespace (sockets it opens live there).
-fn in_ns<T: Send + 'static>(ns: &Ns, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    let name = ns.0.clone();
-    std::thread::spawn(move || {
-        crate::link::enter_netns(&name)?;
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
-}
-
 fn connect() -> Result<TcpStream> {
     let addr = format!("{NS_NET}.2:7");
     let t = Instant::now();
@@ -275,8 +265,8 @@ pub fn run(args: &[String]) -> Result<()> {
         for side in &mut sides {
             let label = if side.ft { "FT on" } else { "FT off" };
             let vm = start(&ns, &ftvm, side.ft, &dir, &min_epoch)?;
-            let g = in_ns(&ns, move || throughput(mib))?;
-            let (p50, p99) = in_ns(&ns, move || round_trips(rr))?;
+            let g = in_netns(Some(ns.0.clone()), move || throughput(mib))?;
+            let (p50, p99) = in_netns(Some(ns.0.clone()), move || round_trips(rr))?;
             drop(vm);
             eprintln!(
                 "run {run}, {label}: {g:.1} MiB/s echoed, round trip p50 {p50:.0} µs, p99 {p99:.0} µs"
