@@ -295,3 +295,42 @@ pub mod journal {
             .collect()
     }
 }
+
+/// Plumbing for the tests whose hosts are network namespaces (they run as root).
+pub mod netns {
+    use std::process::Command;
+
+    /// Runs a command (`args[0]` with the rest as arguments); panics with its stderr if it
+    /// fails.
+    pub fn sh(args: &[&str]) {
+        let o = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// Creates namespace `ns`, removing a leftover of that name first.
+    pub fn add(ns: &str) {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        sh(&["ip", "netns", "add", ns]);
+    }
+
+    /// Removes namespaces, then links of the root namespace, ignoring any already gone (for
+    /// `Drop`).
+    pub fn remove<S: AsRef<str>>(namespaces: &[S], links: &[&str]) {
+        for ns in namespaces {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns.as_ref()])
+                .output();
+        }
+        for l in links {
+            let _ = Command::new("ip").args(["link", "del", l]).output();
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! The failover coordinator end to end: a real `ftvm coordinator` and `ftvm host-agent`
 //! processes (hosts on loopback sharing one datastore directory), real FT pairs under them.
+use ftvm_tests::netns::{self, sh};
 use ftvm_tests::{ftvm_bin, require_kvm, Etcd, TempDir};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
@@ -418,16 +419,6 @@ struct NetHosts {
 
 const NET: &str = "10.233.0";
 
-fn sh(args: &[&str]) {
-    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 impl NetHosts {
     fn create(n: usize) -> NetHosts {
         Self::create_with(n, false)
@@ -448,8 +439,7 @@ impl NetHosts {
         for i in 1..=n {
             let ns = format!("ftvm-cl{tag}-h{i}");
             let (v, vb) = (format!("fth{i}-{tag}"), format!("ftb{i}-{tag}"));
-            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-            sh(&["ip", "netns", "add", &ns]);
+            netns::add(&ns);
             sh(&["ip", "link", "add", &v, "type", "veth", "peer", "name", &vb]);
             sh(&["ip", "link", "set", &v, "netns", &ns]);
             sh(&["ip", "link", "set", &vb, "master", &bridge]);
@@ -514,12 +504,7 @@ impl NetHosts {
 
 impl Drop for NetHosts {
     fn drop(&mut self) {
-        for ns in &self.hosts {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
+        netns::remove(&self.hosts, &[&self.bridge]);
     }
 }
 

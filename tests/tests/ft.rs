@@ -1,5 +1,6 @@
 //! A protected pair on the real KVM: `ftvm secondary` + `ftvm primary` as real processes on
 //! loopback, with a shared datastore directory.
+use ftvm_tests::netns::{self, sh};
 use ftvm_tests::{counter_output, ftvm_bin, require_kvm, Rng, TempDir};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
@@ -299,26 +300,12 @@ struct Hosts {
     link_a: String,
 }
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl Hosts {
     fn new(tag: u32) -> Self {
         let (a, b) = (format!("ftvm-a{tag}"), format!("ftvm-b{tag}"));
         let (va, vb) = (format!("fva{tag}"), format!("fvb{tag}"));
-        let _ = Command::new("ip").args(["netns", "del", &a]).output();
-        let _ = Command::new("ip").args(["netns", "del", &b]).output();
-        sh(&["ip", "netns", "add", &a]);
-        sh(&["ip", "netns", "add", &b]);
+        netns::add(&a);
+        netns::add(&b);
         sh(&[
             "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
         ]);
@@ -339,8 +326,7 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.a]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.b]).output();
+        netns::remove(&[&self.a, &self.b], &[]);
     }
 }
 

@@ -11,6 +11,7 @@
 //!
 //! The primary runs on h1 on its tap, the secondary on h2 with its own tap; the FT link goes
 //! over the LAN. The guest is NET.2 with the same MAC on either host.
+use ftvm_tests::netns::{self, sh};
 use ftvm_tests::{ftvm_bin, require_kvm, Rng, TempDir};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
@@ -22,16 +23,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const NET: &str = "10.236.0";
 const GUEST_MAC: &str = "02:46:54:56:4d:01";
 const FT_PORT: u16 = 47_300;
-
-fn sh(args: &[&str]) {
-    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 struct Lan {
     tag: String,
@@ -56,9 +47,8 @@ impl Lan {
         ];
         for (i, n) in ns.iter().enumerate() {
             let (v, vb) = (format!("fnh{i}-{tag}"), format!("fnb{i}-{tag}"));
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
             let _ = Command::new("ip").args(["link", "del", &vb]).output();
-            sh(&["ip", "netns", "add", n]);
+            netns::add(n);
             sh(&["ip", "link", "add", &v, "type", "veth", "peer", "name", &vb]);
             sh(&["ip", "link", "set", &v, "netns", n]);
             sh(&["ip", "link", "set", &vb, "master", &bridge]);
@@ -112,12 +102,7 @@ impl Lan {
 
 impl Drop for Lan {
     fn drop(&mut self) {
-        for n in &self.ns {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
+        netns::remove(&self.ns, &[&self.bridge]);
     }
 }
 
