@@ -220,10 +220,7 @@ impl Vmm {
         serial_out: SerialOut,
         state: Option<&devices::serial::SerialDeviceState>,
     ) -> Result<Arc<Mutex<Devices>>> {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::SerialIrq)?;
-        kvm.fd
-            .register_irqfd(&irq, COM1_GSI)
-            .map_err(|e| Error::SerialIrq(std::io::Error::from_raw_os_error(e.errno())))?;
+        let irq = irqfd(kvm, COM1_GSI).map_err(Error::SerialIrq)?;
         let events = Arc::new(devices::events::EventLog::default());
         let serial = SerialDevice::new(irq, events.clone(), serial_out, state)?;
         Ok(Arc::new(Mutex::new(Devices::new(serial, events))))
@@ -464,11 +461,7 @@ impl Vmm {
     /// VM continues its saved device state with it).
     pub fn attach_disk(&mut self, disk: std::fs::File) -> Result<()> {
         use devices::virtio_blk::{VirtioBlk, BLK_GSI};
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::DiskIrq)?;
-        self.kvm
-            .fd
-            .register_irqfd(&irq, BLK_GSI)
-            .map_err(|e| Error::DiskIrq(std::io::Error::from_raw_os_error(e.errno())))?;
+        let irq = irqfd(&self.kvm, BLK_GSI).map_err(Error::DiskIrq)?;
         let mut d = self.devices.lock().unwrap();
         let events = d.events.clone();
         let saved = d.blk_saved.take();
@@ -487,11 +480,7 @@ impl Vmm {
     /// receives its frames. Before the vCPUs first run.
     pub fn attach_net(&mut self, tap: std::fs::File, mac: [u8; 6]) -> Result<()> {
         use devices::virtio_net::{VirtioNet, NET_GSI};
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::NetIrq)?;
-        self.kvm
-            .fd
-            .register_irqfd(&irq, NET_GSI)
-            .map_err(|e| Error::NetIrq(std::io::Error::from_raw_os_error(e.errno())))?;
+        let irq = irqfd(&self.kvm, NET_GSI).map_err(Error::NetIrq)?;
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::NetIrq)?);
         let tap_rx = tap.try_clone().map_err(Error::NetIrq)?;
         {
@@ -541,6 +530,15 @@ impl Vmm {
     pub fn dirty_log_manual_clear(&self) -> bool {
         self.kvm.manual_clear()
     }
+}
+
+/// An eventfd that raises interrupt line `gsi` when written (KVM's irqfd).
+fn irqfd(kvm: &KvmVm, gsi: u32) -> std::io::Result<EventFd> {
+    let fd = EventFd::new(libc::EFD_NONBLOCK)?;
+    kvm.fd
+        .register_irqfd(&fd, gsi)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    Ok(fd)
 }
 
 /// Reads frames from the tap and hands them to the network device until `stop` is signalled.
