@@ -21,6 +21,7 @@ pub mod layout;
 pub mod memory;
 pub mod persist;
 pub mod vstate;
+pub mod wp;
 
 use devices::serial::{SerialDevice, SerialOut, COM1_GSI};
 use devices::Devices;
