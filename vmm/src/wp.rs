@@ -253,8 +253,12 @@ impl BackgroundCopy {
             }
             last_region = r;
         }
-        if buf.len() < pages.len() * PAGE {
-            buf.resize(pages.len() * PAGE, 0);
+        // Room for the pages, not written here: zeroing fresh memory page-faults it in, and
+        // that cost up to 3.6 ms in a pause (measured: the first large epochs of a pair).
+        // The copiers write every slot before `finish` sets the length.
+        buf.clear();
+        if buf.capacity() < pages.len() * PAGE {
+            buf = Vec::with_capacity(pages.len() * PAGE);
         }
         let job = Arc::new(Job {
             state: (0..hvas.len()).map(|_| AtomicU8::new(TODO)).collect(),
@@ -300,6 +304,7 @@ impl Drop for BackgroundCopy {
 pub struct Copying {
     inner: Arc<Inner>,
     job: Arc<Job>,
+    /// Empty, with room for the pages (written through `job.out` until `finish`).
     buf: Vec<u8>,
     /// `job.ranges[lifted..protected]` are protected.
     protected: usize,
@@ -308,8 +313,7 @@ pub struct Copying {
 
 impl Copying {
     /// Copies every page not copied yet (the guest may run), lifts the protection and returns
-    /// the buffer: page `i` of the pages given to `start` at `i * 4096` (the buffer may be
-    /// longer).
+    /// the buffer: page `i` of the pages given to `start` at `i * 4096`.
     pub fn finish(mut self) -> Result<Vec<u8>, Error> {
         let mut i = 0;
         let job = self.job.clone();
@@ -323,6 +327,12 @@ impl Copying {
             self.lifted += 1;
         }
         *self.inner.job.lock().unwrap() = None;
+        // Every page was copied above (by this thread or the handler, which finished its copy
+        // before marking it done), so every byte up to here is initialized.
+        debug_assert!(job.state.iter().all(|s| s.load(Ordering::Acquire) == DONE));
+        // SAFETY: the capacity was reserved by `start`; bytes 0..hvas.len()*PAGE were all
+        // written (see above).
+        unsafe { self.buf.set_len(job.hvas.len() * PAGE) };
         Ok(std::mem::take(&mut self.buf))
     }
 }
