@@ -34,7 +34,10 @@ struct Overhead {
     guest_ms_epochs_in_process: Vec<u64>,
     guest_ms_ft: Vec<u64>,
     guest_ms_ft_xor_lz4: Vec<u64>,
+    /// FT on, raw pages, `--epoch-copy paused` (the default copies after the pause).
+    guest_ms_ft_copy_paused: Vec<u64>,
     ratio_ft_vs_off: f64,
+    ratio_ft_copy_paused_vs_off: f64,
     ratio_ft_xor_lz4_vs_off: f64,
     ratio_dirty_tracking_vs_off: f64,
     ratio_epochs_in_process_vs_off: f64,
@@ -59,10 +62,14 @@ struct Report {
     command: String,
     machine: crate::Machine,
     overhead: Vec<Overhead>,
+    /// Default settings (`--epoch-copy background`).
     pause_vs_dirty_pages: Vec<PauseBin>,
+    /// The same runs with `--epoch-copy paused`.
+    pause_vs_dirty_pages_copy_paused: Vec<PauseBin>,
     pause_runs: Vec<String>,
     /// (dirty pages, pause µs) of every epoch of the pause runs (the scatter in the plot).
     pause_epochs: Vec<(u64, u64)>,
+    pause_epochs_copy_paused: Vec<(u64, u64)>,
     output_hold_us_p50: Vec<u64>,
     output_hold_us_p99: Vec<u64>,
     /// Every released epoch's hold of its first output byte, all runs (the CDF in the plot).
@@ -209,7 +216,7 @@ fn pair(bin: &Path, tag: &str, boot: &[String], extra: &[String]) -> Result<Pair
         .arg(&dir)
         .arg("--serial-out")
         .arg(&console)
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("secondary.err"))?)
         .spawn()?;
     let primary = Command::new(bin)
         .arg("primary")
@@ -267,13 +274,73 @@ pub(crate) fn ft_run_boot(
         .find(|l| l.contains("summary"))
         .map(str::to_string)
     else {
-        bail!("the pair did not stay protected to the end (no summary): primary stderr:\n{err}");
+        let secondary = std::fs::read_to_string(p.dir.join("secondary.err")).unwrap_or_default();
+        bail!("the pair did not stay protected to the end (no summary): primary stderr:\n{err}\nsecondary stderr:\n{secondary}");
     };
     let console = std::fs::read_to_string(p.dir.join("console.txt"))?;
     let csv = std::fs::read_to_string(&stats).unwrap_or_default();
     let _ = std::fs::remove_file(&stats);
     let _ = std::fs::remove_dir_all(&p.dir);
     Ok((console, summary, csv))
+}
+
+/// (dirty pages, pause µs) of one epoch.
+type EpochPause = (u64, u64);
+
+/// The paced `dirtier` pairs of the pause measurement (`extra` to each primary): the runs'
+/// summaries and (dirty pages, pause µs) of every epoch.
+fn pause_runs(bin: &Path, extra: &[String]) -> Result<(Vec<String>, Vec<EpochPause>)> {
+    let mut epochs: Vec<(u64, u64)> = Vec::new();
+    let mut runs = Vec::new();
+    // Longer epochs collect more dirty pages each (PVM's write-protection faults keep the
+    // guest from dirtying more than ~40k distinct pages/s under tracking).
+    for (rate, epoch_ms) in [
+        (5_000u64, 20u64),
+        (50_000, 20),
+        (100_000, 50),
+        (100_000, 100),
+        (100_000, 200),
+    ] {
+        let cl = format!("mib=96 pages_per_sec={rate} secs=2");
+        eprintln!("pause vs dirty pages: {cl}, {epoch_ms} ms epochs {extra:?}");
+        let mut args = vec!["--epoch-ms".to_string(), epoch_ms.to_string()];
+        args.extend_from_slice(extra);
+        let (_, summary, csv) = ft_run(bin, "dirtier", &cl, &args)?;
+        runs.push(format!("{cl} {}: {summary}", args.join(" ")));
+        for line in csv.lines().skip(1) {
+            let f: Vec<u64> = line.split(',').filter_map(|x| x.parse().ok()).collect();
+            if let [_, pause, pages, ..] = f[..] {
+                epochs.push((pages, pause));
+            }
+        }
+    }
+    Ok((runs, epochs))
+}
+
+/// Epoch pauses binned by dirty pages.
+fn pause_bins(epochs: &[(u64, u64)]) -> Vec<PauseBin> {
+    let edges = [0u64, 256, 1024, 2048, 4096, 8192, 16384, u64::MAX];
+    let mut bins = Vec::new();
+    for w in edges.windows(2) {
+        let mut p: Vec<u64> = epochs
+            .iter()
+            .filter(|(pages, _)| *pages >= w[0] && *pages < w[1])
+            .map(|e| e.1)
+            .collect();
+        if p.is_empty() {
+            continue;
+        }
+        p.sort_unstable();
+        bins.push(PauseBin {
+            dirty_pages_from: w[0],
+            dirty_pages_to: w[1],
+            epochs: p.len(),
+            pause_us_p50: quantile(&p, 0.5),
+            pause_us_p99: quantile(&p, 0.99),
+            pause_us_max: *p.last().unwrap(),
+        });
+    }
+    bins
 }
 
 fn failover(bin: &Path, seed: u64) -> Result<u64> {
@@ -335,6 +402,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let bin = ftvm()?;
     let cmdline = format!("preset=compile-profile jobs={jobs}");
     let xor = ["--page-encoding".to_string(), "xor-lz4".to_string()];
+    let copy_paused = ["--epoch-copy".to_string(), "paused".to_string()];
     let mut overhead = Vec::new();
     for &vcpus in &vcpu_counts {
         let mut o = Overhead {
@@ -362,61 +430,26 @@ pub fn run(args: &[String]) -> Result<()> {
             x_bytes += field(&summary, "bytes_sent")?;
             x_pages += field(&summary, "pages_sent")?;
             o.primary_summaries.push(format!("(xor-lz4) {summary}"));
+            let args: Vec<String> = vc.iter().chain(&copy_paused).cloned().collect();
+            let (console, summary, _) = ft_run(&bin, "dirtier", &cmdline, &args)?;
+            o.guest_ms_ft_copy_paused.push(guest_ms(&console)?);
+            o.primary_summaries
+                .push(format!("(--epoch-copy paused) {summary}"));
         }
         let base = median(&o.guest_ms_off);
         o.ratio_ft_vs_off = median(&o.guest_ms_ft) / base;
         o.ratio_ft_xor_lz4_vs_off = median(&o.guest_ms_ft_xor_lz4) / base;
+        o.ratio_ft_copy_paused_vs_off = median(&o.guest_ms_ft_copy_paused) / base;
         o.ratio_dirty_tracking_vs_off = median(&o.guest_ms_dirty_tracking) / base;
         o.ratio_epochs_in_process_vs_off = median(&o.guest_ms_epochs_in_process) / base;
         o.wire_bytes_per_page_raw = raw_bytes as f64 / raw_pages.max(1) as f64;
         o.wire_bytes_per_page_xor_lz4 = x_bytes as f64 / x_pages.max(1) as f64;
         overhead.push(o);
     }
-    // Pause vs dirty pages: paced dirtiers from light to heavy, every epoch recorded.
-    let mut epochs: Vec<(u64, u64)> = Vec::new();
-    let mut pause_runs = Vec::new();
-    // Longer epochs collect more dirty pages each (PVM's write-protection faults keep the
-    // guest from dirtying more than ~40k distinct pages/s under tracking).
-    for (rate, epoch_ms) in [
-        (5_000u64, 20u64),
-        (50_000, 20),
-        (100_000, 50),
-        (100_000, 100),
-        (100_000, 200),
-    ] {
-        let cl = format!("mib=96 pages_per_sec={rate} secs=2");
-        eprintln!("pause vs dirty pages: {cl}, {epoch_ms} ms epochs");
-        let extra = ["--epoch-ms".to_string(), epoch_ms.to_string()];
-        let (_, summary, csv) = ft_run(&bin, "dirtier", &cl, &extra)?;
-        pause_runs.push(format!("{cl} --epoch-ms {epoch_ms}: {summary}"));
-        for line in csv.lines().skip(1) {
-            let f: Vec<u64> = line.split(',').filter_map(|x| x.parse().ok()).collect();
-            if let [_, pause, pages, ..] = f[..] {
-                epochs.push((pages, pause));
-            }
-        }
-    }
-    let edges = [0u64, 256, 1024, 2048, 4096, 8192, 16384, u64::MAX];
-    let mut pause_vs_dirty_pages = Vec::new();
-    for w in edges.windows(2) {
-        let mut p: Vec<u64> = epochs
-            .iter()
-            .filter(|(pages, _)| *pages >= w[0] && *pages < w[1])
-            .map(|e| e.1)
-            .collect();
-        if p.is_empty() {
-            continue;
-        }
-        p.sort_unstable();
-        pause_vs_dirty_pages.push(PauseBin {
-            dirty_pages_from: w[0],
-            dirty_pages_to: w[1],
-            epochs: p.len(),
-            pause_us_p50: quantile(&p, 0.5),
-            pause_us_p99: quantile(&p, 0.99),
-            pause_us_max: *p.last().unwrap(),
-        });
-    }
+    // Pause vs dirty pages: paced dirtiers from light to heavy, every epoch recorded; with
+    // the pages copied after the pause (default) and in it.
+    let (runs_summaries, epochs) = pause_runs(&bin, &[])?;
+    let (_, epochs_copy_paused) = pause_runs(&bin, &copy_paused)?;
     // Output latency added by the output rule.
     let (mut hold50, mut hold99, mut holds) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..runs {
@@ -446,9 +479,11 @@ pub fn run(args: &[String]) -> Result<()> {
         command: crate::command_line("ft", args),
         machine: crate::machine(),
         overhead,
-        pause_vs_dirty_pages,
-        pause_runs,
-        pause_epochs: epochs.clone(),
+        pause_vs_dirty_pages: pause_bins(&epochs),
+        pause_vs_dirty_pages_copy_paused: pause_bins(&epochs_copy_paused),
+        pause_runs: runs_summaries,
+        pause_epochs: epochs,
+        pause_epochs_copy_paused: epochs_copy_paused,
         output_hold_us_p50: hold50,
         output_hold_us_p99: hold99,
         output_hold_us: holds,
@@ -463,11 +498,11 @@ pub fn run(args: &[String]) -> Result<()> {
         report.machine, report.command
     );
     println!("**Overhead**: `dirtier preset=compile-profile jobs={jobs}` (stand-in for a kernel compile), guest ms, median of {runs}\n");
-    println!("| vCPUs | FT off | dirty tracking only | + state capture and page copy | FT on (raw pages) | FT on (XOR+LZ4) | wire bytes/page raw → XOR+LZ4 |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| vCPUs | FT off | dirty tracking only | + state capture and page copy | FT on (raw pages) | FT on (XOR+LZ4) | FT on, --epoch-copy paused | wire bytes/page raw → XOR+LZ4 |");
+    println!("|---|---|---|---|---|---|---|---|");
     for o in &report.overhead {
         println!(
-            "| {} | {:.0} | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} → {:.0} |",
+            "| {} | {:.0} | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} → {:.0} |",
             o.vcpus,
             median(&o.guest_ms_off),
             median(&o.guest_ms_dirty_tracking),
@@ -478,23 +513,36 @@ pub fn run(args: &[String]) -> Result<()> {
             o.ratio_ft_vs_off,
             median(&o.guest_ms_ft_xor_lz4),
             o.ratio_ft_xor_lz4_vs_off,
+            median(&o.guest_ms_ft_copy_paused),
+            o.ratio_ft_copy_paused_vs_off,
             o.wire_bytes_per_page_raw,
             o.wire_bytes_per_page_xor_lz4,
         );
     }
-    println!("\n**Epoch pause vs dirty pages** (paced dirtier pairs, every epoch)\n");
-    println!("| dirty pages in the epoch | epochs | pause p50 µs | p99 µs | max µs |");
-    println!("|---|---|---|---|---|");
-    for b in &report.pause_vs_dirty_pages {
-        let to = if b.dirty_pages_to == u64::MAX {
-            "".to_string()
-        } else {
-            format!("{}", b.dirty_pages_to - 1)
-        };
-        println!(
-            "| {}–{} | {} | {} | {} | {} |",
-            b.dirty_pages_from, to, b.epochs, b.pause_us_p50, b.pause_us_p99, b.pause_us_max
-        );
+    for (how, bins) in [
+        (
+            "pages copied after the pause (default)",
+            &report.pause_vs_dirty_pages,
+        ),
+        (
+            "--epoch-copy paused",
+            &report.pause_vs_dirty_pages_copy_paused,
+        ),
+    ] {
+        println!("\n**Epoch pause vs dirty pages**, {how} (paced dirtier pairs, every epoch)\n");
+        println!("| dirty pages in the epoch | epochs | pause p50 µs | p99 µs | max µs |");
+        println!("|---|---|---|---|---|");
+        for b in bins {
+            let to = if b.dirty_pages_to == u64::MAX {
+                "".to_string()
+            } else {
+                format!("{}", b.dirty_pages_to - 1)
+            };
+            println!(
+                "| {}–{} | {} | {} | {} | {} |",
+                b.dirty_pages_from, to, b.epochs, b.pause_us_p50, b.pause_us_p99, b.pause_us_max
+            );
+        }
     }
     println!(
         "\n**Output latency added by the output rule** (counter at 100 lines/s): p50 {:?} µs, p99 {:?} µs per run",

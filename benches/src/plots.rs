@@ -3,7 +3,7 @@
 //! time and output-latency distributions (CDFs), and FT-link throughput vs TCP. It reads
 //! only the JSON, so plots can be redrawn without rerunning anything; `ftvm-bench all` runs
 //! every benchmark and then this.
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -175,38 +175,54 @@ fn pause(ft: &Value, out: &Path) -> Result<PathBuf> {
                 .collect()
         })
         .unwrap_or_default();
-    let bins: Vec<(f64, f64, f64)> = ft["pause_vs_dirty_pages"]
-        .as_array()
-        .context("ft.json: pause_vs_dirty_pages")?
-        .iter()
-        .filter_map(|b| {
-            let from = num(&b["dirty_pages_from"])?;
-            let to = num(&b["dirty_pages_to"])
-                .unwrap_or(from * 2.0)
-                .min(from * 2.0 + 256.0);
-            Some((
-                (from + to) / 2.0,
-                num(&b["pause_us_p50"])? / 1000.0,
-                num(&b["pause_us_p99"])? / 1000.0,
-            ))
-        })
-        .collect();
+    let bins_of = |key: &str| -> Vec<(f64, f64, f64)> {
+        ft[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|b| {
+                        let from = num(&b["dirty_pages_from"])?;
+                        let to = num(&b["dirty_pages_to"])
+                            .unwrap_or(from * 2.0)
+                            .min(from * 2.0 + 256.0);
+                        Some((
+                            (from + to) / 2.0,
+                            num(&b["pause_us_p50"])? / 1000.0,
+                            num(&b["pause_us_p99"])? / 1000.0,
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let bins = bins_of("pause_vs_dirty_pages");
+    if bins.is_empty() {
+        bail!("ft.json: no pause_vs_dirty_pages");
+    }
+    let paused = bins_of("pause_vs_dirty_pages_copy_paused");
     let xmax = scatter
         .iter()
         .map(|p| p.0)
         .chain(bins.iter().map(|b| b.0))
         .fold(4096.0f64, f64::max)
         * 1.05;
-    let ymax = scatter
+    // The axis ends above the highest bin p99: a single descheduled epoch (tens of ms) would
+    // flatten everything else. Epochs above it are counted in the title.
+    let ymax = bins
         .iter()
-        .map(|p| p.1)
-        .chain(bins.iter().map(|b| b.2))
+        .chain(&paused)
+        .map(|b| b.2)
         .fold(2.5f64, f64::max)
-        * 1.1;
+        * 1.15;
+    let above = scatter.iter().filter(|p| p.1 > ymax).count();
+    let scatter: Vec<(f64, f64)> = scatter.into_iter().filter(|p| p.1 <= ymax).collect();
+    let title = format!(
+        "Epoch pause vs dirty pages (FT primary, dirtier; {above} epoch(s) above {ymax:.0} ms not drawn)"
+    );
     let root = SVGBackend::new(out, SIZE).into_drawing_area();
     let mut chart = xy_chart(
         &root,
-        "Epoch pause vs dirty pages (FT primary, dirtier)",
+        &title,
         (0.0..xmax, 0.0..ymax),
         ("dirty pages in the epoch", "guest paused (ms)"),
     )?;
@@ -218,8 +234,18 @@ fn pause(ft: &Value, out: &Path) -> Result<PathBuf> {
         )?
         .label("one epoch")
         .legend(|(x, y)| Circle::new((x + 10, y), 3, RGBColor(120, 120, 120).filled()));
-    for (name, idx, color) in [("bin p50", 1, BLUE), ("bin p99", 2, RED)] {
-        let p: Vec<(f64, f64)> = bins
+    let light_blue = RGBColor(140, 170, 230);
+    let light_red = RGBColor(235, 150, 150);
+    for (name, series, idx, color) in [
+        ("bin p50", &bins, 1, BLUE),
+        ("bin p99", &bins, 2, RED),
+        ("bin p50, --epoch-copy paused", &paused, 1, light_blue),
+        ("bin p99, --epoch-copy paused", &paused, 2, light_red),
+    ] {
+        if series.is_empty() {
+            continue;
+        }
+        let p: Vec<(f64, f64)> = series
             .iter()
             .map(|b| (b.0, if idx == 1 { b.1 } else { b.2 }))
             .collect();
