@@ -125,6 +125,9 @@ struct Inner {
 /// One epoch's copy: the pages (sorted), their host addresses, where each goes in `out`.
 struct Job {
     hvas: Vec<u64>,
+    /// (host address, page index) sorted by address, when `hvas` is not (guest memory in two
+    /// regions whose mappings lie the other way round in the host); else empty.
+    by_hva: Vec<(u64, usize)>,
     state: Vec<AtomicU8>,
     /// Protected host ranges (dirty runs, small gaps merged).
     ranges: Vec<(u64, u64)>,
@@ -142,6 +145,18 @@ const COPYING: u8 = 1;
 const DONE: u8 = 2;
 
 impl Job {
+    /// The index of the page at host address `hva`, if it is one of the job's.
+    fn find(&self, hva: u64) -> Option<usize> {
+        if self.by_hva.is_empty() {
+            self.hvas.binary_search(&hva).ok()
+        } else {
+            self.by_hva
+                .binary_search_by_key(&hva, |&(h, _)| h)
+                .ok()
+                .map(|k| self.by_hva[k].1)
+        }
+    }
+
     /// Copies page `i` unless another thread claimed it; returns once it is copied.
     fn ensure_copied(&self, i: usize) {
         match self.state[i].compare_exchange(TODO, COPYING, Ordering::Acquire, Ordering::Acquire) {
@@ -260,9 +275,17 @@ impl BackgroundCopy {
         if buf.capacity() < pages.len() * PAGE {
             buf = Vec::with_capacity(pages.len() * PAGE);
         }
+        let by_hva = if hvas.windows(2).all(|w| w[0] < w[1]) {
+            Vec::new()
+        } else {
+            let mut v: Vec<(u64, usize)> = hvas.iter().copied().zip(0..).collect();
+            v.sort_unstable();
+            v
+        };
         let job = Arc::new(Job {
             state: (0..hvas.len()).map(|_| AtomicU8::new(TODO)).collect(),
             hvas,
+            by_hva,
             ranges,
             out: buf.as_mut_ptr(),
         });
@@ -421,14 +444,15 @@ impl Inner {
     fn fault(&self, hva: u64) {
         let job = self.job.lock().unwrap();
         if let Some(job) = job.as_ref() {
-            if let Ok(i) = job.hvas.binary_search(&hva) {
+            if let Some(i) = job.find(hva) {
                 job.ensure_copied(i);
             }
         }
+        // Counted before the writer is woken, so that it sees its own fault counted.
+        self.faults.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.protect(hva, PAGE as u64, false) {
             tracing::error!("uffd-wp: lifting protection of {hva:#x}: {e}");
         }
-        self.faults.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -528,6 +552,39 @@ mod tests {
         }
         // Nothing stays protected: a write now completes at once.
         fill(&mem, 0x10000, 7);
+    }
+
+    /// Above 3 GiB guest memory has two regions; the host may map the second below the first,
+    /// so host addresses of sorted guest pages are not sorted. A write must still find its page.
+    #[test]
+    fn a_write_to_the_second_memory_region_waits_for_its_copy() {
+        let mem = crate::memory::create(3 * 1024 + 64).unwrap();
+        let bg = BackgroundCopy::new(&mem).unwrap();
+        let high = crate::layout::MMIO_GAP_END;
+        let pages = vec![0x10000u64, 0x20000, high, high + 0x5000];
+        for (n, &p) in pages.iter().enumerate() {
+            fill(&mem, p, n as u8 + 1);
+        }
+        let copying = bg.start(&pages, Vec::new()).unwrap();
+        let writers: Vec<_> = [0x20000u64, high + 0x5000]
+            .into_iter()
+            .map(|gpa| {
+                let m = mem.clone();
+                std::thread::spawn(move || fill(&m, gpa, 0xaa))
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let buf = copying.finish().unwrap();
+        for (n, _) in pages.iter().enumerate() {
+            assert!(
+                buf[n * PAGE..(n + 1) * PAGE]
+                    .iter()
+                    .all(|&b| b == n as u8 + 1),
+                "page {n} copied after a write"
+            );
+        }
     }
 
     #[test]
