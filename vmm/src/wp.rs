@@ -506,35 +506,26 @@ mod tests {
         mem.write_slice(&[byte; PAGE], GuestAddress(gpa)).unwrap();
     }
 
-    #[test]
-    fn a_write_during_the_copy_waits_and_the_copy_keeps_the_old_contents() {
-        let mem = crate::memory::create(16).unwrap();
-        let bg = match BackgroundCopy::new(&mem) {
-            Ok(bg) => bg,
-            Err(e) => panic!("userfaultfd write protection is needed here: {e}"),
-        };
-        let pages: Vec<u64> = vec![0x10000, 0x11000, 0x13000, 0x40000, 0x7f000, 0x200000];
+    /// Fills page `n` of `pages` with `n + 1`, protects them, writes 0xaa to `writes` from
+    /// other threads while they are protected (each write completes: the handler copies its
+    /// page first), then checks that the copy holds the contents from before the writes.
+    fn copy_during_writes(mem: &GuestMemory, bg: &BackgroundCopy, pages: &[u64], writes: &[u64]) {
         for (n, &p) in pages.iter().enumerate() {
-            fill(&mem, p, n as u8 + 1);
+            fill(mem, p, n as u8 + 1);
         }
-        fill(&mem, 0x12000, 0xee); // in a merged gap, not dirty
-        let copying = bg.start(&pages, Vec::new()).unwrap();
-        // Writers on other threads: to dirty pages (they must wait for the copy) and to a clean
-        // page inside a protected gap.
-        let writers: Vec<_> = [0x40000u64, 0x200000, 0x12000]
-            .into_iter()
-            .map(|gpa| {
+        let copying = bg.start(pages, Vec::new()).unwrap();
+        let writers: Vec<_> = writes
+            .iter()
+            .map(|&gpa| {
                 let m = mem.clone();
                 std::thread::spawn(move || fill(&m, gpa, 0xaa))
             })
             .collect();
-        // They complete before the copy is finished: the handler copies their pages first.
         for w in writers {
             w.join().unwrap();
         }
-        assert!(bg.faults() >= 3, "{} write faults served", bg.faults());
         let buf = copying.finish().unwrap();
-        for (n, _) in pages.iter().enumerate() {
+        for n in 0..pages.len() {
             assert!(
                 buf[n * PAGE..(n + 1) * PAGE]
                     .iter()
@@ -542,6 +533,21 @@ mod tests {
                 "page {n} copied after a write"
             );
         }
+    }
+
+    #[test]
+    fn a_write_during_the_copy_waits_and_the_copy_keeps_the_old_contents() {
+        let mem = crate::memory::create(16).unwrap();
+        let bg = match BackgroundCopy::new(&mem) {
+            Ok(bg) => bg,
+            Err(e) => panic!("userfaultfd write protection is needed here: {e}"),
+        };
+        let pages = [0x10000, 0x11000, 0x13000, 0x40000, 0x7f000, 0x200000];
+        fill(&mem, 0x12000, 0xee); // in a merged gap, not dirty
+                                   // To dirty pages (they must wait for the copy) and to a clean page inside a protected
+                                   // gap.
+        copy_during_writes(&mem, &bg, &pages, &[0x40000, 0x200000, 0x12000]);
+        assert!(bg.faults() >= 3, "{} write faults served", bg.faults());
         let mut now = [0u8; PAGE];
         for gpa in [0x40000u64, 0x200000, 0x12000] {
             mem.read_slice(&mut now, GuestAddress(gpa)).unwrap();
@@ -561,30 +567,12 @@ mod tests {
         let mem = crate::memory::create(3 * 1024 + 64).unwrap();
         let bg = BackgroundCopy::new(&mem).unwrap();
         let high = crate::layout::MMIO_GAP_END;
-        let pages = vec![0x10000u64, 0x20000, high, high + 0x5000];
-        for (n, &p) in pages.iter().enumerate() {
-            fill(&mem, p, n as u8 + 1);
-        }
-        let copying = bg.start(&pages, Vec::new()).unwrap();
-        let writers: Vec<_> = [0x20000u64, high + 0x5000]
-            .into_iter()
-            .map(|gpa| {
-                let m = mem.clone();
-                std::thread::spawn(move || fill(&m, gpa, 0xaa))
-            })
-            .collect();
-        for w in writers {
-            w.join().unwrap();
-        }
-        let buf = copying.finish().unwrap();
-        for (n, _) in pages.iter().enumerate() {
-            assert!(
-                buf[n * PAGE..(n + 1) * PAGE]
-                    .iter()
-                    .all(|&b| b == n as u8 + 1),
-                "page {n} copied after a write"
-            );
-        }
+        copy_during_writes(
+            &mem,
+            &bg,
+            &[0x10000, 0x20000, high, high + 0x5000],
+            &[0x20000, high + 0x5000],
+        );
     }
 
     #[test]
