@@ -543,9 +543,9 @@ mod tests {
             Err(e) => panic!("userfaultfd write protection is needed here: {e}"),
         };
         let pages = [0x10000, 0x11000, 0x13000, 0x40000, 0x7f000, 0x200000];
-        fill(&mem, 0x12000, 0xee); // in a merged gap, not dirty
-                                   // To dirty pages (they must wait for the copy) and to a clean page inside a protected
-                                   // gap.
+        // 0x12000 lies in a merged gap, not dirty. Writes to dirty pages (they must wait for
+        // the copy) and to that clean page inside a protected range:
+        fill(&mem, 0x12000, 0xee);
         copy_during_writes(&mem, &bg, &pages, &[0x40000, 0x200000, 0x12000]);
         assert!(bg.faults() >= 3, "{} write faults served", bg.faults());
         let mut now = [0u8; PAGE];
