@@ -256,17 +256,22 @@ fn counter_survives_sigkill_of_the_primary_at_20_random_moments() {
     );
 }
 
+/// The console of `guest` run without FT (`ftvm run`), which must exit 0.
+fn uninterrupted(guest: &str, cmdline: &str) -> String {
+    let plain = Command::new(ftvm_bin())
+        .args(["run", "--guest", guest, "--cmdline", cmdline])
+        .output()
+        .unwrap();
+    assert_eq!(plain.status.code(), Some(0));
+    String::from_utf8_lossy(&plain.stdout).to_string()
+}
+
 #[test]
 fn dirtier_checksum_after_failover_equals_uninterrupted_run() {
     require_kvm!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cmdline = "mib=16 pages_per_sec=4000 secs=2";
-    let plain = Command::new(ftvm_bin())
-        .args(["run", "--guest", "dirtier", "--cmdline", cmdline])
-        .output()
-        .unwrap();
-    assert_eq!(plain.status.code(), Some(0));
-    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    let expected = uninterrupted("dirtier", cmdline);
     let mut rng = Rng::from_env("ft_dirtier");
     // The default copies each epoch's pages after the pause under write protection; the
     // other rounds copy them in the pause.
@@ -316,11 +321,7 @@ fn guest_writes_wait_for_the_background_copy_and_the_pair_stays_exact() {
     require_kvm!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cmdline = "mib=32 pages_per_sec=100000 secs=2";
-    let plain = Command::new(ftvm_bin())
-        .args(["run", "--guest", "dirtier", "--cmdline", cmdline])
-        .output()
-        .unwrap();
-    assert_eq!(plain.status.code(), Some(0));
+    let expected = uninterrupted("dirtier", cmdline);
     let dir = TempDir::new("ft-wp");
     let stats = dir.path("epochs.csv");
     let stats_arg = stats.display().to_string();
@@ -331,7 +332,7 @@ fn guest_writes_wait_for_the_background_copy_and_the_pair_stays_exact() {
         &["--epoch-ms", "50", "--epoch-stats", &stats_arg],
     );
     assert_both_exit_cleanly(&mut pair);
-    assert_eq!(console(&dir), String::from_utf8_lossy(&plain.stdout));
+    assert_eq!(console(&dir), expected);
     let csv = std::fs::read_to_string(&stats).unwrap();
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
