@@ -286,9 +286,18 @@ impl Vmm {
 
     /// Sends `cmd` to every vCPU, kicking running ones, and collects one reply from each.
     fn command(&mut self, cmd: VcpuCmd) -> Result<Vec<VcpuReply>> {
+        self.send_command(cmd);
+        self.collect_replies(cmd)
+    }
+
+    fn send_command(&self, cmd: VcpuCmd) {
         for v in &self.vcpus {
             let _ = v.cmds.send(cmd);
         }
+    }
+
+    /// Waits for every vCPU's reply to `cmd` (sent), kicking any that is still running.
+    fn collect_replies(&self, cmd: VcpuCmd) -> Result<Vec<VcpuReply>> {
         let mut replies = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
             let start = Instant::now();
@@ -340,11 +349,20 @@ impl Vmm {
 
     /// Captures the whole VM (pausing it first if needed; it stays paused).
     pub fn capture(&mut self) -> Result<persist::VmState> {
+        Ok(self.capture_with(|| ())?.0)
+    }
+
+    /// As [`Vmm::capture`], running `work` on this thread while the vCPU threads save their
+    /// state (the FT primary protects or copies the epoch's pages meanwhile). `work` must not
+    /// touch the vCPUs.
+    pub fn capture_with<R>(&mut self, work: impl FnOnce() -> R) -> Result<(persist::VmState, R)> {
         if self.running {
             self.pause()?;
         }
+        self.send_command(VcpuCmd::Save);
+        let done = work();
         let mut vcpus: Vec<VcpuState> = Vec::new();
-        for r in self.command(VcpuCmd::Save)? {
+        for r in self.collect_replies(VcpuCmd::Save)? {
             if let VcpuReply::Saved(s) = r {
                 vcpus.push(*s);
             }
@@ -354,12 +372,13 @@ impl Vmm {
         }
         let mut devices = self.devices.lock().unwrap();
         devices.flush().map_err(Error::Flush)?;
-        Ok(persist::VmState {
+        let state = persist::VmState {
             mem_mib: self.mem_mib,
             vcpus,
             vm: self.kvm.save()?,
             devices: devices.save(),
-        })
+        };
+        Ok((state, done))
     }
 
     /// Writes the full VM state to `path` (pausing the VM first; it stays paused).
