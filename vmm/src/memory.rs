@@ -63,6 +63,21 @@ pub fn host_regions(mem: &GuestMemory) -> Vec<(u64, *mut u8, usize)> {
         .collect()
 }
 
+/// Where the whole guest page at `gpa` lies in `regions` (as [`host_regions`] lists them):
+/// the region's index and the page's host address. None if `gpa` is not page-aligned or the
+/// page is not inside one region.
+pub fn page_host(regions: &[(u64, *mut u8, usize)], gpa: u64) -> Option<(usize, *mut u8)> {
+    const PAGE: u64 = 4096;
+    regions
+        .iter()
+        .enumerate()
+        .find_map(|(r, &(base, host, len))| {
+            let off = gpa.checked_sub(base)?;
+            (gpa.is_multiple_of(PAGE) && off + PAGE <= len as u64)
+                .then(|| (r, host.wrapping_add(off as usize)))
+        })
+}
+
 /// For each region as [`host_regions`] lists them, one flag per page: whether the host has
 /// ever backed the page with memory (present, or swapped out; from `/proc/self/pagemap`). A
 /// page that is not backed is all zeros and need not be read — and must not be: reading it
@@ -164,20 +179,15 @@ impl Regions {
         const PAGE: usize = 4096;
         let regions = &self.0;
         for (i, &gpa) in gpas.iter().enumerate() {
-            let (base, host, len) = regions
-                .iter()
-                .copied()
-                .find(|(b, _, l)| gpa >= *b && gpa - b < *l as u64)
-                .ok_or_else(|| format!("page {gpa:#x} is outside guest memory"))?;
-            let off = (gpa - base) as usize;
-            if gpa % PAGE as u64 != 0 || off + PAGE > len {
-                return Err(format!("page {gpa:#x} is not a whole guest page"));
-            }
-            // SAFETY: `host + off .. + PAGE` lies inside a live mapping owned by `mem` (checked
-            // above), `out` has room (checked above), the two cannot overlap (`out` is ordinary
-            // host memory), and by the caller's contract nothing writes the guest page meanwhile.
+            let (_, page) = page_host(regions, gpa).ok_or_else(|| {
+                format!("page {gpa:#x} is outside guest memory or not a whole guest page")
+            })?;
+            // SAFETY: `page .. + PAGE` lies inside a live mapping owned by `mem` (checked by
+            // `page_host`), `out` has room (checked by the caller), the two cannot overlap
+            // (`out` is ordinary host memory), and by the caller's contract nothing writes the
+            // guest page meanwhile.
             unsafe {
-                std::ptr::copy_nonoverlapping(host.add(off), out.as_mut_ptr().add(i * PAGE), PAGE);
+                std::ptr::copy_nonoverlapping(page, out.as_mut_ptr().add(i * PAGE), PAGE);
             }
         }
         Ok(())

@@ -23,7 +23,7 @@
 //! create a userfaultfd that sees kernel-mode faults (KVM's): `CAP_SYS_PTRACE`,
 //! `vm.unprivileged_userfaultfd=1`, or access to `/dev/userfaultfd`. [`BackgroundCopy::new`]
 //! says which is missing; the caller then copies with the guest paused.
-use crate::memory::{host_regions, GuestMemory};
+use crate::memory::{host_regions, page_host, GuestMemory};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -247,15 +247,8 @@ impl BackgroundCopy {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut last_region = usize::MAX;
         for &gpa in pages {
-            let (r, hva) = regions
-                .iter()
-                .enumerate()
-                .find_map(|(r, &(base, host, len))| {
-                    let off = gpa.checked_sub(base)?;
-                    (off % PAGE as u64 == 0 && off + PAGE as u64 <= len as u64)
-                        .then(|| (r, host as u64 + off))
-                })
-                .ok_or(Error::BadPage(gpa))?;
+            let (r, hva) = page_host(&regions, gpa).ok_or(Error::BadPage(gpa))?;
+            let hva = hva as u64;
             hvas.push(hva);
             match ranges.last_mut() {
                 Some((start, len))
