@@ -3,8 +3,8 @@
 //! The primary runs the guest in epochs. At each epoch boundary it pauses the vCPUs, harvests
 //! the dirty pages, captures vCPU and device state, takes the guest output the epoch produced,
 //! write-protects the dirty pages ([`vmm::wp`]), resumes the guest, copies the pages (a guest
-//! write to one not copied yet waits for its copy), and streams the epoch to the secondary. That output is **held** until the
-//! secondary acknowledges the epoch (the output rule). The secondary ([`replay::Secondary`])
+//! write to one not copied yet waits for its copy), and streams the epoch to the secondary.
+//! That output is **held** until the secondary acknowledges the epoch (the output rule). The secondary ([`replay::Secondary`])
 //! commits each epoch all-or-nothing into its standby memory and acknowledges it.
 //!
 //! When the secondary loses the primary (link heartbeats stop and the primary's datastore
@@ -1202,8 +1202,9 @@ impl Primary {
         })
     }
 
-    /// The write protection to copy an epoch's pages after the pause with, if configured,
-    /// wanted (`resumes`: the guest runs on after this epoch) and allowed by the kernel.
+    /// The write protection to copy an epoch's pages after the pause with (set up on first
+    /// use), if configured, wanted (`resumes`: the guest runs on after this epoch) and
+    /// allowed by the kernel.
     fn background_copy(&mut self, resumes: bool) -> Option<&vmm::wp::BackgroundCopy> {
         if !resumes || self.cfg.epoch_copy != EpochCopy::Background {
             return None;
@@ -1219,13 +1220,6 @@ impl Primary {
             })
             .as_ref()
             .ok()
-    }
-
-    fn wp_faults(&self) -> u64 {
-        match &self.wp {
-            Some(Ok(wp)) => wp.faults(),
-            _ => 0,
-        }
     }
 
     /// Streams a snapshot (guest running); its output is already held. `pre`: the part of
@@ -1250,12 +1244,11 @@ impl Primary {
             }
             PageCopy::Copying(c) => {
                 let t = Instant::now();
-                let faults = self.wp_faults();
-                let buf = c
+                let copied = c
                     .finish()
                     .map_err(|e| anyhow!("copying dirty pages: {e}"))?;
-                self.bg_split = (t.elapsed(), self.wp_faults() - faults);
-                Bytes::from(buf)
+                self.bg_split = (t.elapsed(), copied.faults);
+                Bytes::from(copied.pages)
             }
         };
         let begun = pre.is_some();

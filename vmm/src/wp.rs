@@ -290,6 +290,7 @@ impl BackgroundCopy {
             buf,
             protected: 0,
             lifted: 0,
+            faults_at_start: self.inner.faults.load(Ordering::Relaxed),
         };
         for &(start, len) in &copying.job.ranges {
             self.inner.protect(start, len, true)?;
@@ -315,6 +316,14 @@ impl Drop for BackgroundCopy {
     }
 }
 
+/// A finished [`Copying`].
+pub struct Copied {
+    /// Page `i` of the pages given to [`BackgroundCopy::start`] at `i * 4096`.
+    pub pages: Vec<u8>,
+    /// Write faults the handler served while the job was protected (writes that waited).
+    pub faults: u64,
+}
+
 /// An epoch's pages, protected, being copied. Dropping it without [`Copying::finish`] lifts
 /// the protection (the copy is abandoned).
 pub struct Copying {
@@ -325,12 +334,14 @@ pub struct Copying {
     /// `job.ranges[lifted..protected]` are protected.
     protected: usize,
     lifted: usize,
+    /// The handler's fault count when the job was published.
+    faults_at_start: u64,
 }
 
 impl Copying {
     /// Copies every page not copied yet (the guest may run), lifts the protection and returns
-    /// the buffer: page `i` of the pages given to `start` at `i * 4096`.
-    pub fn finish(mut self) -> Result<Vec<u8>, Error> {
+    /// the pages and how many guest writes waited for a copy since `start`.
+    pub fn finish(mut self) -> Result<Copied, Error> {
         let mut i = 0;
         let job = self.job.clone();
         for &(start, len) in &job.ranges {
@@ -349,7 +360,10 @@ impl Copying {
         // SAFETY: the capacity was reserved by `start`; bytes 0..hvas.len()*PAGE were all
         // written (see above).
         unsafe { self.buf.set_len(job.hvas.len() * PAGE) };
-        Ok(std::mem::take(&mut self.buf))
+        Ok(Copied {
+            pages: std::mem::take(&mut self.buf),
+            faults: self.inner.faults.load(Ordering::Relaxed) - self.faults_at_start,
+        })
     }
 }
 
@@ -517,7 +531,8 @@ mod tests {
         for w in writers {
             w.join().unwrap();
         }
-        let buf = copying.finish().unwrap();
+        let copied = copying.finish().unwrap();
+        let buf = &copied.pages;
         for n in 0..pages.len() {
             assert!(
                 buf[n * PAGE..(n + 1) * PAGE]
