@@ -415,6 +415,9 @@ struct EpochStat {
     /// guest writes that had to wait for a page's copy meanwhile.
     bg_copy: Duration,
     bg_faults: u64,
+    /// Part of the pause spent waiting for the secondary (backpressure: more than
+    /// `MAX_IN_FLIGHT` epochs unacknowledged).
+    throttle: Duration,
 }
 
 /// One epoch's output, held until the secondary acknowledges the epoch.
@@ -985,11 +988,13 @@ impl Primary {
             // Backpressure: with too many epochs unacknowledged the guest stays paused until
             // the secondary catches up, rather than the primary buffering without bound.
             // (`pending` already holds this epoch's output.)
+            let throttled_at = Instant::now();
             while self.pending.len() > MAX_IN_FLIGHT {
                 if !self.wait_ack() {
                     return Ok(Protected::Lost(exit_code));
                 }
             }
+            let throttle = throttled_at.elapsed();
             if exit_code.is_none() {
                 self.vm.resume()?;
             }
@@ -1004,6 +1009,7 @@ impl Primary {
                 copy: self.split.1,
                 bg_copy: self.bg_split.0,
                 bg_faults: self.bg_split.1,
+                throttle,
             });
             self.update_status(epoch, pause);
             self.release_acked();
@@ -1404,7 +1410,7 @@ impl Primary {
         holds.sort_unstable();
         if let Some(path) = &self.cfg.epoch_stats {
             let mut csv = String::from(
-                "epoch,pause_us,dirty_pages,kick_us,harvest_us,capture_us,copy_us,output_hold_us,bg_copy_us,bg_faults\n",
+                "epoch,pause_us,dirty_pages,kick_us,harvest_us,capture_us,copy_us,output_hold_us,bg_copy_us,bg_faults,throttle_us\n",
             );
             let us = |d: Duration| d.as_micros();
             // How long the epoch's first output byte was held (empty: no output).
@@ -1413,7 +1419,7 @@ impl Primary {
             for (i, e) in self.epochs.iter().enumerate() {
                 let k = i as u64 + 1;
                 csv += &format!(
-                    "{k},{},{},{},{},{},{},{},{},{}\n",
+                    "{k},{},{},{},{},{},{},{},{},{},{}\n",
                     us(e.pause),
                     e.pages,
                     us(e.kick),
@@ -1423,6 +1429,7 @@ impl Primary {
                     hold.get(&k).map_or(String::new(), u128::to_string),
                     us(e.bg_copy),
                     e.bg_faults,
+                    us(e.throttle),
                 );
             }
             if let Err(e) = std::fs::write(path, csv) {

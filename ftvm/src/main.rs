@@ -262,7 +262,8 @@ struct PrimaryArgs {
     /// When the guest ends, write one CSV line per epoch here: its pause and dirty pages, and
     /// where the pause went (stopping the vCPUs, dirty log, state capture together with the
     /// pages' protection or copy, which runs beside it, and that page part alone), then the
-    /// copy after the pause and the guest writes that waited for it; times in µs.
+    /// copy after the pause and the guest writes that waited for it, and the part of the pause
+    /// spent waiting for a secondary that fell behind; times in µs.
     #[arg(long = "epoch-stats", value_name = "FILE")]
     epoch_stats: Option<PathBuf>,
     /// The guest's disk image (virtio-blk). The secondary keeps its own copy (its --disk),

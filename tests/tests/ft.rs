@@ -338,11 +338,17 @@ fn guest_writes_wait_for_the_background_copy_and_the_pair_stays_exact() {
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
     let (faults, bg) = (col("bg_faults"), col("bg_copy_us"));
+    let (pause, throttle) = (col("pause_us"), col("throttle_us"));
     let (mut waited, mut copied_after) = (0u64, 0u64);
     for l in lines {
         let f: Vec<&str> = l.split(',').collect();
         waited += f[faults].parse::<u64>().unwrap();
         copied_after += u64::from(f[bg].parse::<u64>().unwrap() > 0);
+        // Waiting for the secondary is part of the pause.
+        assert!(
+            f[throttle].parse::<u64>().unwrap() <= f[pause].parse::<u64>().unwrap(),
+            "{l}"
+        );
     }
     assert!(
         copied_after > 0,
