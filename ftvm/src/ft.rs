@@ -228,8 +228,8 @@ pub enum PageEncoding {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum EpochCopy {
     /// After the guest resumes: the pages are write-protected in the pause and copied while
-    /// the guest runs; a guest write to a page not copied yet waits for that page's copy
-    /// (userfaultfd, see [`vmm::wp`]). Falls back to `paused` where the kernel does not allow.
+    /// the guest runs; a guest write to a page not copied yet waits until the dirty pages of
+    /// its 2 MiB chunk are copied (userfaultfd, see [`vmm::wp`]). Falls back to `paused` where the kernel does not allow.
     #[default]
     Background,
     /// With the guest paused (~0.5 µs per page on this project's host).
