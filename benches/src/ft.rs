@@ -6,7 +6,9 @@
 //!   kernel compile; its jobs are shared out over the vCPUs), as the guest's own elapsed time,
 //!   in modes taken in turn for each vCPU count: FT off (`ftvm run`), dirty tracking only
 //!   (in-process VM, dirty log harvested every 20 ms, no network: the cost of write-protection
-//!   faults alone), the same plus state capture and copying the dirty pages out (everything the
+//!   faults alone), writes tracked at 2 MiB with userfaultfd write protection instead
+//!   (`vmm::wp` `protect_all` every 20 ms: the tracking cost with guest memory left on huge
+//!   pages; not an FT mode yet), the same plus state capture and copying the dirty pages out (everything the
 //!   primary does while the guest is paused, still no network), FT on (a real `ftvm secondary` + `ftvm primary` pair on loopback), and FT
 //!   on with XOR+LZ4 page deltas. Also the primary's epoch pause, dirty pages per epoch and
 //!   bytes on the wire per page, from the summary line it prints at exit.
@@ -33,6 +35,12 @@ struct Overhead {
     jobs: u64,
     guest_ms_off: Vec<u64>,
     guest_ms_dirty_tracking: Vec<u64>,
+    /// Writes tracked at 2 MiB with userfaultfd instead of KVM's dirty log (`vmm::wp`
+    /// `protect_all` every 20 ms), nothing else: what tracking costs when guest memory stays
+    /// on huge pages. Not an FT mode (yet).
+    guest_ms_wp_tracking: Vec<u64>,
+    /// Its chunk write faults per 20 ms epoch (median over runs of each run's mean).
+    wp_tracking_faults_per_epoch: Vec<f64>,
     guest_ms_epochs_in_process: Vec<u64>,
     guest_ms_ft: Vec<u64>,
     guest_ms_ft_xor_lz4: Vec<u64>,
@@ -42,6 +50,7 @@ struct Overhead {
     ratio_ft_copy_paused_vs_off: f64,
     ratio_ft_xor_lz4_vs_off: f64,
     ratio_dirty_tracking_vs_off: f64,
+    ratio_wp_tracking_vs_off: f64,
     ratio_epochs_in_process_vs_off: f64,
     wire_bytes_per_page_raw: f64,
     wire_bytes_per_page_xor_lz4: f64,
@@ -146,10 +155,18 @@ enum Extra {
     /// Also capture the vCPU and device state and copy the dirty pages out, as the primary
     /// does while the guest is paused (but no secondary, no network).
     CaptureCopy,
+    /// Instead of KVM's dirty log, write-protect all memory every epoch (`vmm::wp`): writes
+    /// tracked at 2 MiB.
+    WpTracking,
 }
 
 /// The guest's elapsed ms with a 20 ms epoch loop in this process.
 fn epoch_loop(vcpus: u8, cmdline: &str, extra: Extra) -> Result<u64> {
+    epoch_loop_faults(vcpus, cmdline, extra).map(|(ms, _)| ms)
+}
+
+/// [`epoch_loop`], also returning the mean write faults per epoch with `Extra::WpTracking`.
+fn epoch_loop_faults(vcpus: u8, cmdline: &str, extra: Extra) -> Result<(u64, f64)> {
     #[derive(Clone, Default)]
     struct Cap(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
     impl std::io::Write for Cap {
@@ -170,9 +187,18 @@ fn epoch_loop(vcpus: u8, cmdline: &str, extra: Extra) -> Result<u64> {
     let cfg = VmConfig {
         vcpus,
         mem_mib: 128,
-        dirty: DirtyTracking::Bitmap,
+        dirty: if extra == Extra::WpTracking {
+            DirtyTracking::Off
+        } else {
+            DirtyTracking::Bitmap
+        },
     };
     let mut vm = Vmm::boot(&cfg, &src, Box::new(cap.clone()))?;
+    let wp = match extra {
+        Extra::WpTracking => Some(vmm::wp::BackgroundCopy::new(vm.memory())?),
+        _ => None,
+    };
+    let mut epochs = 0u64;
     vm.resume()?;
     loop {
         match vm.wait_event(Some(Duration::from_millis(20))) {
@@ -182,6 +208,12 @@ fn epoch_loop(vcpus: u8, cmdline: &str, extra: Extra) -> Result<u64> {
             }
             None => {
                 vm.pause()?;
+                epochs += 1;
+                if let Some(wp) = &wp {
+                    wp.protect_all()?;
+                    vm.resume()?;
+                    continue;
+                }
                 let d = vm.dirty_pages()?.all();
                 if extra == Extra::CaptureCopy {
                     std::hint::black_box(vm.capture()?);
@@ -200,7 +232,8 @@ fn epoch_loop(vcpus: u8, cmdline: &str, extra: Extra) -> Result<u64> {
         }
     }
     let text = String::from_utf8_lossy(&cap.0.lock().unwrap()).to_string();
-    guest_ms(&text)
+    let faults = wp.map_or(0, |w| w.faults());
+    Ok((guest_ms(&text)?, faults as f64 / epochs.max(1) as f64))
 }
 
 struct Pair {
@@ -503,6 +536,9 @@ pub fn run(args: &[String]) -> Result<()> {
             o.guest_ms_off.push(off(&bin, vcpus, &cmdline)?);
             o.guest_ms_dirty_tracking
                 .push(epoch_loop(vcpus, &cmdline, Extra::None)?);
+            let (ms, faults) = epoch_loop_faults(vcpus, &cmdline, Extra::WpTracking)?;
+            o.guest_ms_wp_tracking.push(ms);
+            o.wp_tracking_faults_per_epoch.push(faults);
             o.guest_ms_epochs_in_process
                 .push(epoch_loop(vcpus, &cmdline, Extra::CaptureCopy)?);
             let (console, summary, _) = ft_run(&bin, "dirtier", &cmdline, &vc)?;
@@ -527,6 +563,7 @@ pub fn run(args: &[String]) -> Result<()> {
         o.ratio_ft_xor_lz4_vs_off = median(&o.guest_ms_ft_xor_lz4) / base;
         o.ratio_ft_copy_paused_vs_off = median(&o.guest_ms_ft_copy_paused) / base;
         o.ratio_dirty_tracking_vs_off = median(&o.guest_ms_dirty_tracking) / base;
+        o.ratio_wp_tracking_vs_off = median(&o.guest_ms_wp_tracking) / base;
         o.ratio_epochs_in_process_vs_off = median(&o.guest_ms_epochs_in_process) / base;
         o.wire_bytes_per_page_raw = raw_bytes as f64 / raw_pages.max(1) as f64;
         o.wire_bytes_per_page_xor_lz4 = x_bytes as f64 / x_pages.max(1) as f64;
@@ -587,15 +624,20 @@ pub fn run(args: &[String]) -> Result<()> {
         report.machine, report.command
     );
     println!("**Overhead**: `dirtier preset=compile-profile jobs={jobs}` (stand-in for a kernel compile), guest ms, median of {runs}\n");
-    println!("| vCPUs | FT off | dirty tracking only | + state capture and page copy | FT on (raw pages) | FT on (XOR+LZ4) | FT on, --epoch-copy paused | wire bytes/page raw → XOR+LZ4 |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| vCPUs | FT off | dirty tracking only | 2 MiB write-protect tracking only (faults/epoch) | + state capture and page copy | FT on (raw pages) | FT on (XOR+LZ4) | FT on, --epoch-copy paused | wire bytes/page raw → XOR+LZ4 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for o in &report.overhead {
+        let mut f = o.wp_tracking_faults_per_epoch.clone();
+        f.sort_by(f64::total_cmp);
         println!(
-            "| {} | {:.0} | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} → {:.0} |",
+            "| {} | {:.0} | {:.0} ({:.2}×) | {:.0} ({:.2}×, {:.1}) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} → {:.0} |",
             o.vcpus,
             median(&o.guest_ms_off),
             median(&o.guest_ms_dirty_tracking),
             o.ratio_dirty_tracking_vs_off,
+            median(&o.guest_ms_wp_tracking),
+            o.ratio_wp_tracking_vs_off,
+            f.get(f.len() / 2).copied().unwrap_or(0.0),
             median(&o.guest_ms_epochs_in_process),
             o.ratio_epochs_in_process_vs_off,
             median(&o.guest_ms_ft),

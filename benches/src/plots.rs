@@ -132,6 +132,11 @@ fn overhead(ft: &Value, out: &Path) -> Result<PathBuf> {
         ("FT on (raw pages)", "ratio_ft_vs_off", RED),
         ("FT on (XOR+LZ4 pages)", "ratio_ft_xor_lz4_vs_off", BLUE),
         ("dirty tracking only", "ratio_dirty_tracking_vs_off", GREEN),
+        (
+            "2 MiB write-protect tracking only",
+            "ratio_wp_tracking_vs_off",
+            MAGENTA,
+        ),
     ];
     let pts = |key: &str| -> Vec<(f64, f64)> {
         rows.iter()
