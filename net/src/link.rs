@@ -159,6 +159,12 @@ impl Listener {
             let incoming = self.endpoint.accept().await.ok_or(Error::NoConnection)?;
             let conn = match incoming.await {
                 Ok(c) => c,
+                Err(e) if gave_up_in_handshake(&e) => {
+                    // A primary started beside its secondary sends before anyone listens; its
+                    // attempt times out and it tries again. Nothing was refused.
+                    tracing::debug!("FT link: a peer gave up its handshake: {e}");
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!("FT link: refused a connection: {e}");
                     continue;
@@ -435,5 +441,41 @@ impl Link {
     /// Closes the connection with a reason the peer sees.
     pub fn close(&self, reason: &str) {
         self.parts.control.close(reason)
+    }
+}
+
+/// Whether a handshake ended because the connecting side closed it (QUIC reports an
+/// application's close during the handshake as APPLICATION_ERROR): a client whose connect
+/// timed out, not a peer refused for its certificate or its bytes.
+fn gave_up_in_handshake(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ConnectionClosed(c)
+        if c.error_code == quinn::TransportErrorCode::APPLICATION_ERROR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed(code: quinn::TransportErrorCode) -> quinn::ConnectionError {
+        quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: code,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        })
+    }
+
+    #[test]
+    fn a_client_giving_up_is_told_apart_from_a_refusal() {
+        assert!(gave_up_in_handshake(&closed(
+            quinn::TransportErrorCode::APPLICATION_ERROR
+        )));
+        // A peer that rejected our certificate closes with a TLS alert (CRYPTO_ERROR range).
+        assert!(!gave_up_in_handshake(&closed(
+            quinn::TransportErrorCode::crypto(42)
+        )));
+        assert!(!gave_up_in_handshake(&closed(
+            quinn::TransportErrorCode::PROTOCOL_VIOLATION
+        )));
+        assert!(!gave_up_in_handshake(&quinn::ConnectionError::TimedOut));
     }
 }
