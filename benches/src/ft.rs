@@ -39,7 +39,7 @@ struct Overhead {
     /// `protect_all` every 20 ms), nothing else: what tracking costs when guest memory stays
     /// on huge pages. Not an FT mode (yet).
     guest_ms_wp_tracking: Vec<u64>,
-    /// Its chunk write faults per 20 ms epoch (median over runs of each run's mean).
+    /// Its chunk write faults per 20 ms epoch: each run's mean (the table shows their median).
     wp_tracking_faults_per_epoch: Vec<f64>,
     guest_ms_epochs_in_process: Vec<u64>,
     guest_ms_ft: Vec<u64>,
@@ -402,15 +402,21 @@ fn pause_runs(bin: &Path, extra: &[String]) -> Result<PauseRuns> {
         let (_, summary, csv) = ft_run(bin, "dirtier", &cl, &args)?;
         let run = format!("{cl} {}", args.join(" "));
         r.summaries.push(format!("{run}: {summary}"));
-        for line in csv.lines().skip(1) {
-            let f: Vec<u64> = line.split(',').filter_map(|x| x.parse().ok()).collect();
-            if let [_, pause, pages, ..] = f[..] {
-                r.epochs.push((pages, pause));
-            }
-        }
+        r.epochs.extend(
+            csv.lines()
+                .skip(1)
+                .filter_map(pause_and_pages)
+                .map(|(pause, pages)| (pages, pause)),
+        );
         r.csv.push(format!("# {run}\n{csv}"));
     }
     Ok(r)
+}
+
+/// (pause µs, dirty pages) of an `--epoch-stats` row (`epoch,pause_us,dirty_pages,…`).
+fn pause_and_pages(line: &str) -> Option<(u64, u64)> {
+    let mut f = line.split(',').skip(1).map(|x| x.parse().ok());
+    Some((f.next()??, f.next()??))
 }
 
 /// The `n` slowest epochs of the target bin as their CSV rows, each with its run.
@@ -423,8 +429,7 @@ fn slowest_in_target_bin(csv: &[String], n: usize) -> Vec<(u64, String)> {
             .unwrap_or_default()
             .trim_start_matches("# ");
         for line in run.lines().skip(2) {
-            let f: Vec<u64> = line.split(',').map(|x| x.parse().unwrap_or(0)).collect();
-            if let [_, pause, pages, ..] = f[..] {
+            if let Some((pause, pages)) = pause_and_pages(line) {
                 if (TARGET_BIN.0..TARGET_BIN.1).contains(&pages) {
                     rows.push((pause, format!("{line}  ({name})")));
                 }
@@ -704,4 +709,17 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pause_and_pages_reads_an_epoch_stats_row() {
+        assert_eq!(
+            super::pause_and_pages("86,1533,5364,135,152,979,938,,4186,6,0"),
+            Some((1533, 5364))
+        );
+        assert_eq!(super::pause_and_pages("epoch,pause_us,dirty_pages"), None);
+        assert_eq!(super::pause_and_pages("7,12"), None);
+    }
 }
