@@ -229,7 +229,8 @@ pub enum PageEncoding {
 pub enum EpochCopy {
     /// After the guest resumes: the pages are write-protected in the pause and copied while
     /// the guest runs; a guest write to a page not copied yet waits until the dirty pages of
-    /// its 2 MiB chunk are copied (userfaultfd, see [`vmm::wp`]). Falls back to `paused` where the kernel does not allow.
+    /// its 2 MiB chunk are copied (userfaultfd, see [`vmm::wp`]). Falls back to `paused`
+    /// where the kernel does not allow.
     #[default]
     Background,
     /// With the guest paused (~0.5 µs per page on this project's host).

@@ -273,12 +273,13 @@ impl BackgroundCopy {
         if api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
             return Err(Error::NoWriteProtect);
         }
-        for (_, host, len) in host_regions(mem) {
+        let regions: Vec<(u64, u64)> = host_regions(mem)
+            .into_iter()
+            .map(|(_, host, len)| (host as u64, len as u64))
+            .collect();
+        for &(start, len) in &regions {
             let mut reg = UffdioRegister {
-                range: UffdioRange {
-                    start: host as u64,
-                    len: len as u64,
-                },
+                range: UffdioRange { start, len },
                 mode: UFFDIO_REGISTER_MODE_WP,
                 ioctls: 0,
             };
@@ -290,10 +291,7 @@ impl BackgroundCopy {
         let inner = Inner {
             uffd,
             mem: mem.clone(),
-            regions: host_regions(mem)
-                .into_iter()
-                .map(|(_, host, len)| (host as u64, len as u64))
-                .collect(),
+            regions,
             job: Mutex::new(None),
             faults: AtomicU64::new(0),
         };
