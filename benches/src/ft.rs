@@ -35,9 +35,9 @@ struct Overhead {
     jobs: u64,
     guest_ms_off: Vec<u64>,
     guest_ms_dirty_tracking: Vec<u64>,
-    /// Writes tracked at 2 MiB with userfaultfd instead of KVM's dirty log (`vmm::wp`
-    /// `protect_all` every 20 ms), nothing else: what tracking costs when guest memory stays
-    /// on huge pages. Not an FT mode (yet).
+    /// Writes tracked at 2 MiB with userfaultfd instead of KVM's dirty log
+    /// (`vmm::wp::BackgroundCopy::track`, the written chunks taken every 20 ms), nothing
+    /// else: what the tracking of FT's default `--dirty-tracking chunks` costs alone.
     guest_ms_wp_tracking: Vec<u64>,
     /// Its chunk write faults per 20 ms epoch: each run's mean (the table shows their median).
     wp_tracking_faults_per_epoch: Vec<f64>,
@@ -46,6 +46,10 @@ struct Overhead {
     guest_ms_ft_xor_lz4: Vec<u64>,
     /// FT on, raw pages, `--epoch-copy paused` (the default copies after the pause).
     guest_ms_ft_copy_paused: Vec<u64>,
+    /// FT on, raw pages, `--dirty-tracking dirty-log` (KVM's dirty log; the default tracks
+    /// 2 MiB chunks).
+    guest_ms_ft_dirty_log: Vec<u64>,
+    ratio_ft_dirty_log_vs_off: f64,
     ratio_ft_vs_off: f64,
     ratio_ft_copy_paused_vs_off: f64,
     ratio_ft_xor_lz4_vs_off: f64,
@@ -73,10 +77,13 @@ struct Report {
     command: String,
     machine: crate::Machine,
     overhead: Vec<Overhead>,
-    /// Default settings (`--epoch-copy background`).
+    /// `--dirty-tracking dirty-log` (exact 4 KiB dirty pages), `--epoch-copy background`.
     pause_vs_dirty_pages: Vec<PauseBin>,
     /// The same runs with `--epoch-copy paused`.
     pause_vs_dirty_pages_copy_paused: Vec<PauseBin>,
+    /// The same runs with default settings (2 MiB chunk tracking): binned by the pages taken
+    /// at the cut (every page of each written chunk).
+    pause_vs_pages_chunks: Vec<PauseBin>,
     pause_runs: Vec<String>,
     /// (dirty pages, pause µs) of every epoch of the pause runs (the scatter in the plot).
     pause_epochs: Vec<(u64, u64)>,
@@ -155,8 +162,8 @@ enum Extra {
     /// Also capture the vCPU and device state and copy the dirty pages out, as the primary
     /// does while the guest is paused (but no secondary, no network).
     CaptureCopy,
-    /// Instead of KVM's dirty log, write-protect all memory every epoch (`vmm::wp`): writes
-    /// tracked at 2 MiB.
+    /// Instead of KVM's dirty log, track writes at 2 MiB (`vmm::wp::BackgroundCopy::track`):
+    /// every epoch, take the written chunks and protect all memory again.
     WpTracking,
 }
 
@@ -195,7 +202,12 @@ fn epoch_loop_faults(vcpus: u8, cmdline: &str, extra: Extra) -> Result<(u64, f64
     };
     let mut vm = Vmm::boot(&cfg, &src, Box::new(cap.clone()))?;
     let wp = match extra {
-        Extra::WpTracking => Some(vmm::wp::BackgroundCopy::new(vm.memory())?),
+        Extra::WpTracking => {
+            let wp = vmm::wp::BackgroundCopy::new(vm.memory())?;
+            vmm::memory::populate(vm.memory())?; // as the FT primary does
+            wp.track()?;
+            Some(wp)
+        }
         _ => None,
     };
     let mut epochs = 0u64;
@@ -210,7 +222,8 @@ fn epoch_loop_faults(vcpus: u8, cmdline: &str, extra: Extra) -> Result<(u64, f64
                 vm.pause()?;
                 epochs += 1;
                 if let Some(wp) = &wp {
-                    wp.protect_all()?;
+                    // The written chunks' pages, and every chunk protected again.
+                    std::hint::black_box(wp.take_written()?);
                     vm.resume()?;
                     continue;
                 }
@@ -527,6 +540,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let cmdline = format!("preset=compile-profile jobs={jobs}");
     let xor = ["--page-encoding".to_string(), "xor-lz4".to_string()];
     let copy_paused = ["--epoch-copy".to_string(), "paused".to_string()];
+    let dirty_log = ["--dirty-tracking".to_string(), "dirty-log".to_string()];
     let mut overhead = Vec::new();
     for &vcpus in &vcpu_counts {
         let mut o = Overhead {
@@ -562,11 +576,17 @@ pub fn run(args: &[String]) -> Result<()> {
             o.guest_ms_ft_copy_paused.push(guest_ms(&console)?);
             o.primary_summaries
                 .push(format!("(--epoch-copy paused) {summary}"));
+            let args: Vec<String> = vc.iter().chain(&dirty_log).cloned().collect();
+            let (console, summary, _) = ft_run(&bin, "dirtier", &cmdline, &args)?;
+            o.guest_ms_ft_dirty_log.push(guest_ms(&console)?);
+            o.primary_summaries
+                .push(format!("(--dirty-tracking dirty-log) {summary}"));
         }
         let base = median(&o.guest_ms_off);
         o.ratio_ft_vs_off = median(&o.guest_ms_ft) / base;
         o.ratio_ft_xor_lz4_vs_off = median(&o.guest_ms_ft_xor_lz4) / base;
         o.ratio_ft_copy_paused_vs_off = median(&o.guest_ms_ft_copy_paused) / base;
+        o.ratio_ft_dirty_log_vs_off = median(&o.guest_ms_ft_dirty_log) / base;
         o.ratio_dirty_tracking_vs_off = median(&o.guest_ms_dirty_tracking) / base;
         o.ratio_wp_tracking_vs_off = median(&o.guest_ms_wp_tracking) / base;
         o.ratio_epochs_in_process_vs_off = median(&o.guest_ms_epochs_in_process) / base;
@@ -576,8 +596,10 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     // Pause vs dirty pages: paced dirtiers from light to heavy, every epoch recorded; with
     // the pages copied after the pause (default) and in it.
-    let background = pause_runs(&bin, &[])?;
-    let paused = pause_runs(&bin, &copy_paused)?;
+    let background = pause_runs(&bin, &dirty_log)?;
+    let log_paused: Vec<String> = dirty_log.iter().chain(&copy_paused).cloned().collect();
+    let paused = pause_runs(&bin, &log_paused)?;
+    let chunks = pause_runs(&bin, &[])?;
     // Output latency added by the output rule.
     let (mut hold50, mut hold99, mut holds) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..runs {
@@ -609,6 +631,7 @@ pub fn run(args: &[String]) -> Result<()> {
         overhead,
         pause_vs_dirty_pages: pause_bins(&background.epochs),
         pause_vs_dirty_pages_copy_paused: pause_bins(&paused.epochs),
+        pause_vs_pages_chunks: pause_bins(&chunks.epochs),
         pause_runs: background.summaries,
         pause_epochs: background.epochs,
         pause_epochs_copy_paused: paused.epochs,
@@ -629,44 +652,50 @@ pub fn run(args: &[String]) -> Result<()> {
         report.machine, report.command
     );
     println!("**Overhead**: `dirtier preset=compile-profile jobs={jobs}` (stand-in for a kernel compile), guest ms, median of {runs}\n");
-    println!("| vCPUs | FT off | dirty tracking only | 2 MiB write-protect tracking only (faults/epoch) | + state capture and page copy | FT on (raw pages) | FT on (XOR+LZ4) | FT on, --epoch-copy paused | wire bytes/page raw → XOR+LZ4 |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| vCPUs | FT off | KVM dirty log only | + state capture and page copy | 2 MiB chunk tracking only (faults/epoch) | FT on (default: chunks, raw pages) | FT on (chunks, XOR+LZ4) | FT on (chunks), --epoch-copy paused | FT on, --dirty-tracking dirty-log | wire bytes/page raw → XOR+LZ4 |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for o in &report.overhead {
         let mut f = o.wp_tracking_faults_per_epoch.clone();
         f.sort_by(f64::total_cmp);
         println!(
-            "| {} | {:.0} | {:.0} ({:.2}×) | {:.0} ({:.2}×, {:.1}) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} → {:.0} |",
+            "| {} | {:.0} | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×, {:.1}) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} → {:.0} |",
             o.vcpus,
             median(&o.guest_ms_off),
             median(&o.guest_ms_dirty_tracking),
             o.ratio_dirty_tracking_vs_off,
+            median(&o.guest_ms_epochs_in_process),
+            o.ratio_epochs_in_process_vs_off,
             median(&o.guest_ms_wp_tracking),
             o.ratio_wp_tracking_vs_off,
             f.get(f.len() / 2).copied().unwrap_or(0.0),
-            median(&o.guest_ms_epochs_in_process),
-            o.ratio_epochs_in_process_vs_off,
             median(&o.guest_ms_ft),
             o.ratio_ft_vs_off,
             median(&o.guest_ms_ft_xor_lz4),
             o.ratio_ft_xor_lz4_vs_off,
             median(&o.guest_ms_ft_copy_paused),
             o.ratio_ft_copy_paused_vs_off,
+            median(&o.guest_ms_ft_dirty_log),
+            o.ratio_ft_dirty_log_vs_off,
             o.wire_bytes_per_page_raw,
             o.wire_bytes_per_page_xor_lz4,
         );
     }
     for (how, bins) in [
         (
-            "pages copied after the pause (default)",
+            "KVM dirty log (`--dirty-tracking dirty-log`), pages copied after the pause",
             &report.pause_vs_dirty_pages,
         ),
         (
-            "--epoch-copy paused",
+            "KVM dirty log, --epoch-copy paused",
             &report.pause_vs_dirty_pages_copy_paused,
+        ),
+        (
+            "default 2 MiB chunk tracking, by pages taken at the cut (every page of each written chunk; this dirtier writes all over its 96 MiB)",
+            &report.pause_vs_pages_chunks,
         ),
     ] {
         println!("\n**Epoch pause vs dirty pages**, {how} (paced dirtier pairs, every epoch)\n");
-        println!("| dirty pages in the epoch | epochs | pause p50 µs | p99 µs | max µs |");
+        println!("| pages in the epoch | epochs | pause p50 µs | p99 µs | max µs |");
         println!("|---|---|---|---|---|");
         for b in bins {
             let to = if b.dirty_pages_to == u64::MAX {

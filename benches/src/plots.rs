@@ -129,11 +129,12 @@ fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, at: SeriesLabelPosition) -> Res
 fn overhead(ft: &Value, out: &Path) -> Result<PathBuf> {
     let rows = ft["overhead"].as_array().context("ft.json: overhead")?;
     let series = [
-        ("FT on (raw pages)", "ratio_ft_vs_off", RED),
-        ("FT on (XOR+LZ4 pages)", "ratio_ft_xor_lz4_vs_off", BLUE),
-        ("dirty tracking only", "ratio_dirty_tracking_vs_off", GREEN),
+        ("FT on (default: 2 MiB chunks)", "ratio_ft_vs_off", RED),
+        ("FT on (chunks, XOR+LZ4)", "ratio_ft_xor_lz4_vs_off", BLUE),
+        ("FT on (KVM dirty log)", "ratio_ft_dirty_log_vs_off", BLACK),
+        ("KVM dirty log only", "ratio_dirty_tracking_vs_off", GREEN),
         (
-            "2 MiB write-protect tracking only",
+            "2 MiB chunk tracking only",
             "ratio_wp_tracking_vs_off",
             MAGENTA,
         ),

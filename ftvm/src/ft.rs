@@ -237,15 +237,79 @@ pub enum EpochCopy {
     Paused,
 }
 
+/// How the primary finds the pages an epoch changed (`ftvm primary --dirty-tracking`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Tracking {
+    /// Write protection of 2 MiB chunks (userfaultfd, see [`vmm::wp`]): each epoch copies
+    /// every page of the chunks the guest wrote and sends those whose content changed since
+    /// sent (a 128-bit hash per page). Guest memory stays mapped in huge pages, and is fully
+    /// backed while protected. Falls back to `dirty-log` where the kernel does not allow.
+    /// Opt-in until its overhead is measured by the benchmark and it has had a soak run.
+    Chunks,
+    /// KVM's dirty log (4 KiB exact; KVM maps guest memory in 4 KiB pages while it logs,
+    /// which is most of FT's overhead on this project's host).
+    #[default]
+    DirtyLog,
+}
+
 /// Chooses each page's wire encoding. For deltas it keeps a shadow of every page as the
 /// secondary will hold it once the epochs sent so far commit: epochs commit in order, and a
-/// discarded epoch ends the session (a new session starts from an empty shadow).
+/// discarded epoch ends the session (a new session starts from an empty shadow, and empty
+/// hashes). With chunk tracking it also skips pages the secondary already holds (see
+/// [`SentHashes`]).
 #[derive(Default)]
 struct PageEncoder {
     encoding: PageEncoding,
     /// Pages encoded so far (this process, all sessions).
     pages: u64,
     shadow: std::collections::HashMap<u64, Box<[u8; PAGE_SIZE]>>,
+    sent: SentHashes,
+}
+
+/// A keyed 128-bit hash (xxh3-128, seeded per process) of every page as the secondary will
+/// hold it once the epochs sent so far commit, by page number; 0 for a page not sent this
+/// session, which the secondary holds as zeros (each session's secondary starts from zeroed
+/// memory, and the sync sends only non-zero pages). Chunk tracking copies whole 2 MiB
+/// chunks; only pages whose hash differs go on the link. 16 bytes per guest page (0.4 %).
+struct SentHashes {
+    seed: u64,
+    /// The hash of a zero page.
+    zero: u128,
+    by_page: Vec<u128>,
+}
+
+impl Default for SentHashes {
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        // A per-process random key: a guest cannot aim a collision at it.
+        let seed = std::collections::hash_map::RandomState::new().hash_one(now_us());
+        SentHashes {
+            seed,
+            zero: Self::hash(seed, &[0; PAGE_SIZE]),
+            by_page: Vec::new(),
+        }
+    }
+}
+
+impl SentHashes {
+    fn hash(seed: u64, page: &[u8]) -> u128 {
+        xxhash_rust::xxh3::xxh3_128_with_seed(page, seed).max(1)
+    }
+
+    /// Whether `page` differs from what the secondary holds at `gpa`; records it as sent.
+    fn changed(&mut self, gpa: u64, page: &[u8]) -> bool {
+        let h = Self::hash(self.seed, page);
+        let n = (gpa / PAGE_SIZE as u64) as usize;
+        if n >= self.by_page.len() {
+            self.by_page.resize(n + 1, 0);
+        }
+        let old = std::mem::replace(&mut self.by_page[n], h);
+        h != if old == 0 { self.zero } else { old }
+    }
+
+    fn clear(&mut self) {
+        self.by_page.clear();
+    }
 }
 
 impl PageEncoder {
@@ -279,23 +343,37 @@ impl PageEncoder {
     }
 
     /// Entries for `pages` whose contents are `data` back to back, hashed into `hasher`.
+    /// `changed_only`: only the pages that differ from what was sent (see [`SentHashes`]).
     fn entries(
         &mut self,
         pages: &[u64],
         data: &Bytes,
         hasher: &mut EpochHasher,
         delta_ok: bool,
+        changed_only: bool,
     ) -> Vec<PageEntry> {
         let mut entries = Vec::with_capacity(pages.len());
-        self.pages += pages.len() as u64;
         for (i, &gpa) in pages.iter().enumerate() {
             let page = data.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE);
+            if changed_only && !self.sent.changed(gpa, &page) {
+                continue;
+            }
             hasher.add(gpa, &page);
             entries.push(self.entry(gpa, page, delta_ok));
         }
+        self.pages += entries.len() as u64;
         entries
     }
+
+    /// A new session: the secondary holds nothing sent before.
+    fn reset(&mut self) {
+        self.shadow.clear();
+        self.sent.clear();
+    }
 }
+
+/// Pages in a 2 MiB chunk of chunk tracking.
+const CHUNK_PAGES: usize = (2 << 20) / PAGE_SIZE;
 
 /// Epoch 0 as sent so far by the pre-copy rounds.
 struct Precopy {
@@ -463,6 +541,7 @@ pub struct FtConfig {
     pub detect: Detect,
     pub page_encoding: PageEncoding,
     pub epoch_copy: EpochCopy,
+    pub tracking: Tracking,
     /// Write per-epoch statistics here (CSV) when the guest ends.
     pub epoch_stats: Option<PathBuf>,
 }
@@ -479,6 +558,7 @@ impl FtConfig {
             detect: cfg.detect,
             page_encoding: PageEncoding::Raw,
             epoch_copy: EpochCopy::default(),
+            tracking: Tracking::default(),
             epoch_stats: None,
         }
     }
@@ -523,9 +603,18 @@ struct Primary {
     split: (Duration, Duration),
     /// (copy after the pause, write faults it served) of the last streamed epoch.
     bg_split: (Duration, u64),
-    /// Write protection for `--epoch-copy background`: None until first needed, then
-    /// Err when the kernel refused it (said once; epochs then copy in the pause).
+    /// Write protection for `--epoch-copy background` and chunk tracking: None until first
+    /// needed, then Err when the kernel refused it (said once; epochs then copy in the pause
+    /// and track with KVM's dirty log).
     wp: Option<std::result::Result<vmm::wp::BackgroundCopy, ()>>,
+    /// This protection session tracks writes in 2 MiB chunks (`wp`), not KVM's dirty log.
+    chunks: bool,
+    /// Chunk tracking started before the guest first ran: the non-zero pages then. The
+    /// first sync starts from these and the chunks written since, instead of reading all
+    /// of guest memory.
+    tracked_from_boot: Option<Vec<u64>>,
+    /// Pages the last streamed snapshot sent.
+    last_sent: usize,
     /// The last snapshot's page buffer and frame buffer, for reuse.
     spare: Vec<u8>,
     /// A page buffer outgrown in the last pause, freed once the guest runs again (freeing
@@ -583,6 +672,12 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         p.session = session;
         return p.run(false);
     };
+    // Before connecting: backing guest memory takes longer than the link's failure detection.
+    let boot_tracking = if cfg.ft.tracking == Tracking::Chunks {
+        track_from_boot(&vm)?
+    } else {
+        None
+    };
     let link_cfg = link_config(&ds, "primary", "secondary", Duration::from_secs(60))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let link = loop {
@@ -609,6 +704,10 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
     }));
     let mut p = Primary::new(cfg.ft, rt, ds, vm, held, status, link_cfg, hello, 0)?;
     p.session = session;
+    if let Some((wp, pages)) = boot_tracking {
+        p.wp = Some(Ok(wp));
+        p.tracked_from_boot = Some(pages);
+    }
     p.link = Some(LinkSide::attach(&p.rt, link, p.cfg.detect));
     p.run(true)
 }
@@ -671,6 +770,9 @@ impl Primary {
             split: Default::default(),
             bg_split: Default::default(),
             wp: None,
+            chunks: false,
+            tracked_from_boot: None,
+            last_sent: 0,
             spare: Vec::new(),
             retired: Vec::new(),
             frames: BytesMut::new(),
@@ -820,6 +922,7 @@ impl Primary {
         // and its disk writes are not kept.
         self.vm.set_dirty_logging(false)?;
         self.wp = None; // no userfaultfd on guest memory while nothing is replicated
+        self.chunks = false;
         self.vm.with_disk(|d| d.keep_writes(false));
         self.vm.with_net(|n| n.hold_tx(false));
         self.vm.resume()?;
@@ -897,7 +1000,6 @@ impl Primary {
         }
         .encode(0, &mut b);
         self.send(&b, 1);
-        let h = pre.disk.get_or_insert_with(EpochHasher::new);
         let mut off = 0u64;
         while off < size {
             let n = (size - off).min(DISK_CHUNK as u64) as usize;
@@ -908,7 +1010,11 @@ impl Primary {
                 off += n as u64;
                 continue;
             }
-            h.add(off, &data);
+            // Only over writes sent: the secondary folds disk writes into the epoch hash only
+            // when it staged some (an all-zero disk sends none).
+            pre.disk
+                .get_or_insert_with(EpochHasher::new)
+                .add(off, &data);
             b.clear();
             Record::DiskWrite {
                 offset: off,
@@ -1000,10 +1106,11 @@ impl Primary {
                 self.vm.resume()?;
             }
             let pause = paused_at.elapsed();
+            let pages = snap.pages.len();
             self.stream(snap, None)?;
             self.epochs.push(EpochStat {
                 pause,
-                pages: dirty.len(),
+                pages,
                 kick,
                 harvest,
                 capture: self.split.0,
@@ -1058,10 +1165,19 @@ impl Primary {
     /// Called with the guest paused; returns with it running and epoch 0 acknowledged.
     fn sync(&mut self) -> Result<Synced> {
         let t0 = Instant::now();
-        self.encoder.shadow.clear();
+        self.encoder.reset();
         // From here the guest's frames leave only with an acknowledged epoch.
         self.vm.with_net(|n| n.hold_tx(true));
-        self.vm.set_dirty_logging(true)?;
+        let from_boot = self.tracked_from_boot.take();
+        // A VM protected from boot starts running only once its secondary holds epoch 0:
+        // there is nothing to chase, and the secondary's setup (backing its standby memory)
+        // does not share the cores with the guest's first epochs.
+        let hold = from_boot.is_some();
+        self.chunks =
+            from_boot.is_some() || self.cfg.tracking == Tracking::Chunks && self.uffd().is_some();
+        // Chunk tracking starts once the guest runs (below), if it is not on since boot;
+        // KVM's log would only cost.
+        self.vm.set_dirty_logging(!self.chunks)?;
         self.vm.dirty_pages()?; // a clean log: from here every guest write is seen
         self.background_copy(true); // set up now, not in an epoch's pause
         let mut b = BytesMut::new();
@@ -1075,7 +1191,14 @@ impl Primary {
             pages: 0,
             disk: None,
         };
-        self.vm.resume()?;
+        if !hold {
+            self.vm.resume()?;
+        }
+        if self.chunks && from_boot.is_none() && !self.start_chunk_tracking() {
+            // Refused: KVM's log from here (it starts clean, and nothing was read yet).
+            self.chunks = false;
+            self.vm.set_dirty_logging(true)?;
+        }
         if let Some(disk) = self.disk_copy_source()? {
             // The whole disk first, while the guest runs; writes it makes from here on are
             // kept and follow in the epoch, so the secondary's copy ends up exact.
@@ -1086,14 +1209,20 @@ impl Primary {
         }
         // Pages harvested (or found non-zero) and not sent yet. A page is read after the
         // harvest that reported it, so a write the read misses is reported by the next one.
-        let mut todo = all_nonzero_pages(self.vm.memory())?;
+        let mut todo = match from_boot {
+            Some(pages) => pages,
+            None => all_nonzero_pages(self.vm.memory())?,
+        };
         let mut ended = None;
         let mut rounds = 0;
         loop {
             rounds += 1;
+            let sent_before = pre.pages;
             for chunk in todo.chunks(PRECOPY_BATCH) {
                 let data = read_pages(self.vm.memory(), chunk)?;
-                let entries = self.encoder.entries(chunk, &data, &mut pre.hasher, false);
+                let entries =
+                    self.encoder
+                        .entries(chunk, &data, &mut pre.hasher, false, self.chunks);
                 pre.pages += entries.len() as u32;
                 b.clear();
                 let frames = encode_pages(&entries, 0, &mut b);
@@ -1112,7 +1241,23 @@ impl Primary {
                 break;
             }
             todo = self.vm.dirty_pages()?.all();
-            if todo.len() <= PRECOPY_DONE_PAGES || rounds >= PRECOPY_MAX_ROUNDS {
+            if self.chunks {
+                if let Some(wp) = self.uffd() {
+                    todo.extend(
+                        wp.take_written()
+                            .map_err(|e| anyhow!("tracking guest writes: {e}"))?,
+                    );
+                    todo.sort_unstable();
+                    todo.dedup();
+                }
+            }
+            // With chunk tracking the pages left are whole chunks' (most unchanged, and
+            // copied after the final pause): a round that found few changed pages also ends
+            // it.
+            let converged = self.chunks
+                && rounds > 1
+                && (pre.pages - sent_before) as usize <= PRECOPY_DONE_PAGES;
+            if todo.len() <= PRECOPY_DONE_PAGES || converged || rounds >= PRECOPY_MAX_ROUNDS {
                 break;
             }
         }
@@ -1127,23 +1272,30 @@ impl Primary {
             Some(other) => bail!("guest stopped: {other:?}"),
         };
         let snap = self.snapshot(0, &todo, exit_code)?;
-        if exit_code.is_none() {
+        if exit_code.is_none() && !hold {
             self.vm.resume()?;
         }
         let pause = paused_at.elapsed();
         let pre_sent = pre.pages;
+        let paused_pages = snap.pages.len();
         self.stream(snap, Some(pre))?;
+        let cut_sent = self.last_sent;
         while !self.pending.is_empty() {
             if !self.wait_ack() {
                 return Ok(Synced::Lost);
             }
         }
+        if exit_code.is_none() && hold {
+            self.vm.resume()?;
+        }
         eprintln!(
-            "ftvm primary: secondary synced in {} ms: {rounds} pre-copy rounds sent {} pages while the guest ran, then {} pages with the guest paused for {} us",
+            "ftvm primary: secondary synced in {} ms: {rounds} pre-copy rounds sent {} pages while the guest ran, then {} pages with the guest paused for {} us ({} pages taken at the pause{})",
             t0.elapsed().as_millis(),
             pre_sent,
-            todo.len(),
-            pause.as_micros()
+            cut_sent,
+            pause.as_micros(),
+            paused_pages,
+            if self.chunks { ", whole chunks, sent if changed" } else { "" }
         );
         self.sync_pauses.push(pause);
         let mut st = self.status.lock().unwrap();
@@ -1157,38 +1309,59 @@ impl Primary {
 
     /// With the vCPUs paused: captures epoch `epoch`'s state, copies its dirty pages and takes
     /// its output. Everything slow (hashing, encoding, sending) happens later, in
-    /// [`Primary::stream`], while the guest runs again.
+    /// [`Primary::stream`], while the guest runs again. `pages`: the dirty pages harvested;
+    /// with chunk tracking, the pages of the chunks written join them here.
     fn snapshot(&mut self, epoch: u64, pages: &[u64], exit: Option<u8>) -> Result<Snapshot> {
         let t = Instant::now();
         // The pages are protected (or copied) on this thread while the vCPU threads save
         // their state: the two are independent and each costs a fraction of a millisecond.
         let mut spare = std::mem::take(&mut self.spare);
-        let need = pages.len() * PAGE_SIZE;
+        let tracked = match &self.wp {
+            Some(Ok(wp)) if self.chunks => Some(wp.written_chunks()),
+            _ => None,
+        };
+        let need = (pages.len() + tracked.unwrap_or(0) * CHUNK_PAGES) * PAGE_SIZE;
         if spare.capacity() < need {
             // Half again as much, so that a growing working set soon stops reallocating.
             let grown = Vec::with_capacity(need + need / 2);
             self.retired = std::mem::replace(&mut spare, grown);
         }
         let background = self.background_copy(exit.is_none()).is_some();
-        let wp = match &self.wp {
-            Some(Ok(wp)) if background => Some(wp),
-            _ => None,
+        let (wp, track) = match &self.wp {
+            Some(Ok(wp)) => (background.then_some(wp), tracked.map(|_| wp)),
+            _ => (None, None),
         };
         let vm = &mut self.vm;
         let mem = vm.memory().clone();
         let mut pages_done = Duration::ZERO;
         let (state, data) = vm.capture_with(|| {
-            let r = match wp {
-                Some(wp) => wp
+            let r = match (wp, track) {
+                (Some(wp), Some(_)) => wp
+                    .cut(pages, spare)
+                    .map(|(pages, c)| (pages, PageCopy::Copying(c)))
+                    .map_err(|e| anyhow!("write-protecting guest memory: {e}")),
+                (Some(wp), None) => wp
                     .start(pages, spare)
-                    .map(PageCopy::Copying)
+                    .map(|c| (pages.to_vec(), PageCopy::Copying(c)))
                     .map_err(|e| anyhow!("write-protecting dirty pages: {e}")),
-                None => copy_paused_pages(&mem, pages, spare).map(PageCopy::Copied),
+                (None, track) => (|| {
+                    let mut all = pages.to_vec();
+                    if let Some(wp) = track {
+                        all.extend(
+                            wp.take_written()
+                                .map_err(|e| anyhow!("tracking guest writes: {e}"))?,
+                        );
+                        all.sort_unstable();
+                        all.dedup();
+                    }
+                    let data = copy_paused_pages(&mem, &all, spare)?;
+                    Ok((all, PageCopy::Copied(data)))
+                })(),
             };
             pages_done = t.elapsed();
             r
         })?;
-        let data = data?;
+        let (pages, data) = data?;
         let capture = t.elapsed();
         let (output, since) = self.held.take_timed();
         let output = Bytes::from(output);
@@ -1208,7 +1381,7 @@ impl Primary {
         Ok(Snapshot {
             epoch,
             state,
-            pages: pages.to_vec(),
+            pages,
             data,
             output,
             offset,
@@ -1226,17 +1399,42 @@ impl Primary {
         if !resumes || self.cfg.epoch_copy != EpochCopy::Background {
             return None;
         }
+        self.uffd()
+    }
+
+    /// Write protection of guest memory (set up on first use), unless the kernel refused it.
+    fn uffd(&mut self) -> Option<&vmm::wp::BackgroundCopy> {
         let mem = self.vm.memory();
         self.wp
             .get_or_insert_with(|| {
                 vmm::wp::BackgroundCopy::new(mem).map_err(|e| {
                     eprintln!(
-                        "ftvm primary: copying dirty pages with the guest paused instead: {e}"
+                        "ftvm primary: {e}: copying dirty pages with the guest paused and tracking writes with KVM's dirty log instead"
                     )
                 })
             })
             .as_ref()
             .ok()
+    }
+
+    /// Backs all guest memory and starts tracking writes in 2 MiB chunks (guest running);
+    /// false if the kernel refused (said why).
+    fn start_chunk_tracking(&mut self) -> bool {
+        // Unpopulated memory first written under protection would be backed in 4 KiB pages
+        // (a no-op where `primary` did it at boot); a failure costs speed, not correctness.
+        if let Err(e) = vmm::memory::populate(self.vm.memory()) {
+            tracing::warn!("cannot back all guest memory in advance: {e}");
+        }
+        let Some(wp) = self.uffd() else {
+            return false;
+        };
+        match wp.track() {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("ftvm primary: {e}: tracking writes with KVM's dirty log instead");
+                false
+            }
+        }
     }
 
     /// Streams a snapshot (guest running); its output is already held. `pre`: the part of
@@ -1274,9 +1472,10 @@ impl Primary {
             Some(p) => (p.hasher, p.pages, p.disk),
             None => (EpochHasher::new(), 0, None),
         };
-        let entries = self
-            .encoder
-            .entries(&pages, &data, &mut hasher, !begun && epoch > 0);
+        let entries =
+            self.encoder
+                .entries(&pages, &data, &mut hasher, !begun && epoch > 0, self.chunks);
+        self.last_sent = entries.len();
         let mut b = std::mem::take(&mut self.frames);
         b.clear();
         let mut frames = 0;
@@ -1566,6 +1765,21 @@ fn all_nonzero_pages(mem: &vmm::memory::GuestMemory) -> Result<Vec<u64>> {
         }
     }
     Ok(pages)
+}
+
+/// For a VM protected from boot (guest not run yet, memory still sparse): its non-zero pages
+/// (cheap now: only backed pages are read), then all memory backed and chunk tracking
+/// started, so that the first sync need not read all of guest memory. None where the kernel
+/// does not allow (the sync then says why and falls back).
+fn track_from_boot(vm: &Vmm) -> Result<Option<(vmm::wp::BackgroundCopy, Vec<u64>)>> {
+    let Ok(wp) = vmm::wp::BackgroundCopy::new(vm.memory()) else {
+        return Ok(None);
+    };
+    let pages = all_nonzero_pages(vm.memory())?;
+    if let Err(e) = vmm::memory::populate(vm.memory()) {
+        tracing::warn!("cannot back all guest memory in advance: {e}");
+    }
+    Ok(wp.track().is_ok().then_some((wp, pages)))
 }
 
 /// Settings of `ftvm secondary`.

@@ -259,6 +259,15 @@ struct PrimaryArgs {
     /// guest paused (a longer pause: ~0.5 µs per page measured here).
     #[arg(long = "epoch-copy", value_enum, default_value_t = ft::EpochCopy::Background)]
     epoch_copy: ft::EpochCopy,
+    /// How the pages each epoch changed are found: `chunks` write-protects guest memory in
+    /// 2 MiB chunks (userfaultfd), copies each epoch the chunks the guest wrote and sends the
+    /// pages whose content changed (guest memory stays in huge pages and is fully backed
+    /// while protected; needs Linux 6.4+, else falls back); `dirty-log` uses KVM's dirty log
+    /// (exact 4 KiB pages, but KVM maps guest memory in 4 KiB pages while it logs: measured
+    /// ~4x slower here for a memory-heavy guest). `chunks` is new (opt-in: not yet through
+    /// the benchmark and a soak).
+    #[arg(long = "dirty-tracking", value_enum, default_value_t = ft::Tracking::DirtyLog)]
+    tracking: ft::Tracking,
     /// When the guest ends, write one CSV line per epoch here: its pause and dirty pages, and
     /// where the pause went (stopping the vCPUs, dirty log, state capture together with the
     /// pages' protection or copy, which runs beside it, and that page part alone), then the
@@ -758,6 +767,7 @@ fn main() {
                     detect: a.detect.get(),
                     page_encoding: a.page_encoding,
                     epoch_copy: a.epoch_copy,
+                    tracking: a.tracking,
                     epoch_stats: a.epoch_stats,
                 },
                 disk: a.disk,

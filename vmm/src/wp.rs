@@ -45,6 +45,7 @@ const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
 const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
 const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const IOCTL_WRITEPROTECT_BIT: u64 = 1 << 0x06;
@@ -111,6 +112,10 @@ pub enum Error {
     Unsorted,
     #[error("the userfault handler thread: {0}")]
     Thread(std::io::Error),
+    #[error("writes are not being tracked (BackgroundCopy::track was not called)")]
+    NotTracking,
+    #[error("the kernel cannot write-protect unpopulated memory (UFFD_FEATURE_WP_UNPOPULATED, Linux 6.4+), which tracking needs")]
+    NoUnpopulated,
 }
 
 /// A userfaultfd registered (write-protect mode) over all guest memory, with its fault
@@ -127,9 +132,24 @@ struct Inner {
     mem: GuestMemory,
     /// Host (start, length) of each memory region, as `host_regions` lists them.
     regions: Vec<(u64, u64)>,
-    job: Mutex<Option<Arc<Job>>>,
+    /// Guest address of each region's start.
+    guest_bases: Vec<u64>,
+    /// Protection covers unpopulated pages too (`UFFD_FEATURE_WP_UNPOPULATED`).
+    unpopulated: bool,
+    /// Faults, cuts and lifts are serialized by this lock.
+    state: Mutex<State>,
     /// Write faults served by the handler (cumulative).
     faults: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    /// The copy in progress, if any.
+    job: Option<Arc<Job>>,
+    /// While tracking ([`BackgroundCopy::track`]): the host start of every chunk whose
+    /// protection was lifted since the last cut. A chunk is recorded here before it is
+    /// lifted, so at any moment every chunk is either protected or recorded.
+    written: Option<std::collections::BTreeSet<u64>>,
 }
 
 /// One epoch's copy: page `i` (the `i`-th of the sorted guest pages) is at host address
@@ -144,6 +164,9 @@ struct Job {
     /// Protected host ranges: runs of adjacent chunks of one region.
     ranges: Vec<(u64, u64)>,
     out: *mut u8,
+    /// The copy lifts the protection of its chunks once copied (false while tracking: the
+    /// chunks stay protected until the guest writes them, so the write is recorded).
+    lift: bool,
 }
 
 struct Chunk {
@@ -263,20 +286,34 @@ fn chunk_of(start: u64, len: u64, hva: u64) -> (u64, u64) {
 impl BackgroundCopy {
     /// Registers all of `mem` for write-protect faults and starts the handler thread.
     pub fn new(mem: &GuestMemory) -> Result<Self, Error> {
-        let uffd = open_uffd()?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: UFFD_FEATURE_PAGEFAULT_FLAG_WP,
-            ioctls: 0,
+        // Write protection that also covers pages the guest never touched (a marker in the
+        // empty entry), where the kernel has it (6.4+): tracking needs it. A failed
+        // handshake leaves nothing to retry on, so a fresh fd asks again without it.
+        let handshake = |features| -> Result<(OwnedFd, u64), Error> {
+            let uffd = open_uffd()?;
+            let mut api = UffdioApi {
+                api: UFFD_API,
+                features,
+                ioctls: 0,
+            };
+            ioctl(&uffd, UFFDIO_API, &mut api, "UFFDIO_API").map_err(|_| Error::NoWriteProtect)?;
+            Ok((uffd, api.features))
         };
-        ioctl(&uffd, UFFDIO_API, &mut api, "UFFDIO_API").map_err(|_| Error::NoWriteProtect)?;
-        if api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
+        let (uffd, features) =
+            match handshake(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED) {
+                Ok(r) => r,
+                Err(Error::NoWriteProtect) => handshake(UFFD_FEATURE_PAGEFAULT_FLAG_WP)?,
+                Err(e) => return Err(e),
+            };
+        if features & UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
             return Err(Error::NoWriteProtect);
         }
-        let regions: Vec<(u64, u64)> = host_regions(mem)
-            .into_iter()
-            .map(|(_, host, len)| (host as u64, len as u64))
+        let listed = host_regions(mem);
+        let regions: Vec<(u64, u64)> = listed
+            .iter()
+            .map(|&(_, host, len)| (host as u64, len as u64))
             .collect();
+        let guest_bases = listed.iter().map(|&(gpa, _, _)| gpa).collect();
         for &(start, len) in &regions {
             let mut reg = UffdioRegister {
                 range: UffdioRange { start, len },
@@ -292,7 +329,9 @@ impl BackgroundCopy {
             uffd,
             mem: mem.clone(),
             regions,
-            job: Mutex::new(None),
+            guest_bases,
+            unpopulated: features & UFFD_FEATURE_WP_UNPOPULATED != 0,
+            state: Mutex::default(),
             faults: AtomicU64::new(0),
         };
         // SAFETY: plain eventfd creation; the result is checked.
@@ -318,18 +357,27 @@ impl BackgroundCopy {
     /// With every vCPU paused and no device touching guest memory: write-protects `pages`
     /// (sorted guest addresses, each once) so that [`Copying::finish`] can copy them into
     /// `buf` (grown as needed) while the guest runs.
-    pub fn start(&self, pages: &[u64], mut buf: Vec<u8>) -> Result<Copying, Error> {
-        if pages.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(Error::Unsorted);
+    pub fn start(&self, pages: &[u64], buf: Vec<u8>) -> Result<Copying, Error> {
+        let (job, buf) = self.job(pages, buf, true)?;
+        let mut state = self.inner.state.lock().unwrap();
+        // Published before any page is protected: every fault finds the job.
+        state.job = Some(job.clone());
+        let mut copying = self.copying(job, buf);
+        for &(start, len) in &copying.job.ranges {
+            self.inner.protect(start, len, true)?;
+            copying.protected += 1;
         }
-        let regions = host_regions(&self.inner.mem);
-        let mut hvas = Vec::with_capacity(pages.len());
-        let mut region_of = Vec::with_capacity(pages.len());
-        for &gpa in pages {
-            let (r, hva) = page_host(&regions, gpa).ok_or(Error::BadPage(gpa))?;
-            hvas.push(hva as u64);
-            region_of.push(r);
-        }
+        Ok(copying)
+    }
+
+    /// The copy of `pages` into `buf`, not published yet.
+    fn job(
+        &self,
+        pages: &[u64],
+        mut buf: Vec<u8>,
+        lift: bool,
+    ) -> Result<(Arc<Job>, Vec<u8>), Error> {
+        let (hvas, region_of) = self.locate(pages)?;
         let Plan {
             order,
             chunks,
@@ -357,36 +405,133 @@ impl BackgroundCopy {
             chunks,
             ranges,
             out: buf.as_mut_ptr(),
+            lift,
         });
-        // Published before any page is protected: every fault finds the job.
-        *self.inner.job.lock().unwrap() = Some(job.clone());
-        let mut copying = Copying {
+        Ok((job, buf))
+    }
+
+    /// Host address and region of each of `pages` (sorted guest addresses, each once).
+    fn locate(&self, pages: &[u64]) -> Result<(Vec<u64>, Vec<usize>), Error> {
+        if pages.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::Unsorted);
+        }
+        let regions = host_regions(&self.inner.mem);
+        let mut hvas = Vec::with_capacity(pages.len());
+        let mut region_of = Vec::with_capacity(pages.len());
+        for &gpa in pages {
+            let (r, hva) = page_host(&regions, gpa).ok_or(Error::BadPage(gpa))?;
+            hvas.push(hva as u64);
+            region_of.push(r);
+        }
+        Ok((hvas, region_of))
+    }
+
+    fn copying(&self, job: Arc<Job>, buf: Vec<u8>) -> Copying {
+        Copying {
             inner: self.inner.clone(),
             job,
             buf,
             protected: 0,
             finished: false,
             faults_at_start: self.inner.faults.load(Ordering::Relaxed),
-        };
-        for &(start, len) in &copying.job.ranges {
-            self.inner.protect(start, len, true)?;
-            copying.protected += 1;
         }
-        Ok(copying)
     }
 
-    /// Write-protects all of guest memory, to track writes at 2 MiB granularity instead of
-    /// KVM's dirty log: each chunk's first write after this faults once, and the handler
-    /// lifts that whole chunk ([`BackgroundCopy::faults`] counts them). KVM's dirty logging
-    /// maps guest memory in 4 KiB pages for as long as it is on; this keeps the huge pages
-    /// (measured by `ftvm-bench ft`, column "2 MiB write-protect tracking only"). Not used
-    /// by FT yet: it finds dirty chunks, and FT sends pages. Must not overlap a
-    /// [`BackgroundCopy::start`]'s job.
-    pub fn protect_all(&self) -> Result<(), Error> {
-        for &(start, len) in &self.inner.regions {
-            self.inner.protect(start, len, true)?;
+    /// Starts tracking writes at 2 MiB granularity instead of KVM's dirty log (which maps
+    /// guest memory in 4 KiB pages for as long as it is on; this keeps the huge pages):
+    /// write-protects all guest memory, and from now on each chunk's first write after a
+    /// cut faults once and the handler records the chunk, then lifts its protection.
+    /// [`BackgroundCopy::take_written`] and [`BackgroundCopy::cut`] then say which pages
+    /// may have changed: every page of every chunk written since the last of them.
+    ///
+    /// Needs the kernel to protect unpopulated memory too (else a first write to a page the
+    /// guest never touched would go unseen): [`Error::NoUnpopulated`] otherwise.
+    /// Back guest memory first ([`crate::memory::populate`]): protection of an unpopulated
+    /// range puts a marker in every 4 KiB entry, and a range first written under such
+    /// markers is backed in small pages for good (slower to run, and to protect at every
+    /// cut).
+    pub fn track(&self) -> Result<(), Error> {
+        if !self.inner.unpopulated {
+            return Err(Error::NoUnpopulated);
         }
-        Ok(())
+        let mut state = self.inner.state.lock().unwrap();
+        state.written = Some(Default::default());
+        self.inner.protect_all()
+    }
+
+    /// While tracking: the pages of the chunks written since the last cut (sorted guest
+    /// addresses), with every chunk protected again from now on. For the pre-copy rounds,
+    /// which read pages while the guest runs (a write after this is in the next cut).
+    pub fn take_written(&self) -> Result<Vec<u64>, Error> {
+        let mut state = self.inner.state.lock().unwrap();
+        let written = state.written.as_mut().ok_or(Error::NotTracking)?;
+        let chunks = std::mem::take(written);
+        if let Err(e) = self.inner.protect_all() {
+            state.written = Some(chunks); // nothing is lost: the next cut has them
+            return Err(e);
+        }
+        Ok(self.chunk_pages(&chunks, &[]))
+    }
+
+    /// While tracking, with every vCPU paused and no device touching guest memory: the
+    /// epoch's cut. Returns the pages of the chunks written since the last cut together
+    /// with `extra` (sorted guest addresses, each once: pages written where the tracking
+    /// cannot see, such as the VMM's own record), and their copy, which
+    /// [`Copying::finish`] makes while the guest runs. Every chunk is protected again; a
+    /// chunk of the copy is copied before its first write, which is then recorded for the
+    /// next cut.
+    pub fn cut(&self, extra: &[u64], buf: Vec<u8>) -> Result<(Vec<u64>, Copying), Error> {
+        // Checked before anything is taken: an error here loses no record.
+        self.locate(extra)?;
+        let mut state = self.inner.state.lock().unwrap();
+        let written = state.written.as_mut().ok_or(Error::NotTracking)?;
+        let chunks = std::mem::take(written);
+        let pages = self.chunk_pages(&chunks, extra);
+        let made = self.job(&pages, buf, false).and_then(|(job, buf)| {
+            // Published under the same lock as the protection: a fault served after it
+            // finds the job and copies its chunk before lifting it.
+            state.job = Some(job.clone());
+            self.inner.protect_all()?;
+            Ok(self.copying(job, buf))
+        });
+        match made {
+            Ok(copying) => Ok((pages, copying)),
+            Err(e) => {
+                state.job = None;
+                state.written = Some(chunks);
+                Err(e)
+            }
+        }
+    }
+
+    /// Chunks written since the last cut (an upper bound on what the next cut copies:
+    /// 512 pages each).
+    pub fn written_chunks(&self) -> usize {
+        let state = self.inner.state.lock().unwrap();
+        state.written.as_ref().map_or(0, |w| w.len())
+    }
+
+    /// Every page of `chunks` (host starts) and `extra`, as sorted guest addresses.
+    fn chunk_pages(&self, chunks: &std::collections::BTreeSet<u64>, extra: &[u64]) -> Vec<u64> {
+        let mut pages = Vec::with_capacity(chunks.len() * (CHUNK as usize / PAGE) + extra.len());
+        for &hva in chunks {
+            let Some(r) = self
+                .inner
+                .regions
+                .iter()
+                .position(|&(s, l)| (s..s + l).contains(&hva))
+            else {
+                continue; // recorded from a region's own address: cannot happen
+            };
+            let (host, len) = self.inner.regions[r];
+            let (start, len) = chunk_of(host, len, hva);
+            let gpa = self.inner.guest_bases[r] + (start - host);
+            pages.extend((gpa..gpa + len).step_by(PAGE));
+        }
+        pages.extend_from_slice(extra);
+        pages.sort_unstable();
+        pages.dedup();
+        pages
     }
 
     /// Write faults the handler has served since this was created.
@@ -434,8 +579,14 @@ impl Copying {
     /// the pages and how many guest writes waited for a copy since `start`.
     pub fn finish(mut self) -> Result<Copied, Error> {
         let job = self.job.clone();
+        if !job.lift {
+            // Tracking: the chunks stay protected (their next write is recorded).
+            for c in 0..job.chunks.len() {
+                job.ensure_copied(c);
+            }
+        }
         let mut c = 0;
-        for &(start, len) in &job.ranges {
+        for &(start, len) in job.ranges.iter().filter(|_| job.lift) {
             let end = start + len;
             // Copied chunks are lifted in batches, adjacent chunks in one ioctl.
             let mut from = start;
@@ -453,7 +604,7 @@ impl Copying {
             }
         }
         self.finished = true;
-        *self.inner.job.lock().unwrap() = None;
+        self.inner.state.lock().unwrap().job = None;
         // Every chunk was copied above (by this thread or the handler, which finished its
         // copy before marking it done), so every byte up to here is initialized.
         debug_assert!(job
@@ -472,14 +623,18 @@ impl Copying {
 
 impl Drop for Copying {
     fn drop(&mut self) {
-        let mut job = self.inner.job.lock().unwrap();
-        if !self.finished {
+        let mut state = self.inner.state.lock().unwrap();
+        if !self.finished && self.job.lift {
             for &(start, len) in &self.job.ranges[..self.protected] {
                 let _ = self.inner.protect(start, len, false);
             }
         }
-        if job.as_ref().is_some_and(|j| Arc::ptr_eq(j, &self.job)) {
-            *job = None;
+        if state
+            .job
+            .as_ref()
+            .is_some_and(|j| Arc::ptr_eq(j, &self.job))
+        {
+            state.job = None;
         }
     }
 }
@@ -497,6 +652,14 @@ impl Inner {
             &mut arg,
             "UFFDIO_WRITEPROTECT",
         )
+    }
+
+    /// Write-protects all guest memory.
+    fn protect_all(&self) -> Result<(), Error> {
+        for &(start, len) in &self.regions {
+            self.protect(start, len, true)?;
+        }
+        Ok(())
     }
 
     /// The handler thread: serves write faults until `stop` is signalled.
@@ -551,23 +714,28 @@ impl Inner {
     }
 
     /// A write fault at `hva`: copy the dirty pages of its chunk first if the current job
-    /// has it, then lift the chunk's protection (which wakes the writer). Under the job lock,
-    /// so that no newer job can have protected the chunk again in between.
+    /// has it, record the chunk if tracking, then lift the chunk's protection (which wakes
+    /// the writer). Under the state lock, so that no newer job or cut can have protected
+    /// the chunk again in between.
     fn fault(&self, hva: u64) {
-        let job = self.job.lock().unwrap();
-        let chunk = match job.as_ref().and_then(|j| Some((j, j.chunk_at(hva)?))) {
+        let mut state = self.state.lock().unwrap();
+        let chunk = match state.job.as_ref().and_then(|j| Some((j, j.chunk_at(hva)?))) {
             Some((j, c)) => {
                 j.ensure_copied(c);
                 (j.chunks[c].start, j.chunks[c].len)
             }
-            // A late message: the chunk was lifted already. Lifting it whole again (the same
-            // chunk as a job's) keeps its huge page whole.
+            // Not the current copy's (while tracking: a chunk's first write since the cut),
+            // or a late message for a chunk lifted already. Lifted whole (the same chunk as
+            // a job's), which keeps its huge page whole.
             None => self
                 .regions
                 .iter()
                 .find(|&&(s, l)| (s..s + l).contains(&hva))
                 .map_or((hva, PAGE as u64), |&(s, l)| chunk_of(s, l, hva)),
         };
+        if let Some(w) = state.written.as_mut() {
+            w.insert(chunk.0);
+        }
         // Counted before the writer is woken, so that it sees its own fault counted.
         self.faults.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.protect(chunk.0, chunk.1, false) {
@@ -745,34 +913,161 @@ mod tests {
         assert_eq!(huge_kb(hva), before, "huge pages were split");
     }
 
-    /// Tracking at 2 MiB: after `protect_all`, the first write to each chunk faults once and
-    /// lifts the whole chunk; further writes to it do not fault.
+    /// Every page of the chunk holding each of `gpas` (region 0 of `bg`), sorted.
+    fn chunk_pages_of(bg: &BackgroundCopy, gpas: &[u64]) -> Vec<u64> {
+        let (host, len) = bg.inner.regions[0];
+        let mut pages: Vec<u64> = gpas
+            .iter()
+            .flat_map(|g| {
+                let (start, len) = chunk_of(host, len, host + g);
+                (start - host..start - host + len).step_by(PAGE)
+            })
+            .collect();
+        pages.sort_unstable();
+        pages.dedup();
+        pages
+    }
+
+    /// Tracking at 2 MiB: after `track` or a cut, the first write to each chunk faults once
+    /// and lifts the whole chunk; further writes to it do not fault; the cut reports every
+    /// page of each written chunk, and nothing more.
     #[test]
-    fn protect_all_faults_once_per_written_chunk() {
+    fn tracking_faults_once_per_written_chunk_and_reports_its_pages() {
         let mem = crate::memory::create(16).unwrap();
         let bg = BackgroundCopy::new(&mem).unwrap();
         for gpa in (0..16u64 << 20).step_by(PAGE) {
             fill(&mem, gpa, 1);
         }
+        assert!(matches!(bg.take_written(), Err(Error::NotTracking)));
         let writes = [
             0x1000u64, 0x2000, 0x1f_f000, 0x40_0000, 0x40_8000, 0xe0_0000,
         ];
         // The chunks they fall in (three where the mapping is 2 MiB-aligned, as Linux 6.7+
         // aligns large anonymous mappings).
-        let (host, len) = bg.inner.regions[0];
-        let mut chunks: Vec<u64> = writes
-            .iter()
-            .map(|g| chunk_of(host, len, host + g).0)
-            .collect();
-        chunks.dedup();
-        for round in 0..2 {
-            bg.protect_all().unwrap();
+        let expect = chunk_pages_of(&bg, &writes);
+        bg.track().unwrap();
+        for round in 0..3 {
             let before = bg.faults();
             for gpa in writes {
                 fill(&mem, gpa, 2 + round);
             }
-            assert_eq!(bg.faults() - before, chunks.len() as u64, "round {round}");
+            let chunks = expect.len().div_ceil(512);
+            assert!(bg.written_chunks() <= chunks && bg.written_chunks() > 0);
+            assert!(
+                bg.faults() - before <= chunks as u64,
+                "round {round}: {} faults",
+                bg.faults() - before
+            );
+            assert_eq!(bg.take_written().unwrap(), expect, "round {round}");
+            assert!(
+                bg.take_written().unwrap().is_empty(),
+                "nothing written since"
+            );
         }
+    }
+
+    /// The tracked copy against a writer that keeps writing: at every cut (the writer stopped,
+    /// as the vCPUs are in a pause) a replica updated only from the cuts' copies equals
+    /// guest memory, while between cuts the writer runs during the copy.
+    #[test]
+    fn a_replica_fed_by_cuts_equals_memory_at_every_cut() {
+        use std::sync::atomic::{AtomicBool, AtomicU32};
+        const MIB: u64 = 16;
+        let mem = crate::memory::create(MIB).unwrap();
+        let bg = BackgroundCopy::new(&mem).unwrap();
+        let snapshot = |mem: &GuestMemory| {
+            let mut v = vec![0u8; (MIB << 20) as usize];
+            mem.read_slice(&mut v, GuestAddress(0)).unwrap();
+            v
+        };
+        bg.track().unwrap();
+        let mut replica = snapshot(&mem); // what a full pre-copy would have sent
+        let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
+        let parked = Arc::new(AtomicU32::new(0));
+        let writer = {
+            let (mem, stop, paused, parked) =
+                (mem.clone(), stop.clone(), paused.clone(), parked.clone());
+            std::thread::spawn(move || {
+                let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+                let mut n: u64 = 0;
+                let mut far = true;
+                while !stop.load(Ordering::SeqCst) {
+                    if paused.load(Ordering::SeqCst) {
+                        parked.store(1, Ordering::SeqCst);
+                        while paused.load(Ordering::SeqCst) {
+                            std::hint::spin_loop();
+                        }
+                        parked.store(0, Ordering::SeqCst);
+                        far = true;
+                    }
+                    // xorshift: 3 MiB of hot memory (up to 3 chunks), and once after each
+                    // cut (while the copy runs) anywhere.
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let span = if std::mem::take(&mut far) {
+                        MIB << 20
+                    } else {
+                        3 << 20
+                    };
+                    let gpa = ((x >> 8) % span) & !7;
+                    n += 1;
+                    mem.write_obj(n, GuestAddress(gpa)).unwrap();
+                }
+            })
+        };
+        let mut copied_pages = 0;
+        for round in 0..60 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            paused.store(true, Ordering::SeqCst);
+            while parked.load(Ordering::SeqCst) == 0 {
+                std::hint::spin_loop();
+            }
+            let at_cut = snapshot(&mem);
+            let extra = [0x5000u64 * (round % 3)]; // as the VMM's own writes would be
+            let (pages, copying) = bg.cut(&extra, Vec::new()).unwrap();
+            paused.store(false, Ordering::SeqCst);
+            let copied = copying.finish().unwrap();
+            assert!(pages.contains(&extra[0]));
+            for (i, &gpa) in pages.iter().enumerate() {
+                let g = gpa as usize;
+                replica[g..g + PAGE].copy_from_slice(&copied.pages[i * PAGE..(i + 1) * PAGE]);
+            }
+            copied_pages += pages.len();
+            assert!(
+                replica == at_cut,
+                "round {round}: the replica differs from memory at the cut"
+            );
+        }
+        stop.store(true, Ordering::SeqCst);
+        paused.store(false, Ordering::SeqCst);
+        writer.join().unwrap();
+        // At most 4 of the 8 chunks were written between two cuts: only those were copied.
+        assert!(
+            copied_pages <= 60 * (4 * CHUNK as usize / PAGE + 1),
+            "{copied_pages} pages copied"
+        );
+    }
+
+    /// A cut refused for a bad extra page loses no record of written chunks.
+    #[test]
+    fn a_refused_cut_keeps_the_written_chunks() {
+        let mem = crate::memory::create(16).unwrap();
+        let bg = BackgroundCopy::new(&mem).unwrap();
+        bg.track().unwrap();
+        fill(&mem, 0x30000, 1);
+        assert!(matches!(
+            bg.cut(&[0x2000, 0x1000], Vec::new()),
+            Err(Error::Unsorted)
+        ));
+        assert!(matches!(
+            bg.cut(&[1 << 40], Vec::new()),
+            Err(Error::BadPage(_))
+        ));
+        let (pages, copying) = bg.cut(&[], Vec::new()).unwrap();
+        assert!(pages.contains(&0x30000));
+        assert_eq!(copying.finish().unwrap().pages.len(), pages.len() * PAGE);
     }
 
     proptest::proptest! {
