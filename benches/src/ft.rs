@@ -37,7 +37,7 @@ struct Overhead {
     guest_ms_dirty_tracking: Vec<u64>,
     /// Writes tracked at 2 MiB with userfaultfd instead of KVM's dirty log
     /// (`vmm::wp::BackgroundCopy::track`, the written chunks taken every 20 ms), nothing
-    /// else: what the tracking of FT's default `--dirty-tracking chunks` costs alone.
+    /// else: what the tracking of FT's `--dirty-tracking chunks` costs alone.
     guest_ms_wp_tracking: Vec<u64>,
     /// Its chunk write faults per 20 ms epoch: each run's mean (the table shows their median).
     wp_tracking_faults_per_epoch: Vec<f64>,
@@ -46,10 +46,10 @@ struct Overhead {
     guest_ms_ft_xor_lz4: Vec<u64>,
     /// FT on, raw pages, `--epoch-copy paused` (the default copies after the pause).
     guest_ms_ft_copy_paused: Vec<u64>,
-    /// FT on, raw pages, `--dirty-tracking dirty-log` (KVM's dirty log; the default tracks
-    /// 2 MiB chunks).
-    guest_ms_ft_dirty_log: Vec<u64>,
-    ratio_ft_dirty_log_vs_off: f64,
+    /// FT on, raw pages, `--dirty-tracking chunks` (2 MiB chunk tracking; the default is
+    /// KVM's dirty log).
+    guest_ms_ft_chunks: Vec<u64>,
+    ratio_ft_chunks_vs_off: f64,
     ratio_ft_vs_off: f64,
     ratio_ft_copy_paused_vs_off: f64,
     ratio_ft_xor_lz4_vs_off: f64,
@@ -77,12 +77,12 @@ struct Report {
     command: String,
     machine: crate::Machine,
     overhead: Vec<Overhead>,
-    /// `--dirty-tracking dirty-log` (exact 4 KiB dirty pages), `--epoch-copy background`.
+    /// Default settings (KVM's dirty log: exact 4 KiB dirty pages; `--epoch-copy background`).
     pause_vs_dirty_pages: Vec<PauseBin>,
     /// The same runs with `--epoch-copy paused`.
     pause_vs_dirty_pages_copy_paused: Vec<PauseBin>,
-    /// The same runs with default settings (2 MiB chunk tracking): binned by the pages taken
-    /// at the cut (every page of each written chunk).
+    /// The same runs with `--dirty-tracking chunks`: binned by the pages taken at the cut
+    /// (every page of each written chunk).
     pause_vs_pages_chunks: Vec<PauseBin>,
     pause_runs: Vec<String>,
     /// (dirty pages, pause µs) of every epoch of the pause runs (the scatter in the plot).
@@ -540,7 +540,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let cmdline = format!("preset=compile-profile jobs={jobs}");
     let xor = ["--page-encoding".to_string(), "xor-lz4".to_string()];
     let copy_paused = ["--epoch-copy".to_string(), "paused".to_string()];
-    let dirty_log = ["--dirty-tracking".to_string(), "dirty-log".to_string()];
+    let chunks = ["--dirty-tracking".to_string(), "chunks".to_string()];
     let mut overhead = Vec::new();
     for &vcpus in &vcpu_counts {
         let mut o = Overhead {
@@ -576,17 +576,17 @@ pub fn run(args: &[String]) -> Result<()> {
             o.guest_ms_ft_copy_paused.push(guest_ms(&console)?);
             o.primary_summaries
                 .push(format!("(--epoch-copy paused) {summary}"));
-            let args: Vec<String> = vc.iter().chain(&dirty_log).cloned().collect();
+            let args: Vec<String> = vc.iter().chain(&chunks).cloned().collect();
             let (console, summary, _) = ft_run(&bin, "dirtier", &cmdline, &args)?;
-            o.guest_ms_ft_dirty_log.push(guest_ms(&console)?);
+            o.guest_ms_ft_chunks.push(guest_ms(&console)?);
             o.primary_summaries
-                .push(format!("(--dirty-tracking dirty-log) {summary}"));
+                .push(format!("(--dirty-tracking chunks) {summary}"));
         }
         let base = median(&o.guest_ms_off);
         o.ratio_ft_vs_off = median(&o.guest_ms_ft) / base;
         o.ratio_ft_xor_lz4_vs_off = median(&o.guest_ms_ft_xor_lz4) / base;
         o.ratio_ft_copy_paused_vs_off = median(&o.guest_ms_ft_copy_paused) / base;
-        o.ratio_ft_dirty_log_vs_off = median(&o.guest_ms_ft_dirty_log) / base;
+        o.ratio_ft_chunks_vs_off = median(&o.guest_ms_ft_chunks) / base;
         o.ratio_dirty_tracking_vs_off = median(&o.guest_ms_dirty_tracking) / base;
         o.ratio_wp_tracking_vs_off = median(&o.guest_ms_wp_tracking) / base;
         o.ratio_epochs_in_process_vs_off = median(&o.guest_ms_epochs_in_process) / base;
@@ -596,10 +596,9 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     // Pause vs dirty pages: paced dirtiers from light to heavy, every epoch recorded; with
     // the pages copied after the pause (default) and in it.
-    let background = pause_runs(&bin, &dirty_log)?;
-    let log_paused: Vec<String> = dirty_log.iter().chain(&copy_paused).cloned().collect();
-    let paused = pause_runs(&bin, &log_paused)?;
-    let chunks = pause_runs(&bin, &[])?;
+    let background = pause_runs(&bin, &[])?;
+    let paused = pause_runs(&bin, &copy_paused)?;
+    let chunk_pauses = pause_runs(&bin, &chunks)?;
     // Output latency added by the output rule.
     let (mut hold50, mut hold99, mut holds) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..runs {
@@ -631,7 +630,7 @@ pub fn run(args: &[String]) -> Result<()> {
         overhead,
         pause_vs_dirty_pages: pause_bins(&background.epochs),
         pause_vs_dirty_pages_copy_paused: pause_bins(&paused.epochs),
-        pause_vs_pages_chunks: pause_bins(&chunks.epochs),
+        pause_vs_pages_chunks: pause_bins(&chunk_pauses.epochs),
         pause_runs: background.summaries,
         pause_epochs: background.epochs,
         pause_epochs_copy_paused: paused.epochs,
@@ -652,7 +651,7 @@ pub fn run(args: &[String]) -> Result<()> {
         report.machine, report.command
     );
     println!("**Overhead**: `dirtier preset=compile-profile jobs={jobs}` (stand-in for a kernel compile), guest ms, median of {runs}\n");
-    println!("| vCPUs | FT off | KVM dirty log only | + state capture and page copy | 2 MiB chunk tracking only (faults/epoch) | FT on (default: chunks, raw pages) | FT on (chunks, XOR+LZ4) | FT on (chunks), --epoch-copy paused | FT on, --dirty-tracking dirty-log | wire bytes/page raw → XOR+LZ4 |");
+    println!("| vCPUs | FT off | KVM dirty log only | + state capture and page copy | 2 MiB chunk tracking only (faults/epoch) | FT on (raw pages) | FT on (XOR+LZ4) | FT on, --epoch-copy paused | FT on, --dirty-tracking chunks | wire bytes/page raw → XOR+LZ4 |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for o in &report.overhead {
         let mut f = o.wp_tracking_faults_per_epoch.clone();
@@ -674,23 +673,23 @@ pub fn run(args: &[String]) -> Result<()> {
             o.ratio_ft_xor_lz4_vs_off,
             median(&o.guest_ms_ft_copy_paused),
             o.ratio_ft_copy_paused_vs_off,
-            median(&o.guest_ms_ft_dirty_log),
-            o.ratio_ft_dirty_log_vs_off,
+            median(&o.guest_ms_ft_chunks),
+            o.ratio_ft_chunks_vs_off,
             o.wire_bytes_per_page_raw,
             o.wire_bytes_per_page_xor_lz4,
         );
     }
     for (how, bins) in [
         (
-            "KVM dirty log (`--dirty-tracking dirty-log`), pages copied after the pause",
+            "pages copied after the pause (default)",
             &report.pause_vs_dirty_pages,
         ),
         (
-            "KVM dirty log, --epoch-copy paused",
+            "--epoch-copy paused",
             &report.pause_vs_dirty_pages_copy_paused,
         ),
         (
-            "default 2 MiB chunk tracking, by pages taken at the cut (every page of each written chunk; this dirtier writes all over its 96 MiB)",
+            "--dirty-tracking chunks, by pages taken at the cut (every page of each written chunk; this dirtier writes all over its 96 MiB)",
             &report.pause_vs_pages_chunks,
         ),
     ] {
