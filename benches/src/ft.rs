@@ -223,7 +223,7 @@ fn epoch_loop_faults(vcpus: u8, cmdline: &str, extra: Extra) -> Result<(u64, f64
                 epochs += 1;
                 if let Some(wp) = &wp {
                     // The written chunks' pages, and every chunk protected again.
-                    std::hint::black_box(wp.take_written()?);
+                    std::hint::black_box(wp.take_written(&[])?);
                     vm.resume()?;
                     continue;
                 }

@@ -613,8 +613,6 @@ struct Primary {
     /// first sync starts from these and the chunks written since, instead of reading all
     /// of guest memory.
     tracked_from_boot: Option<Vec<u64>>,
-    /// Pages the last streamed snapshot sent.
-    last_sent: usize,
     /// The last snapshot's page buffer and frame buffer, for reuse.
     spare: Vec<u8>,
     /// A page buffer outgrown in the last pause, freed once the guest runs again (freeing
@@ -772,7 +770,6 @@ impl Primary {
             wp: None,
             chunks: false,
             tracked_from_boot: None,
-            last_sent: 0,
             spare: Vec::new(),
             retired: Vec::new(),
             frames: BytesMut::new(),
@@ -1169,9 +1166,9 @@ impl Primary {
         // From here the guest's frames leave only with an acknowledged epoch.
         self.vm.with_net(|n| n.hold_tx(true));
         let from_boot = self.tracked_from_boot.take();
-        // A VM protected from boot starts running only once its secondary holds epoch 0:
-        // there is nothing to chase, and the secondary's setup (backing its standby memory)
-        // does not share the cores with the guest's first epochs.
+        // A VM protected from boot (chunk tracking on since before its first instruction)
+        // starts running only once its secondary holds epoch 0: there is nothing to chase,
+        // and the secondary's setup does not share the cores with the guest's first epochs.
         let hold = from_boot.is_some();
         self.chunks =
             from_boot.is_some() || self.cfg.tracking == Tracking::Chunks && self.uffd().is_some();
@@ -1243,12 +1240,9 @@ impl Primary {
             todo = self.vm.dirty_pages()?.all();
             if self.chunks {
                 if let Some(wp) = self.uffd() {
-                    todo.extend(
-                        wp.take_written()
-                            .map_err(|e| anyhow!("tracking guest writes: {e}"))?,
-                    );
-                    todo.sort_unstable();
-                    todo.dedup();
+                    todo = wp
+                        .take_written(&todo)
+                        .map_err(|e| anyhow!("tracking guest writes: {e}"))?;
                 }
             }
             // With chunk tracking the pages left are whole chunks' (most unchanged, and
@@ -1278,8 +1272,7 @@ impl Primary {
         let pause = paused_at.elapsed();
         let pre_sent = pre.pages;
         let paused_pages = snap.pages.len();
-        self.stream(snap, Some(pre))?;
-        let cut_sent = self.last_sent;
+        let cut_sent = self.stream(snap, Some(pre))?;
         while !self.pending.is_empty() {
             if !self.wait_ack() {
                 return Ok(Synced::Lost);
@@ -1328,7 +1321,7 @@ impl Primary {
         }
         let background = self.background_copy(exit.is_none()).is_some();
         let (wp, track) = match &self.wp {
-            Some(Ok(wp)) => (background.then_some(wp), tracked.map(|_| wp)),
+            Some(Ok(wp)) => (background.then_some(wp), self.chunks.then_some(wp)),
             _ => (None, None),
         };
         let vm = &mut self.vm;
@@ -1345,15 +1338,12 @@ impl Primary {
                     .map(|c| (pages.to_vec(), PageCopy::Copying(c)))
                     .map_err(|e| anyhow!("write-protecting dirty pages: {e}")),
                 (None, track) => (|| {
-                    let mut all = pages.to_vec();
-                    if let Some(wp) = track {
-                        all.extend(
-                            wp.take_written()
-                                .map_err(|e| anyhow!("tracking guest writes: {e}"))?,
-                        );
-                        all.sort_unstable();
-                        all.dedup();
-                    }
+                    let all = match track {
+                        Some(wp) => wp
+                            .take_written(pages)
+                            .map_err(|e| anyhow!("tracking guest writes: {e}"))?,
+                        None => pages.to_vec(),
+                    };
                     let data = copy_paused_pages(&mem, &all, spare)?;
                     Ok((all, PageCopy::Copied(data)))
                 })(),
@@ -1420,15 +1410,11 @@ impl Primary {
     /// Backs all guest memory and starts tracking writes in 2 MiB chunks (guest running);
     /// false if the kernel refused (said why).
     fn start_chunk_tracking(&mut self) -> bool {
-        // Unpopulated memory first written under protection would be backed in 4 KiB pages
-        // (a no-op where `primary` did it at boot); a failure costs speed, not correctness.
-        if let Err(e) = vmm::memory::populate(self.vm.memory()) {
-            tracing::warn!("cannot back all guest memory in advance: {e}");
-        }
+        let mem = self.vm.memory().clone();
         let Some(wp) = self.uffd() else {
             return false;
         };
-        match wp.track() {
+        match back_and_track(&mem, wp) {
             Ok(()) => true,
             Err(e) => {
                 eprintln!("ftvm primary: {e}: tracking writes with KVM's dirty log instead");
@@ -1438,8 +1424,9 @@ impl Primary {
     }
 
     /// Streams a snapshot (guest running); its output is already held. `pre`: the part of
-    /// epoch 0 that the pre-copy rounds sent (then EpochBegin is already out).
-    fn stream(&mut self, snap: Snapshot, pre: Option<Precopy>) -> Result<()> {
+    /// epoch 0 that the pre-copy rounds sent (then EpochBegin is already out). Returns how
+    /// many of its pages were sent (with chunk tracking, only the changed ones).
+    fn stream(&mut self, snap: Snapshot, pre: Option<Precopy>) -> Result<usize> {
         self.retired = Vec::new();
         let Snapshot {
             epoch,
@@ -1475,7 +1462,6 @@ impl Primary {
         let entries =
             self.encoder
                 .entries(&pages, &data, &mut hasher, !begun && epoch > 0, self.chunks);
-        self.last_sent = entries.len();
         let mut b = std::mem::take(&mut self.frames);
         b.clear();
         let mut frames = 0;
@@ -1585,11 +1571,12 @@ impl Primary {
         // Both buffers are reused: fresh memory would page-fault, and the copy happens while
         // the guest is paused.
         self.frames = b;
+        let sent = entries.len();
         drop(entries);
         if let Ok(m) = data.try_into_mut() {
             self.spare = m.into();
         }
-        Ok(())
+        Ok(sent)
     }
 
     /// One stderr line with the epoch statistics (benchmarks parse it).
@@ -1776,10 +1763,21 @@ fn track_from_boot(vm: &Vmm) -> Result<Option<(vmm::wp::BackgroundCopy, Vec<u64>
         return Ok(None);
     };
     let pages = all_nonzero_pages(vm.memory())?;
-    if let Err(e) = vmm::memory::populate(vm.memory()) {
+    Ok(back_and_track(vm.memory(), &wp)
+        .is_ok()
+        .then_some((wp, pages)))
+}
+
+/// Backs all of `mem` (unpopulated memory first written under protection would be backed
+/// in 4 KiB pages: a failure costs speed, not correctness), then starts chunk tracking.
+fn back_and_track(
+    mem: &vmm::memory::GuestMemory,
+    wp: &vmm::wp::BackgroundCopy,
+) -> std::result::Result<(), vmm::wp::Error> {
+    if let Err(e) = vmm::memory::populate(mem) {
         tracing::warn!("cannot back all guest memory in advance: {e}");
     }
-    Ok(wp.track().is_ok().then_some((wp, pages)))
+    wp.track()
 }
 
 /// Settings of `ftvm secondary`.

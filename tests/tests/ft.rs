@@ -273,9 +273,9 @@ fn dirtier_checksum_after_failover_equals_uninterrupted_run() {
     let cmdline = "mib=16 pages_per_sec=4000 secs=2";
     let expected = uninterrupted("dirtier", cmdline);
     let mut rng = Rng::from_env("ft_dirtier");
-    // The default tracks writes in 2 MiB chunks and copies each epoch's pages after the
-    // pause under write protection; the other rounds use KVM's dirty log, or copy the pages
-    // in the pause, or both.
+    // Both ways of tracking writes (KVM's dirty log, the default, and 2 MiB chunks), each
+    // with the epoch's pages copied after the pause under write protection (the default)
+    // and in the pause.
     let modes = [
         ("chunks", "background"),
         ("dirty-log", "paused"),

@@ -459,10 +459,12 @@ impl BackgroundCopy {
         self.inner.protect_all()
     }
 
-    /// While tracking: the pages of the chunks written since the last cut (sorted guest
-    /// addresses), with every chunk protected again from now on. For the pre-copy rounds,
-    /// which read pages while the guest runs (a write after this is in the next cut).
-    pub fn take_written(&self) -> Result<Vec<u64>, Error> {
+    /// While tracking: the pages of the chunks written since the last cut together with
+    /// `extra` (any guest pages, e.g. the VMM's own record of its writes), as sorted guest
+    /// addresses, each once; every chunk is protected again from now on. For the pre-copy
+    /// rounds, which read pages while the guest runs (a write after this is in the next
+    /// cut), and for epochs copied with the guest paused.
+    pub fn take_written(&self, extra: &[u64]) -> Result<Vec<u64>, Error> {
         let mut state = self.inner.state.lock().unwrap();
         let written = state.written.as_mut().ok_or(Error::NotTracking)?;
         let chunks = std::mem::take(written);
@@ -470,7 +472,7 @@ impl BackgroundCopy {
             state.written = Some(chunks); // nothing is lost: the next cut has them
             return Err(e);
         }
-        Ok(self.chunk_pages(&chunks, &[]))
+        Ok(self.chunk_pages(&chunks, extra))
     }
 
     /// While tracking, with every vCPU paused and no device touching guest memory: the
@@ -511,21 +513,15 @@ impl BackgroundCopy {
         state.written.as_ref().map_or(0, |w| w.len())
     }
 
-    /// Every page of `chunks` (host starts) and `extra`, as sorted guest addresses.
+    /// Every page of `chunks` (host starts) and `extra`, as sorted guest addresses, each
+    /// once.
     fn chunk_pages(&self, chunks: &std::collections::BTreeSet<u64>, extra: &[u64]) -> Vec<u64> {
         let mut pages = Vec::with_capacity(chunks.len() * (CHUNK as usize / PAGE) + extra.len());
         for &hva in chunks {
-            let Some(r) = self
-                .inner
-                .regions
-                .iter()
-                .position(|&(s, l)| (s..s + l).contains(&hva))
-            else {
+            let Some((r, (start, len))) = self.inner.region_chunk(hva) else {
                 continue; // recorded from a region's own address: cannot happen
             };
-            let (host, len) = self.inner.regions[r];
-            let (start, len) = chunk_of(host, len, hva);
-            let gpa = self.inner.guest_bases[r] + (start - host);
+            let gpa = self.inner.guest_bases[r] + (start - self.inner.regions[r].0);
             pages.extend((gpa..gpa + len).step_by(PAGE));
         }
         pages.extend_from_slice(extra);
@@ -654,6 +650,16 @@ impl Inner {
         )
     }
 
+    /// The region holding host address `hva`, and the chunk (host start, length) holding it.
+    fn region_chunk(&self, hva: u64) -> Option<(usize, (u64, u64))> {
+        let r = self
+            .regions
+            .iter()
+            .position(|&(s, l)| (s..s + l).contains(&hva))?;
+        let (start, len) = self.regions[r];
+        Some((r, chunk_of(start, len, hva)))
+    }
+
     /// Write-protects all guest memory.
     fn protect_all(&self) -> Result<(), Error> {
         for &(start, len) in &self.regions {
@@ -728,10 +734,8 @@ impl Inner {
             // or a late message for a chunk lifted already. Lifted whole (the same chunk as
             // a job's), which keeps its huge page whole.
             None => self
-                .regions
-                .iter()
-                .find(|&&(s, l)| (s..s + l).contains(&hva))
-                .map_or((hva, PAGE as u64), |&(s, l)| chunk_of(s, l, hva)),
+                .region_chunk(hva)
+                .map_or((hva, PAGE as u64), |(_, chunk)| chunk),
         };
         if let Some(w) = state.written.as_mut() {
             w.insert(chunk.0);
@@ -938,7 +942,7 @@ mod tests {
         for gpa in (0..16u64 << 20).step_by(PAGE) {
             fill(&mem, gpa, 1);
         }
-        assert!(matches!(bg.take_written(), Err(Error::NotTracking)));
+        assert!(matches!(bg.take_written(&[]), Err(Error::NotTracking)));
         let writes = [
             0x1000u64, 0x2000, 0x1f_f000, 0x40_0000, 0x40_8000, 0xe0_0000,
         ];
@@ -958,9 +962,9 @@ mod tests {
                 "round {round}: {} faults",
                 bg.faults() - before
             );
-            assert_eq!(bg.take_written().unwrap(), expect, "round {round}");
+            assert_eq!(bg.take_written(&[]).unwrap(), expect, "round {round}");
             assert!(
-                bg.take_written().unwrap().is_empty(),
+                bg.take_written(&[]).unwrap().is_empty(),
                 "nothing written since"
             );
         }
