@@ -62,11 +62,12 @@ pub fn encode_page(gpa: u64, new: &[u8], old: Option<&[u8]>) -> PageEntry {
         for (i, b) in x.iter_mut().enumerate() {
             *b = new[i] ^ old[i];
         }
-        let c = lz4_flex::block::compress(&x);
-        if c.len() <= XOR_WORTH_IT {
+        // Output capped at what is worth sending: LZ4 gives up (an error) past it.
+        let mut c = [0u8; XOR_WORTH_IT];
+        if let Ok(n) = lz4::block::compress_to_buffer(&x, None, false, &mut c) {
             return PageEntry {
                 gpa,
-                data: PageData::XorLz4(Bytes::from(c)),
+                data: PageData::XorLz4(Bytes::copy_from_slice(&c[..n])),
             };
         }
     }
@@ -153,10 +154,11 @@ impl PageEntry {
         }
         match &self.data {
             PageData::Zero => page.fill(0),
-            PageData::Raw(b) => page.copy_from_slice(b),
+            PageData::Raw(b) if b.len() == PAGE_SIZE => page.copy_from_slice(b),
+            PageData::Raw(_) => return Err(err("raw data is not one page")),
             PageData::XorLz4(b) => {
                 let mut x = [0u8; PAGE_SIZE];
-                match lz4_flex::block::decompress_into(b, &mut x) {
+                match lz4::block::decompress_to_buffer(b, Some(PAGE_SIZE as i32), &mut x) {
                     Ok(PAGE_SIZE) => {}
                     Ok(_) | Err(_) => return Err(err("delta does not decompress to one page")),
                 }
