@@ -13,10 +13,12 @@
 //!    └────────────────────────────────┴──▶ discard staging (committed image untouched)
 //! ```
 //!
-//! Commit is all-or-nothing: every page of the epoch is first reconstructed into a staging
-//! buffer (deltas applied to copies of the committed pages) and the epoch's page hash checked
-//! against `EpochEnd`; only then are the pages written into the standby memory. The standby is
-//! a [`vmm::memory::GuestMemory`], so a takeover needs no bulk copy.
+//! Commit is all-or-nothing: every page of the epoch is reconstructed into a staging buffer
+//! as it arrives (deltas applied to copies of the committed pages) and hashed, and at
+//! `EpochEnd` the epoch's page hash is checked; only then are the pages written into the
+//! standby memory. The standby is a [`vmm::memory::GuestMemory`], so a takeover needs no bulk
+//! copy. The staging buffer is kept from one epoch to the next: fresh memory costs a page
+//! fault per 4 KiB on first touch, which on this project's host cost more than the copy.
 use bytes::Bytes;
 use ft_log::record::{EpochEnd, EpochHasher};
 use ft_log::{Event, PageData, PageEntry, Record, PAGE_SIZE};
@@ -44,10 +46,18 @@ pub enum Action {
 }
 
 /// Everything staged for one epoch.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Staging {
     epoch: u64,
-    pages: Vec<PageEntry>,
+    /// The address of every staged page, in arrival order; its content as it will be after
+    /// the epoch is `data[i * PAGE_SIZE..][..PAGE_SIZE]`.
+    gpas: Vec<u64>,
+    data: Vec<u8>,
+    /// The staged pages, hashed in arrival order (as the primary hashed them).
+    hasher: EpochHasher,
+    /// Why a page could not be staged (out of range, or a delta that does not apply): the
+    /// epoch is discarded at its end.
+    bad: Option<String>,
     events: Vec<Event>,
     vcpus: BTreeMap<u8, Bytes>,
     devices: BTreeMap<u16, Bytes>,
@@ -77,6 +87,47 @@ pub struct Secondary {
     pub events_committed: u64,
     /// Disk writes of committed epochs, in order, not yet taken by the caller.
     disk: Vec<(u64, Bytes)>,
+    /// The last staging buffer, for the next epoch (see the module docs).
+    spare: Vec<u8>,
+}
+
+/// Staging buffers above this are not kept for the next epoch (the sync's epoch 0 can be all
+/// of memory; later epochs are far smaller).
+const SPARE_MAX: usize = 64 << 20;
+
+impl Staging {
+    /// Reconstructs `entries` into the staging buffer.
+    fn stage(&mut self, mem: &GuestMemory, entries: Vec<PageEntry>) {
+        for e in entries {
+            if self.bad.is_some() {
+                return;
+            }
+            let last = GuestAddress(e.gpa.saturating_add(PAGE_SIZE as u64 - 1));
+            if !mem.address_in_range(GuestAddress(e.gpa)) || !mem.address_in_range(last) {
+                self.bad = Some(format!("page {:#x} outside the standby's memory", e.gpa));
+                return;
+            }
+            let at = self.data.len();
+            match &e.data {
+                PageData::Raw(b) if b.len() == PAGE_SIZE => self.data.extend_from_slice(b),
+                _ => {
+                    self.data.resize(at + PAGE_SIZE, 0);
+                    let page = &mut self.data[at..];
+                    if !matches!(e.data, PageData::Zero | PageData::Raw(_)) {
+                        // Deltas and hashes refer to the committed page.
+                        mem.read_slice(page, GuestAddress(e.gpa))
+                            .expect("page checked in range");
+                    }
+                    if let Err(err) = e.apply(page) {
+                        self.bad = Some(err.to_string());
+                        return;
+                    }
+                }
+            }
+            self.hasher.add(e.gpa, &self.data[at..]);
+            self.gpas.push(e.gpa);
+        }
+    }
 }
 
 fn discard(epoch: u64, why: impl Into<String>) -> Error {
@@ -98,6 +149,7 @@ impl Secondary {
             discarded: 0,
             events_committed: 0,
             disk: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -150,8 +202,11 @@ impl Secondary {
                         "epoch {epoch} begins, expected {expected}"
                     )));
                 }
+                let mut data = std::mem::take(&mut self.spare);
+                data.clear();
                 self.staging = Some(Staging {
                     epoch,
+                    data,
                     ..Default::default()
                 });
                 Ok(vec![])
@@ -161,21 +216,21 @@ impl Secondary {
                 self.commit(s, &end)?;
                 Ok(vec![Action::Ack(epoch)])
             }
-            Record::Pages(p) => self.with_staging(epoch, |s| s.pages.extend(p)),
-            Record::Event(e) => self.with_staging(epoch, |s| s.events.push(e)),
-            Record::VcpuState { vcpu, state } => self.with_staging(epoch, |s| {
+            Record::Pages(p) => self.with_staging(epoch, |s, mem| s.stage(mem, p)),
+            Record::Event(e) => self.with_staging(epoch, |s, _| s.events.push(e)),
+            Record::VcpuState { vcpu, state } => self.with_staging(epoch, |s, _| {
                 s.vcpus.insert(vcpu, state);
             }),
-            Record::DeviceState { device, state } => self.with_staging(epoch, |s| {
+            Record::DeviceState { device, state } => self.with_staging(epoch, |s, _| {
                 s.devices.insert(device, state);
             }),
             Record::Output {
                 stream,
                 offset,
                 data,
-            } => self.with_staging(epoch, |s| s.outputs.push((stream, offset, data))),
+            } => self.with_staging(epoch, |s, _| s.outputs.push((stream, offset, data))),
             Record::DiskWrite { offset, data } => {
-                self.with_staging(epoch, |s| s.disk.push((offset, data)))
+                self.with_staging(epoch, |s, _| s.disk.push((offset, data)))
             }
             Record::Heartbeat { .. }
             | Record::Hello(_)
@@ -202,11 +257,11 @@ impl Secondary {
     fn with_staging(
         &mut self,
         epoch: u64,
-        f: impl FnOnce(&mut Staging),
+        f: impl FnOnce(&mut Staging, &GuestMemory),
     ) -> Result<Vec<Action>, Error> {
         match &mut self.staging {
             Some(s) if s.epoch == epoch => {
-                f(s);
+                f(s, &self.mem);
                 Ok(vec![])
             }
             _ => {
@@ -223,14 +278,13 @@ impl Secondary {
             this.discarded += 1;
             Err(discard(epoch, why))
         };
-        if s.pages.len() != end.pages as usize {
+        if let Some(why) = s.bad {
+            return fail(self, why);
+        }
+        if s.gpas.len() != end.pages as usize {
             return fail(
                 self,
-                format!(
-                    "{} pages staged, EpochEnd says {}",
-                    s.pages.len(),
-                    end.pages
-                ),
+                format!("{} pages staged, EpochEnd says {}", s.gpas.len(), end.pages),
             );
         }
         if s.events.len() != end.events as usize {
@@ -243,30 +297,7 @@ impl Secondary {
                 ),
             );
         }
-        // Reconstruct every page off to the side.
-        let mut hasher = EpochHasher::new();
-        let mut staged: Vec<(u64, Box<[u8; PAGE_SIZE]>)> = Vec::with_capacity(s.pages.len());
-        for e in &s.pages {
-            let mut page = Box::new([0u8; PAGE_SIZE]);
-            let last = GuestAddress(e.gpa.saturating_add(PAGE_SIZE as u64 - 1));
-            if !self.mem.address_in_range(GuestAddress(e.gpa)) || !self.mem.address_in_range(last) {
-                return fail(
-                    self,
-                    format!("page {:#x} outside the standby's memory", e.gpa),
-                );
-            }
-            if !matches!(e.data, PageData::Zero | PageData::Raw(_)) {
-                // Deltas and hashes refer to the committed page.
-                self.mem
-                    .read_slice(&mut page[..], GuestAddress(e.gpa))
-                    .expect("page checked in range");
-            }
-            if let Err(err) = e.apply(&mut page[..]) {
-                return fail(self, err.to_string());
-            }
-            hasher.add(e.gpa, &page[..]);
-            staged.push((e.gpa, page));
-        }
+        let mut hasher = s.hasher;
         // The epoch hash covers the disk writes too: their own hash, in order, folded in
         // after the pages (see `ft_log::record::EpochEnd::page_hash`).
         if !s.disk.is_empty() {
@@ -283,10 +314,13 @@ impl Secondary {
             return fail(self, why);
         }
         // Verified: apply. Writes to in-range pages of our own memory cannot fail.
-        for (gpa, page) in &staged {
+        for (gpa, page) in s.gpas.iter().zip(s.data.chunks_exact(PAGE_SIZE)) {
             self.mem
-                .write_slice(&page[..], GuestAddress(*gpa))
+                .write_slice(page, GuestAddress(*gpa))
                 .expect("page checked in range");
+        }
+        if s.data.capacity() <= SPARE_MAX {
+            self.spare = s.data;
         }
         self.state.vcpus.extend(s.vcpus);
         self.state.devices.extend(s.devices);
