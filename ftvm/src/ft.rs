@@ -160,12 +160,22 @@ fn hello(role: Role, vcpus: u8, mem_mib: u64) -> Hello {
     }
 }
 
-/// Heartbeats both ways; `lost` is set when the peer's stop arriving.
+/// Until the initial sync is done (epoch 0 committed), the peer counts as lost only after
+/// this long without heartbeats (or `Detect::timeout` if longer). Nothing is protected yet, so
+/// a quick verdict buys nothing, while both sides back memory in advance then (the standby,
+/// the primary's shadow for deltas): measured here, that work on both of this host's two
+/// cores at once now and then kept a heartbeat out past 60 ms and split the pair before it
+/// was ever protected.
+const SYNC_DETECT: Duration = Duration::from_secs(1);
+
+/// Heartbeats both ways; `lost` is set when the peer's stop arriving (see [`SYNC_DETECT`]
+/// for the time before `synced` is set).
 fn spawn_heartbeats(
     rt: &tokio::runtime::Runtime,
     mut tx: net::link::Sender,
     mut rx: net::link::Receiver,
     lost: Arc<AtomicBool>,
+    synced: Arc<AtomicBool>,
     detect: Detect,
 ) {
     rt.spawn(async move {
@@ -176,7 +186,16 @@ fn spawn_heartbeats(
         }
     });
     rt.spawn(async move {
-        while rx.recv_heartbeat(detect.timeout).await.is_ok() {}
+        loop {
+            let timeout = if synced.load(Ordering::SeqCst) {
+                detect.timeout
+            } else {
+                detect.timeout.max(SYNC_DETECT)
+            };
+            if rx.recv_heartbeat(timeout).await.is_err() {
+                break;
+            }
+        }
         lost.store(true, Ordering::SeqCst);
     });
 }
@@ -262,8 +281,39 @@ struct PageEncoder {
     encoding: PageEncoding,
     /// Pages encoded so far (this process, all sessions).
     pages: u64,
-    shadow: std::collections::HashMap<u64, Box<[u8; PAGE_SIZE]>>,
+    shadow: Shadow,
     sent: SentHashes,
+}
+
+/// Every page as the secondary holds it, flat by page number (a page never sent is zeros, as
+/// on the secondary). Allocated and backed at once, for all of guest memory, when a session
+/// with deltas starts: filled page by page instead, its first-touch faults were measured the
+/// largest CPU cost of a primary with deltas here.
+#[derive(Default)]
+struct Shadow(Vec<u8>);
+
+impl Shadow {
+    /// All zeros, `bytes` long, backed.
+    fn reset(&mut self, bytes: usize) {
+        if self.0.len() == bytes {
+            self.0.fill(0);
+        } else {
+            // calloc: fresh zeroed memory, not written here.
+            self.0 = vec![0; bytes];
+        }
+        if let Err(e) = vmm::memory::populate_buf(&mut self.0) {
+            tracing::warn!("cannot back the shadow of guest memory in advance: {e}");
+        }
+    }
+
+    fn page(&mut self, gpa: u64) -> &mut [u8] {
+        let at = (gpa / PAGE_SIZE as u64) as usize * PAGE_SIZE;
+        if at + PAGE_SIZE > self.0.len() {
+            // Not met: the shadow covers all of guest memory.
+            self.0.resize(at + PAGE_SIZE, 0);
+        }
+        &mut self.0[at..at + PAGE_SIZE]
+    }
 }
 
 /// A keyed 128-bit hash (xxh3-128, seeded per process) of every page as the secondary will
@@ -319,7 +369,9 @@ impl PageEncoder {
         let zero = vmm::memory::is_zero(&page);
         if self.encoding == PageEncoding::Raw || zero {
             if zero {
-                self.shadow.remove(&gpa);
+                if self.encoding == PageEncoding::XorLz4 {
+                    self.shadow.page(gpa).fill(0);
+                }
                 return PageEntry {
                     gpa,
                     data: PageData::Zero,
@@ -330,11 +382,8 @@ impl PageEncoder {
                 data: PageData::Raw(page),
             };
         }
-        let slot = self.shadow.entry(gpa).or_insert_with(|| {
-            // A page the secondary holds as zeros (never sent, or last sent as zero).
-            Box::new([0u8; PAGE_SIZE])
-        });
-        let data = match ft_log::page::encode_page(gpa, &page, Some(&slot[..])).data {
+        let slot = self.shadow.page(gpa);
+        let data = match ft_log::page::encode_page(gpa, &page, Some(slot)).data {
             d @ PageData::XorLz4(_) if delta_ok => d,
             _ => PageData::Raw(page.clone()),
         };
@@ -365,9 +414,12 @@ impl PageEncoder {
         entries
     }
 
-    /// A new session: the secondary holds nothing sent before.
-    fn reset(&mut self) {
-        self.shadow.clear();
+    /// A new session: the secondary holds nothing sent before. `mem_end`: the end of guest
+    /// memory.
+    fn reset(&mut self, mem_end: u64) {
+        if self.encoding == PageEncoding::XorLz4 {
+            self.shadow.reset(mem_end as usize);
+        }
         self.sent.clear();
     }
 }
@@ -397,6 +449,8 @@ struct LinkSide {
     log_tx: net::link::Sender,
     acks: mpsc::Receiver<u64>,
     lost: Arc<AtomicBool>,
+    /// Set once the secondary has acknowledged epoch 0 (failure detection at full speed).
+    synced: Arc<AtomicBool>,
     control: net::link::Control,
 }
 
@@ -411,7 +465,8 @@ impl LinkSide {
             control,
         } = link.into_parts();
         let lost = Arc::new(AtomicBool::new(false));
-        spawn_heartbeats(rt, hb_tx, hb_rx, lost.clone(), detect);
+        let synced = Arc::new(AtomicBool::new(false));
+        spawn_heartbeats(rt, hb_tx, hb_rx, lost.clone(), synced.clone(), detect);
         let (ack_tx, acks) = mpsc::channel();
         let lost2 = lost.clone();
         rt.spawn(async move {
@@ -426,6 +481,7 @@ impl LinkSide {
             log_tx,
             acks,
             lost,
+            synced,
             control,
         }
     }
@@ -1144,13 +1200,30 @@ impl Primary {
 
     /// Sends encoded frames; a failure marks the secondary lost (the caller sees `lost`).
     fn send(&mut self, b: &[u8], frames: u64) {
-        if let Err(e) = self.rt.block_on(
-            self.link
-                .as_mut()
-                .expect("a protection session has a link")
-                .log_tx
-                .send_frames(b, frames),
-        ) {
+        let tx = &mut self
+            .link
+            .as_mut()
+            .expect("a protection session has a link")
+            .log_tx;
+        let r = self.rt.block_on(tx.send_frames(b, frames));
+        self.sent(r);
+    }
+
+    /// [`Self::send`] without a copy: the link keeps `b` until the secondary has it (page
+    /// batches; `b` is split off a reused `BytesMut`, whose allocation comes back once the
+    /// link lets go of it).
+    fn send_owned(&mut self, b: Bytes, frames: u64) {
+        let tx = &mut self
+            .link
+            .as_mut()
+            .expect("a protection session has a link")
+            .log_tx;
+        let r = self.rt.block_on(tx.send_frames_owned(b, frames));
+        self.sent(r);
+    }
+
+    fn sent(&mut self, r: Result<(), net::Error>) {
+        if let Err(e) = r {
             tracing::warn!("sending to the secondary failed: {e}");
             self.link().lost.store(true, Ordering::SeqCst);
         }
@@ -1162,7 +1235,7 @@ impl Primary {
     /// Called with the guest paused; returns with it running and epoch 0 acknowledged.
     fn sync(&mut self) -> Result<Synced> {
         let t0 = Instant::now();
-        self.encoder.reset();
+        self.encoder.reset(vmm::memory::end(self.vm.memory()));
         // From here the guest's frames leave only with an acknowledged epoch.
         self.vm.with_net(|n| n.hold_tx(true));
         let from_boot = self.tracked_from_boot.take();
@@ -1223,7 +1296,7 @@ impl Primary {
                 pre.pages += entries.len() as u32;
                 b.clear();
                 let frames = encode_pages(&entries, 0, &mut b);
-                self.send(&b, frames as u64);
+                self.send_owned(b.split().freeze(), frames as u64);
                 if self.lost() {
                     return Ok(Synced::Lost);
                 }
@@ -1278,6 +1351,7 @@ impl Primary {
                 return Ok(Synced::Lost);
             }
         }
+        self.link().synced.store(true, Ordering::SeqCst);
         if exit_code.is_none() && hold {
             self.vm.resume()?;
         }
@@ -1464,6 +1538,9 @@ impl Primary {
                 .entries(&pages, &data, &mut hasher, !begun && epoch > 0, self.chunks);
         let mut b = std::mem::take(&mut self.frames);
         b.clear();
+        // At once, so that the allocation sent last time is taken back whole if the link
+        // has let go of it (else a new one), not grown piecemeal.
+        b.reserve(entries.len() * (PAGE_SIZE + 32) + 4096);
         let mut frames = 0;
         let mut rec = |r: Record, b: &mut BytesMut| {
             r.encode(epoch, b);
@@ -1567,9 +1644,9 @@ impl Primary {
             }),
             &mut b,
         );
-        self.send(&b, frames + n_page_frames as u64);
-        // Both buffers are reused: fresh memory would page-fault, and the copy happens while
-        // the guest is paused.
+        self.send_owned(b.split().freeze(), frames + n_page_frames as u64);
+        // Both buffers are reused (`b` once the link has let go of what it sent): fresh
+        // memory page-faults, measured the largest single CPU cost of replication here.
         self.frames = b;
         let sent = entries.len();
         drop(entries);
@@ -1878,6 +1955,18 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
         .map_err(|_| anyhow!("no primary connected within {PRIMARY_WAIT:?}"))??;
     vmm::check_vcpus(u32::from(peer.vcpus))?;
     let mem = vmm::memory::create(peer.mem_mib).context("the primary's guest memory size")?;
+    // Back the standby now, during the sync, rather than page by page as epochs land in it
+    // (first-touch zeroing was measured the largest CPU cost of a secondary here, taken from
+    // the core the guest shares; and vSphere FT too reserves a protected VM's memory in
+    // full). Done before epoch 0 is acknowledged: a VM protected from boot starts only then.
+    let mut backing = Some(
+        std::thread::Builder::new()
+            .name("standby-back".into())
+            .spawn({
+                let mem = mem.clone();
+                move || vmm::memory::populate(&mem)
+            })?,
+    );
     let mut sec = replay::Secondary::new(mem);
     let disk = cfg.disk.as_deref().map(open_disk).transpose()?;
     let mut disk_sized = false;
@@ -1912,7 +2001,8 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
         control,
     } = link.into_parts();
     let lost = Arc::new(AtomicBool::new(false));
-    spawn_heartbeats(&rt, hb_tx, hb_rx, lost.clone(), cfg.detect);
+    let synced = Arc::new(AtomicBool::new(false));
+    spawn_heartbeats(&rt, hb_tx, hb_rx, lost.clone(), synced.clone(), cfg.detect);
     // Receive and commit epochs until the primary is gone or the guest ended.
     let outcome: Result<Received> = rt.block_on(async {
         loop {
@@ -1926,6 +2016,13 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
                 Ok((e, r)) => match sec.on_record(e, r) {
                     Ok(actions) => {
                         for replay::Action::Ack(k) in actions {
+                            if let Some(t) = backing.take() {
+                                match t.join() {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(e)) => tracing::warn!("backing the standby: {e}"),
+                                    Err(_) => tracing::warn!("backing the standby panicked"),
+                                }
+                            }
                             if let Err(e) =
                                 apply_disk_writes(&mut sec, disk.as_ref(), &mut disk_sized)
                             {
@@ -1934,6 +2031,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
                             }
                             if session.is_none() {
                                 session = Some(ds.session()?);
+                                synced.store(true, Ordering::SeqCst);
                             }
                             net_ends.push_back(sec.output().end(NET_STREAM));
                             if net_ends.len() > RESEND_EPOCHS + 1 {

@@ -1,7 +1,7 @@
 //! The QUIC connection and its two streams (FT log, heartbeats).
 use crate::verify::Pinned;
 use crate::{Error, Identity};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use ft_log::{Decoder, Frame, Hello, Record};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Endpoint, RecvStream, SendStream, TransportConfig, VarInt};
@@ -239,10 +239,18 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// Sends already-encoded ft-log frames.
+    /// Sends already-encoded ft-log frames (copied into the stream's send buffer).
     pub async fn send_frames(&mut self, bytes: &[u8], frames: u64) -> Result<(), Error> {
         self.frames += frames;
         self.tx.write_all(bytes).await.map_err(Error::Write)
+    }
+
+    /// Sends already-encoded ft-log frames without copying them: the stream keeps `bytes`
+    /// until the peer has acknowledged them. For epochs of many pages, where a copy into
+    /// fresh send-buffer memory costs more than the encoding (first-touch page faults).
+    pub async fn send_frames_owned(&mut self, bytes: Bytes, frames: u64) -> Result<(), Error> {
+        self.frames += frames;
+        self.tx.write_chunk(bytes).await.map_err(Error::Write)
     }
 
     /// Sends one record.

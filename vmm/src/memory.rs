@@ -54,19 +54,50 @@ pub fn create(mem_mib: u64) -> Result<GuestMemory, Error> {
 /// all of memory (~0.35 s for 128 MiB measured on this project's host, where first-touching
 /// memory is slow) stalled every other thread that mapped memory, heartbeats included.
 pub fn populate(mem: &GuestMemory) -> std::io::Result<()> {
-    const STEP: usize = 2 << 20;
     for (_, host, len) in host_regions(mem) {
-        for off in (0..len).step_by(STEP) {
-            let n = STEP.min(len - off);
-            // SAFETY: madvise on a part of a mapping `mem` owns; populating changes no
-            // contents.
-            let r = unsafe { libc::madvise(host.add(off).cast(), n, libc::MADV_POPULATE_WRITE) };
-            if r != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+        // SAFETY: `mem` owns the mapping and keeps it for the call.
+        unsafe { populate_raw(host, len) }?;
+    }
+    Ok(())
+}
+
+/// [`populate`] for a buffer of the VMM's own (huge pages asked for first): one that will be
+/// written soon in full, e.g. a shadow copy of guest memory, backed at once rather than a
+/// page fault per 4 KiB later. Only the whole pages inside `buf` are backed.
+pub fn populate_buf(buf: &mut [u8]) -> std::io::Result<()> {
+    let page = 4096;
+    let start = (buf.as_mut_ptr() as usize).next_multiple_of(page);
+    let end = (buf.as_mut_ptr() as usize + buf.len()) / page * page;
+    if end <= start {
+        return Ok(());
+    }
+    // SAFETY: the range lies inside `buf`, which the caller holds mutably; MADV_HUGEPAGE and
+    // populating change no contents.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        populate_raw(start as *mut u8, end - start)
+    }
+}
+
+/// # Safety
+/// `host..host + len` must be a page-aligned range of a live private mapping.
+unsafe fn populate_raw(host: *mut u8, len: usize) -> std::io::Result<()> {
+    const STEP: usize = 2 << 20;
+    for off in (0..len).step_by(STEP) {
+        let n = STEP.min(len - off);
+        // SAFETY: per the caller; populating changes no contents.
+        let r = unsafe { libc::madvise(host.add(off).cast(), n, libc::MADV_POPULATE_WRITE) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
         }
     }
     Ok(())
+}
+
+/// The guest-physical address just past the end of guest memory.
+pub fn end(mem: &GuestMemory) -> u64 {
+    use vm_memory::GuestMemoryBackend;
+    mem.last_addr().0 + 1
 }
 
 /// Whether `bytes` (a page) is all zeros; word-at-a-time.
