@@ -416,6 +416,12 @@ struct RunArgs {
     disk: Option<PathBuf>,
     #[command(flatten)]
     net: NetArgs,
+    /// Back all guest memory before the guest starts (as QEMU's -mem-prealloc): the guest
+    /// then never waits for the host to zero a page it touches first. An FT-protected VM
+    /// always has its memory backed in full (as vSphere FT reserves it), so this is the
+    /// like-for-like unprotected baseline.
+    #[arg(long = "mem-prealloc")]
+    mem_prealloc: bool,
 }
 
 fn serial_sink(path: Option<&Path>) -> Result<SerialOut> {
@@ -490,6 +496,9 @@ fn run(a: RunArgs) -> Result<u8> {
         a.net.mac,
         "the saved VM has a network device: give a tap with --tap NAME",
     )?;
+    if a.mem_prealloc {
+        vmm::memory::populate(vm.memory()).context("cannot back guest memory (--mem-prealloc)")?;
+    }
     vm.resume()?;
     let ev = match (a.save_after_ms, &a.save) {
         (Some(ms), Some(path)) => match vm.wait_event(Some(Duration::from_millis(ms))) {

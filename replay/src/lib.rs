@@ -103,6 +103,10 @@ impl Staging {
                 return;
             }
             let last = GuestAddress(e.gpa.saturating_add(PAGE_SIZE as u64 - 1));
+            if !e.gpa.is_multiple_of(PAGE_SIZE as u64) {
+                self.bad = Some(format!("page address {:#x} not page-aligned", e.gpa));
+                return;
+            }
             if !mem.address_in_range(GuestAddress(e.gpa)) || !mem.address_in_range(last) {
                 self.bad = Some(format!("page {:#x} outside the standby's memory", e.gpa));
                 return;
@@ -313,11 +317,9 @@ impl Secondary {
         if let Err(why) = self.output.check(&s.outputs, &end.outputs) {
             return fail(self, why);
         }
-        // Verified: apply. Writes to in-range pages of our own memory cannot fail.
-        for (gpa, page) in s.gpas.iter().zip(s.data.chunks_exact(PAGE_SIZE)) {
-            self.mem
-                .write_slice(page, GuestAddress(*gpa))
-                .expect("page checked in range");
+        // Verified: apply. The pages were checked in range as they were staged.
+        if let Err(why) = vmm::memory::write_pages(&self.mem, &s.gpas, &s.data) {
+            return fail(self, why);
         }
         if s.data.capacity() <= SPARE_MAX {
             self.spare = s.data;

@@ -223,6 +223,34 @@ pub fn copy_pages(mem: &GuestMemory, gpas: &[u64], out: &mut [u8]) -> Result<(),
     regions.copy(gpas, out)
 }
 
+/// Writes whole pages into memory no vCPU runs on (a secondary's standby): `data` holds the
+/// pages for `gpas` back to back. A plain `memcpy` into the host mapping, not marked in the
+/// dirty bitmap ([`write_bytes`] marks every page: measured ~20% of a secondary's CPU
+/// here, for a bitmap no one reads — a VM started on this memory begins with a full sync).
+/// An address that is not a whole page of `mem` is an error, and nothing is written then.
+pub fn write_pages(mem: &GuestMemory, gpas: &[u64], data: &[u8]) -> Result<(), String> {
+    const PAGE: usize = 4096;
+    if data.len() != gpas.len() * PAGE {
+        return Err(format!("{} bytes for {} pages", data.len(), gpas.len()));
+    }
+    let regions = host_regions(mem);
+    let hosts = gpas
+        .iter()
+        .map(|&gpa| {
+            page_host(&regions, gpa).map(|(_, h)| h).ok_or_else(|| {
+                format!("page {gpa:#x} is outside guest memory or not a whole guest page")
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for (host, page) in hosts.into_iter().zip(data.chunks_exact(PAGE)) {
+        // SAFETY: `host .. + PAGE` lies inside a live mapping owned by `mem` (checked by
+        // `page_host`); `data` is ordinary host memory, so they cannot overlap. No vCPU
+        // runs on this memory (the caller's contract), so no one else writes it.
+        unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), host, PAGE) };
+    }
+    Ok(())
+}
+
 /// Host mappings of guest memory, shared by copy threads.
 struct Regions(Vec<(u64, *mut u8, usize)>);
 
