@@ -45,7 +45,75 @@ pub fn page_hash(page: &[u8]) -> u64 {
 }
 
 fn is_zero(p: &[u8]) -> bool {
-    p.iter().all(|b| *b == 0)
+    let words = p.chunks_exact(8);
+    let tail = words.remainder().iter().fold(0, |a, b| a | b);
+    words.fold(0, |a, w| a | u64::from_ne_bytes(w.try_into().unwrap())) == 0 && tail == 0
+}
+
+/// How a page changed against the receiver's copy (see [`DeltaEncoder`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delta {
+    /// Identical: nothing to send.
+    Same,
+    /// Now all zeros.
+    Zero,
+    /// An LZ4 block of `new ⊕ old`, at most half a page.
+    XorLz4(Bytes),
+    /// The delta does not pay (or is not allowed): send the page itself.
+    Raw,
+}
+
+/// Encodes pages against the receiver's copies with one pass over each pair (XOR, and the
+/// test for a change, at once) and work areas kept from page to page.
+pub struct DeltaEncoder {
+    x: Box<[u8; PAGE_SIZE]>,
+    c: Box<[u8; XOR_WORTH_IT]>,
+}
+
+impl Default for DeltaEncoder {
+    fn default() -> Self {
+        DeltaEncoder {
+            x: Box::new([0; PAGE_SIZE]),
+            c: Box::new([0; XOR_WORTH_IT]),
+        }
+    }
+}
+
+impl DeltaEncoder {
+    /// `new` against the receiver's `old` (both one page). `delta_ok`: whether the receiver
+    /// may get a delta (else a changed non-zero page is `Raw`).
+    pub fn encode(&mut self, new: &[u8], old: &[u8], delta_ok: bool) -> Delta {
+        assert!(
+            new.len() == PAGE_SIZE && old.len() == PAGE_SIZE,
+            "one page each"
+        );
+        let mut any = 0u64;
+        for ((x, n), o) in self
+            .x
+            .chunks_exact_mut(8)
+            .zip(new.chunks_exact(8))
+            .zip(old.chunks_exact(8))
+        {
+            let d = u64::from_ne_bytes(n.try_into().unwrap())
+                ^ u64::from_ne_bytes(o.try_into().unwrap());
+            any |= d;
+            x.copy_from_slice(&d.to_ne_bytes());
+        }
+        if any == 0 {
+            return Delta::Same;
+        }
+        if is_zero(new) {
+            return Delta::Zero;
+        }
+        if delta_ok {
+            // Output capped at what is worth sending: LZ4 gives up (an error) past it.
+            if let Ok(n) = lz4::block::compress_to_buffer(&self.x[..], None, false, &mut self.c[..])
+            {
+                return Delta::XorLz4(Bytes::copy_from_slice(&self.c[..n]));
+            }
+        }
+        Delta::Raw
+    }
 }
 
 /// Chooses the smallest encoding of `new` given the receiver's copy `old` (if it has one).
@@ -58,17 +126,24 @@ pub fn encode_page(gpa: u64, new: &[u8], old: Option<&[u8]>) -> PageEntry {
         };
     }
     if let Some(old) = old {
-        let mut x = [0u8; PAGE_SIZE];
-        for (i, b) in x.iter_mut().enumerate() {
-            *b = new[i] ^ old[i];
-        }
-        // Output capped at what is worth sending: LZ4 gives up (an error) past it.
-        let mut c = [0u8; XOR_WORTH_IT];
-        if let Ok(n) = lz4::block::compress_to_buffer(&x, None, false, &mut c) {
-            return PageEntry {
-                gpa,
-                data: PageData::XorLz4(Bytes::copy_from_slice(&c[..n])),
-            };
+        match DeltaEncoder::default().encode(new, old, true) {
+            Delta::XorLz4(b) => {
+                return PageEntry {
+                    gpa,
+                    data: PageData::XorLz4(b),
+                }
+            }
+            // The receiver's copy is right: an empty delta (a delta of zeros) says so.
+            Delta::Same => {
+                return PageEntry {
+                    gpa,
+                    data: PageData::XorLz4(Bytes::from(
+                        lz4::block::compress(&[0; PAGE_SIZE], None, false)
+                            .expect("a page compresses"),
+                    )),
+                }
+            }
+            Delta::Zero | Delta::Raw => {}
         }
     }
     PageEntry {
@@ -219,6 +294,42 @@ mod tests {
             d.apply(&mut target).unwrap();
             assert_eq!(target, src);
         }
+    }
+
+    #[test]
+    fn delta_encoder_tells_same_zero_delta_and_raw_and_its_deltas_apply() {
+        let mut enc = DeltaEncoder::default();
+        let old = page(7);
+        assert_eq!(enc.encode(&old, &old, true), Delta::Same);
+        assert_eq!(enc.encode(&[0; PAGE_SIZE], &old, true), Delta::Zero);
+        let mut new = old.clone();
+        new[100] ^= 0x5a;
+        new[4000] = 1;
+        let Delta::XorLz4(b) = enc.encode(&new, &old, true) else {
+            panic!("a two-byte change is a delta");
+        };
+        let mut target = old.clone();
+        PageEntry {
+            gpa: 0,
+            data: PageData::XorLz4(b),
+        }
+        .apply(&mut target)
+        .unwrap();
+        assert_eq!(target, new);
+        // Deltas not allowed, or not worth it (an unrelated page): the page itself.
+        assert_eq!(enc.encode(&new, &old, false), Delta::Raw);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert_eq!(enc.encode(&noise, &old, true), Delta::Raw);
+        // The work areas carry nothing from one page to the next.
+        assert_eq!(enc.encode(&old, &old, true), Delta::Same);
     }
 
     #[test]

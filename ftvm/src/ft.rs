@@ -26,7 +26,7 @@ use crate::now_us;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use ft_log::frames::NET_STREAM;
-use ft_log::page::{PageData, PageEntry, PAGE_SIZE};
+use ft_log::page::{Delta, PageData, PageEntry, PAGE_SIZE};
 use ft_log::record::{encode_pages, EpochEnd, EpochHasher};
 use ft_log::{Hello, Record, Role};
 use net::link::{connect, Listener, Parts};
@@ -274,7 +274,8 @@ pub enum Tracking {
 /// Chooses each page's wire encoding. For deltas it keeps a shadow of every page as the
 /// secondary will hold it once the epochs sent so far commit: epochs commit in order, and a
 /// discarded epoch ends the session (a new session starts from an empty shadow, and empty
-/// hashes). With chunk tracking it also skips pages the secondary already holds (see
+/// hashes). With deltas it skips every page the shadow shows unchanged (XOR and the test in
+/// one pass); with raw pages and chunk tracking, pages whose hash is unchanged (see
 /// [`SentHashes`]).
 #[derive(Default)]
 struct PageEncoder {
@@ -282,6 +283,7 @@ struct PageEncoder {
     /// Pages encoded so far (this process, all sessions).
     pages: u64,
     shadow: Shadow,
+    delta: ft_log::page::DeltaEncoder,
     sent: SentHashes,
 }
 
@@ -320,7 +322,8 @@ impl Shadow {
 /// hold it once the epochs sent so far commit, by page number; 0 for a page not sent this
 /// session, which the secondary holds as zeros (each session's secondary starts from zeroed
 /// memory, and the sync sends only non-zero pages). Chunk tracking copies whole 2 MiB
-/// chunks; only pages whose hash differs go on the link. 16 bytes per guest page (0.4 %).
+/// chunks; with raw pages only pages whose hash differs go on the link (deltas use the
+/// shadow instead). 16 bytes per guest page (0.4 %).
 struct SentHashes {
     seed: u64,
     /// The hash of a zero page.
@@ -363,36 +366,33 @@ impl SentHashes {
 }
 
 impl PageEncoder {
-    /// One page's entry. `delta_ok` is false when the page may already be in this epoch (the
-    /// secondary applies a delta to its committed page, not to an earlier entry).
-    fn entry(&mut self, gpa: u64, page: Bytes, delta_ok: bool) -> PageEntry {
-        let zero = vmm::memory::is_zero(&page);
-        if self.encoding == PageEncoding::Raw || zero {
-            if zero {
-                if self.encoding == PageEncoding::XorLz4 {
-                    self.shadow.page(gpa).fill(0);
-                }
-                return PageEntry {
-                    gpa,
-                    data: PageData::Zero,
-                };
-            }
-            return PageEntry {
-                gpa,
-                data: PageData::Raw(page),
+    /// One page's entry; None when the secondary already holds exactly this page (known
+    /// with deltas, from the shadow). `delta_ok` is false when the page may already be in
+    /// this epoch (the secondary applies a delta to its committed page, not to an earlier
+    /// entry).
+    fn entry(&mut self, gpa: u64, page: &Bytes, delta_ok: bool) -> Option<PageEntry> {
+        if self.encoding == PageEncoding::Raw {
+            let data = if vmm::memory::is_zero(page) {
+                PageData::Zero
+            } else {
+                PageData::Raw(page.clone())
             };
+            return Some(PageEntry { gpa, data });
         }
         let slot = self.shadow.page(gpa);
-        let data = match ft_log::page::encode_page(gpa, &page, Some(slot)).data {
-            d @ PageData::XorLz4(_) if delta_ok => d,
-            _ => PageData::Raw(page.clone()),
+        let data = match self.delta.encode(page, slot, delta_ok) {
+            Delta::Same => return None,
+            Delta::Zero => PageData::Zero,
+            Delta::XorLz4(b) => PageData::XorLz4(b),
+            Delta::Raw => PageData::Raw(page.clone()),
         };
-        slot.copy_from_slice(&page);
-        PageEntry { gpa, data }
+        slot.copy_from_slice(page);
+        Some(PageEntry { gpa, data })
     }
 
     /// Entries for `pages` whose contents are `data` back to back, hashed into `hasher`.
-    /// `changed_only`: only the pages that differ from what was sent (see [`SentHashes`]).
+    /// `changed_only`: only the pages that differ from what was sent (see [`SentHashes`];
+    /// with deltas always so).
     fn entries(
         &mut self,
         pages: &[u64],
@@ -404,11 +404,16 @@ impl PageEncoder {
         let mut entries = Vec::with_capacity(pages.len());
         for (i, &gpa) in pages.iter().enumerate() {
             let page = data.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE);
-            if changed_only && !self.sent.changed(gpa, &page) {
+            // With deltas the shadow tells a changed page (`entry`); else the hashes do.
+            if changed_only && self.encoding == PageEncoding::Raw && !self.sent.changed(gpa, &page)
+            {
                 continue;
             }
+            let Some(entry) = self.entry(gpa, &page, delta_ok) else {
+                continue;
+            };
             hasher.add(gpa, &page);
-            entries.push(self.entry(gpa, page, delta_ok));
+            entries.push(entry);
         }
         self.pages += entries.len() as u64;
         entries
