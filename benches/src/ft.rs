@@ -4,14 +4,17 @@
 //!
 //! - **Overhead vs vCPUs** on `dirtier preset=compile-profile jobs=J` (the stand-in for a
 //!   kernel compile; its jobs are shared out over the vCPUs), as the guest's own elapsed time,
-//!   in modes taken in turn for each vCPU count: FT off (`ftvm run`), dirty tracking only
-//!   (in-process VM, dirty log harvested every 20 ms, no network: the cost of write-protection
-//!   faults alone), writes tracked at 2 MiB with userfaultfd write protection instead
-//!   (`vmm::wp` `protect_all` every 20 ms: the tracking cost with guest memory left on huge
-//!   pages; not an FT mode yet), the same plus state capture and copying the dirty pages out (everything the
-//!   primary does while the guest is paused, still no network), FT on (a real `ftvm secondary` + `ftvm primary` pair on loopback), and FT
-//!   on with XOR+LZ4 page deltas. Also the primary's epoch pause, dirty pages per epoch and
-//!   bytes on the wire per page, from the summary line it prints at exit.
+//!   in modes taken in turn for each vCPU count: FT off (`ftvm run --mem-prealloc`: memory
+//!   backed before the guest starts, as it always is under FT, so that neither side pays for
+//!   first-touch zeroing inside the guest's time), three in-process epoch loops with no
+//!   secondary and no network (KVM's dirty log harvested every 20 ms: the cost of its
+//!   write-protection faults alone; writes tracked at 2 MiB with userfaultfd instead, taken
+//!   every 20 ms; the dirty log plus state capture and copying the dirty pages out), then
+//!   real pairs (`ftvm secondary` + `ftvm primary` on loopback): FT on with the defaults
+//!   (2 MiB chunk tracking, XOR+LZ4 deltas, 50 ms epochs), and each with one setting
+//!   changed: `--page-encoding raw`, `--dirty-tracking dirty-log`, `--epoch-ms 20`. Also the
+//!   primary's bytes on the wire per page sent, from the summary line it prints at exit.
+//!   Both ends of each pair share this host's cores with the guest.
 //! - **Epoch pause vs dirty pages**: `dirtier` pairs paced at several page rates and epoch
 //!   lengths, every epoch's pause and dirty-page count (`ftvm primary --epoch-stats`), binned
 //!   by dirty pages; one 10 s run fills the target bin (4096–8191 pages) with ~100 epochs.
@@ -33,6 +36,7 @@ use vmm::{BootSource, DirtyTracking, VmConfig, Vmm};
 struct Overhead {
     vcpus: u8,
     jobs: u64,
+    /// `ftvm run --mem-prealloc`.
     guest_ms_off: Vec<u64>,
     guest_ms_dirty_tracking: Vec<u64>,
     /// Writes tracked at 2 MiB with userfaultfd instead of KVM's dirty log
@@ -42,22 +46,23 @@ struct Overhead {
     /// Its chunk write faults per 20 ms epoch: each run's mean (the table shows their median).
     wp_tracking_faults_per_epoch: Vec<f64>,
     guest_ms_epochs_in_process: Vec<u64>,
+    /// FT on, default settings (2 MiB chunks, XOR+LZ4 deltas, 50 ms epochs).
     guest_ms_ft: Vec<u64>,
-    guest_ms_ft_xor_lz4: Vec<u64>,
-    /// FT on, raw pages, `--epoch-copy paused` (the default copies after the pause).
-    guest_ms_ft_copy_paused: Vec<u64>,
-    /// FT on, raw pages, `--dirty-tracking chunks` (2 MiB chunk tracking; the default is
-    /// KVM's dirty log).
-    guest_ms_ft_chunks: Vec<u64>,
-    ratio_ft_chunks_vs_off: f64,
+    /// FT on, `--page-encoding raw`.
+    guest_ms_ft_raw: Vec<u64>,
+    /// FT on, `--dirty-tracking dirty-log`.
+    guest_ms_ft_dirty_log: Vec<u64>,
+    /// FT on, `--epoch-ms 20` (the default before this run's).
+    guest_ms_ft_epoch_20: Vec<u64>,
     ratio_ft_vs_off: f64,
-    ratio_ft_copy_paused_vs_off: f64,
-    ratio_ft_xor_lz4_vs_off: f64,
+    ratio_ft_raw_vs_off: f64,
+    ratio_ft_dirty_log_vs_off: f64,
+    ratio_ft_epoch_20_vs_off: f64,
     ratio_dirty_tracking_vs_off: f64,
     ratio_wp_tracking_vs_off: f64,
     ratio_epochs_in_process_vs_off: f64,
+    wire_bytes_per_page: f64,
     wire_bytes_per_page_raw: f64,
-    wire_bytes_per_page_xor_lz4: f64,
     primary_summaries: Vec<String>,
 }
 
@@ -77,15 +82,16 @@ struct Report {
     command: String,
     machine: crate::Machine,
     overhead: Vec<Overhead>,
-    /// Default settings (KVM's dirty log: exact 4 KiB dirty pages; `--epoch-copy background`).
+    /// Default settings (2 MiB chunk tracking, `--epoch-copy background`): binned by the
+    /// epoch's changed pages (sent), as `pause_epochs`.
     pause_vs_dirty_pages: Vec<PauseBin>,
-    /// The same runs with `--epoch-copy paused`.
+    /// The same runs with `--epoch-copy paused` (binned the same way).
     pause_vs_dirty_pages_copy_paused: Vec<PauseBin>,
-    /// The same runs with `--dirty-tracking chunks`: binned by the pages taken at the cut
-    /// (every page of each written chunk).
-    pause_vs_pages_chunks: Vec<PauseBin>,
+    /// The same runs with `--dirty-tracking dirty-log`: binned by exact 4 KiB dirty pages.
+    pause_vs_dirty_pages_dirty_log: Vec<PauseBin>,
     pause_runs: Vec<String>,
-    /// (dirty pages, pause µs) of every epoch of the pause runs (the scatter in the plot).
+    /// (changed pages, pause µs) of every epoch of the default pause runs (the scatter in the
+    /// plot).
     pause_epochs: Vec<(u64, u64)>,
     pause_epochs_copy_paused: Vec<(u64, u64)>,
     /// Each pause run's `--epoch-stats` CSV, headed by `# <the run>`: where every epoch's
@@ -147,9 +153,19 @@ pub(crate) fn ftvm() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The guest's ms without FT: `ftvm run --mem-prealloc` (memory backed before the guest
+/// starts, as under FT).
 pub(crate) fn off(bin: &Path, vcpus: u8, cmdline: &str) -> Result<u64> {
     let out = Command::new(bin)
-        .args(["run", "--guest", "dirtier", "--cmdline", cmdline, "--vcpus"])
+        .args([
+            "run",
+            "--mem-prealloc",
+            "--guest",
+            "dirtier",
+            "--cmdline",
+            cmdline,
+        ])
+        .arg("--vcpus")
         .arg(vcpus.to_string())
         .output()?;
     guest_ms(&String::from_utf8_lossy(&out.stdout))
@@ -390,8 +406,18 @@ struct PauseRuns {
 /// The dirty-page bin of the pause target (p99 ≤ 2 ms at 4096 dirty pages).
 const TARGET_BIN: (u64, u64) = (4096, 8192);
 
+/// Which pages an epoch is binned by: `--epoch-stats` column 2, the pages taken at the pause
+/// (with the dirty log: the exact dirty pages), or column 11, the pages sent (those whose
+/// content changed: with chunk tracking the dirty pages, where column 2 counts every page of
+/// each written chunk).
+#[derive(Clone, Copy)]
+enum PagesBy {
+    Taken = 2,
+    Sent = 11,
+}
+
 /// The paced `dirtier` pairs of the pause measurement.
-fn pause_runs(bin: &Path, extra: &[String]) -> Result<PauseRuns> {
+fn pause_runs(bin: &Path, extra: &[String], by: PagesBy) -> Result<PauseRuns> {
     let mut r = PauseRuns {
         summaries: Vec::new(),
         csv: Vec::new(),
@@ -418,7 +444,7 @@ fn pause_runs(bin: &Path, extra: &[String]) -> Result<PauseRuns> {
         r.epochs.extend(
             csv.lines()
                 .skip(1)
-                .filter_map(pause_and_pages)
+                .filter_map(|l| pause_and_pages(l, by))
                 .map(|(pause, pages)| (pages, pause)),
         );
         r.csv.push(format!("# {run}\n{csv}"));
@@ -426,14 +452,15 @@ fn pause_runs(bin: &Path, extra: &[String]) -> Result<PauseRuns> {
     Ok(r)
 }
 
-/// (pause µs, dirty pages) of an `--epoch-stats` row (`epoch,pause_us,dirty_pages,…`).
-fn pause_and_pages(line: &str) -> Option<(u64, u64)> {
-    let mut f = line.split(',').skip(1).map(|x| x.parse().ok());
-    Some((f.next()??, f.next()??))
+/// (pause µs, pages) of an `--epoch-stats` row (`epoch,pause_us,dirty_pages,…`).
+fn pause_and_pages(line: &str, by: PagesBy) -> Option<(u64, u64)> {
+    let f: Vec<&str> = line.split(',').collect();
+    let num = |i: usize| f.get(i)?.parse().ok();
+    Some((num(1)?, num(by as usize)?))
 }
 
 /// The `n` slowest epochs of the target bin as their CSV rows, each with its run.
-fn slowest_in_target_bin(csv: &[String], n: usize) -> Vec<(u64, String)> {
+fn slowest_in_target_bin(csv: &[String], n: usize, by: PagesBy) -> Vec<(u64, String)> {
     let mut rows = Vec::new();
     for run in csv {
         let name = run
@@ -442,7 +469,7 @@ fn slowest_in_target_bin(csv: &[String], n: usize) -> Vec<(u64, String)> {
             .unwrap_or_default()
             .trim_start_matches("# ");
         for line in run.lines().skip(2) {
-            if let Some((pause, pages)) = pause_and_pages(line) {
+            if let Some((pause, pages)) = pause_and_pages(line, by) {
                 if (TARGET_BIN.0..TARGET_BIN.1).contains(&pages) {
                     rows.push((pause, format!("{line}  ({name})")));
                 }
@@ -538,9 +565,10 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let bin = ftvm()?;
     let cmdline = format!("preset=compile-profile jobs={jobs}");
-    let xor = ["--page-encoding".to_string(), "xor-lz4".to_string()];
     let copy_paused = ["--epoch-copy".to_string(), "paused".to_string()];
-    let chunks = ["--dirty-tracking".to_string(), "chunks".to_string()];
+    let dirty_log = ["--dirty-tracking".to_string(), "dirty-log".to_string()];
+    let raw = ["--page-encoding".to_string(), "raw".to_string()];
+    let epoch_20 = ["--epoch-ms".to_string(), "20".to_string()];
     let mut overhead = Vec::new();
     for &vcpus in &vcpu_counts {
         let mut o = Overhead {
@@ -549,7 +577,7 @@ pub fn run(args: &[String]) -> Result<()> {
             ..Default::default()
         };
         let vc = ["--vcpus".to_string(), vcpus.to_string()];
-        let (mut raw_bytes, mut raw_pages, mut x_bytes, mut x_pages) = (0, 0, 0, 0);
+        let (mut bytes, mut pages, mut raw_bytes, mut raw_pages) = (0, 0, 0, 0);
         for r in 0..runs {
             eprintln!("overhead: {vcpus} vCPUs, run {r}");
             o.guest_ms_off.push(off(&bin, vcpus, &cmdline)?);
@@ -560,45 +588,44 @@ pub fn run(args: &[String]) -> Result<()> {
             o.wp_tracking_faults_per_epoch.push(faults);
             o.guest_ms_epochs_in_process
                 .push(epoch_loop(vcpus, &cmdline, Extra::CaptureCopy)?);
-            let (console, summary, _) = ft_run(&bin, "dirtier", &cmdline, &vc)?;
-            o.guest_ms_ft.push(guest_ms(&console)?);
+            let mut ft = |with: &[String], tag: &str| -> Result<(u64, String)> {
+                let args: Vec<String> = vc.iter().chain(with).cloned().collect();
+                let (console, summary, _) = ft_run(&bin, "dirtier", &cmdline, &args)?;
+                o.primary_summaries.push(format!("({tag}) {summary}"));
+                Ok((guest_ms(&console)?, summary))
+            };
+            let (ms, summary) = ft(&[], "defaults")?;
+            bytes += field(&summary, "bytes_sent")?;
+            pages += field(&summary, "pages_sent")?;
+            let ms_default = ms;
+            let (ms, summary) = ft(&raw, "--page-encoding raw")?;
             raw_bytes += field(&summary, "bytes_sent")?;
             raw_pages += field(&summary, "pages_sent")?;
-            o.primary_summaries.push(summary);
-            let args: Vec<String> = vc.iter().chain(&xor).cloned().collect();
-            let (console, summary, _) = ft_run(&bin, "dirtier", &cmdline, &args)?;
-            o.guest_ms_ft_xor_lz4.push(guest_ms(&console)?);
-            x_bytes += field(&summary, "bytes_sent")?;
-            x_pages += field(&summary, "pages_sent")?;
-            o.primary_summaries.push(format!("(xor-lz4) {summary}"));
-            let args: Vec<String> = vc.iter().chain(&copy_paused).cloned().collect();
-            let (console, summary, _) = ft_run(&bin, "dirtier", &cmdline, &args)?;
-            o.guest_ms_ft_copy_paused.push(guest_ms(&console)?);
-            o.primary_summaries
-                .push(format!("(--epoch-copy paused) {summary}"));
-            let args: Vec<String> = vc.iter().chain(&chunks).cloned().collect();
-            let (console, summary, _) = ft_run(&bin, "dirtier", &cmdline, &args)?;
-            o.guest_ms_ft_chunks.push(guest_ms(&console)?);
-            o.primary_summaries
-                .push(format!("(--dirty-tracking chunks) {summary}"));
+            let ms_raw = ms;
+            let (ms_dirty_log, _) = ft(&dirty_log, "--dirty-tracking dirty-log")?;
+            let (ms_epoch_20, _) = ft(&epoch_20, "--epoch-ms 20")?;
+            o.guest_ms_ft.push(ms_default);
+            o.guest_ms_ft_raw.push(ms_raw);
+            o.guest_ms_ft_dirty_log.push(ms_dirty_log);
+            o.guest_ms_ft_epoch_20.push(ms_epoch_20);
         }
         let base = median(&o.guest_ms_off);
         o.ratio_ft_vs_off = median(&o.guest_ms_ft) / base;
-        o.ratio_ft_xor_lz4_vs_off = median(&o.guest_ms_ft_xor_lz4) / base;
-        o.ratio_ft_copy_paused_vs_off = median(&o.guest_ms_ft_copy_paused) / base;
-        o.ratio_ft_chunks_vs_off = median(&o.guest_ms_ft_chunks) / base;
+        o.ratio_ft_raw_vs_off = median(&o.guest_ms_ft_raw) / base;
+        o.ratio_ft_dirty_log_vs_off = median(&o.guest_ms_ft_dirty_log) / base;
+        o.ratio_ft_epoch_20_vs_off = median(&o.guest_ms_ft_epoch_20) / base;
         o.ratio_dirty_tracking_vs_off = median(&o.guest_ms_dirty_tracking) / base;
         o.ratio_wp_tracking_vs_off = median(&o.guest_ms_wp_tracking) / base;
         o.ratio_epochs_in_process_vs_off = median(&o.guest_ms_epochs_in_process) / base;
+        o.wire_bytes_per_page = bytes as f64 / pages.max(1) as f64;
         o.wire_bytes_per_page_raw = raw_bytes as f64 / raw_pages.max(1) as f64;
-        o.wire_bytes_per_page_xor_lz4 = x_bytes as f64 / x_pages.max(1) as f64;
         overhead.push(o);
     }
     // Pause vs dirty pages: paced dirtiers from light to heavy, every epoch recorded; with
     // the pages copied after the pause (default) and in it.
-    let background = pause_runs(&bin, &[])?;
-    let paused = pause_runs(&bin, &copy_paused)?;
-    let chunk_pauses = pause_runs(&bin, &chunks)?;
+    let background = pause_runs(&bin, &[], PagesBy::Sent)?;
+    let paused = pause_runs(&bin, &copy_paused, PagesBy::Sent)?;
+    let dirty_log_pauses = pause_runs(&bin, &dirty_log, PagesBy::Taken)?;
     // Output latency added by the output rule.
     let (mut hold50, mut hold99, mut holds) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..runs {
@@ -630,7 +657,7 @@ pub fn run(args: &[String]) -> Result<()> {
         overhead,
         pause_vs_dirty_pages: pause_bins(&background.epochs),
         pause_vs_dirty_pages_copy_paused: pause_bins(&paused.epochs),
-        pause_vs_pages_chunks: pause_bins(&chunk_pauses.epochs),
+        pause_vs_dirty_pages_dirty_log: pause_bins(&dirty_log_pauses.epochs),
         pause_runs: background.summaries,
         pause_epochs: background.epochs,
         pause_epochs_copy_paused: paused.epochs,
@@ -651,46 +678,44 @@ pub fn run(args: &[String]) -> Result<()> {
         report.machine, report.command
     );
     println!("**Overhead**: `dirtier preset=compile-profile jobs={jobs}` (stand-in for a kernel compile), guest ms, median of {runs}\n");
-    println!("| vCPUs | FT off | KVM dirty log only | + state capture and page copy | 2 MiB chunk tracking only (faults/epoch) | FT on (raw pages) | FT on (XOR+LZ4) | FT on, --epoch-copy paused | FT on, --dirty-tracking chunks | wire bytes/page raw → XOR+LZ4 |");
+    println!("| vCPUs | FT off | KVM dirty log only | + state capture and page copy | 2 MiB chunk tracking only (faults/epoch) | FT on (defaults) | FT on, --page-encoding raw | FT on, --dirty-tracking dirty-log | FT on, --epoch-ms 20 | wire bytes/page: defaults, raw |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for o in &report.overhead {
         let mut f = o.wp_tracking_faults_per_epoch.clone();
         f.sort_by(f64::total_cmp);
+        let cell = |v: &[u64], r: f64| format!("{:.0} ({r:.2}×)", median(v));
         println!(
-            "| {} | {:.0} | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×, {:.1}) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} ({:.2}×) | {:.0} → {:.0} |",
+            "| {} | {:.0} | {} | {} | {:.0} ({:.2}×, {:.1}) | {} | {} | {} | {} | {:.0}, {:.0} |",
             o.vcpus,
             median(&o.guest_ms_off),
-            median(&o.guest_ms_dirty_tracking),
-            o.ratio_dirty_tracking_vs_off,
-            median(&o.guest_ms_epochs_in_process),
-            o.ratio_epochs_in_process_vs_off,
+            cell(&o.guest_ms_dirty_tracking, o.ratio_dirty_tracking_vs_off),
+            cell(
+                &o.guest_ms_epochs_in_process,
+                o.ratio_epochs_in_process_vs_off
+            ),
             median(&o.guest_ms_wp_tracking),
             o.ratio_wp_tracking_vs_off,
             f.get(f.len() / 2).copied().unwrap_or(0.0),
-            median(&o.guest_ms_ft),
-            o.ratio_ft_vs_off,
-            median(&o.guest_ms_ft_xor_lz4),
-            o.ratio_ft_xor_lz4_vs_off,
-            median(&o.guest_ms_ft_copy_paused),
-            o.ratio_ft_copy_paused_vs_off,
-            median(&o.guest_ms_ft_chunks),
-            o.ratio_ft_chunks_vs_off,
+            cell(&o.guest_ms_ft, o.ratio_ft_vs_off),
+            cell(&o.guest_ms_ft_raw, o.ratio_ft_raw_vs_off),
+            cell(&o.guest_ms_ft_dirty_log, o.ratio_ft_dirty_log_vs_off),
+            cell(&o.guest_ms_ft_epoch_20, o.ratio_ft_epoch_20_vs_off),
+            o.wire_bytes_per_page,
             o.wire_bytes_per_page_raw,
-            o.wire_bytes_per_page_xor_lz4,
         );
     }
     for (how, bins) in [
         (
-            "pages copied after the pause (default)",
+            "defaults (2 MiB chunks, pages copied after the pause), by the epoch's changed pages (sent; the pages taken at the cut are every page of each written chunk, and this dirtier writes all over its 96 MiB)",
             &report.pause_vs_dirty_pages,
         ),
         (
-            "--epoch-copy paused",
+            "--epoch-copy paused, by the epoch's changed pages",
             &report.pause_vs_dirty_pages_copy_paused,
         ),
         (
-            "--dirty-tracking chunks, by pages taken at the cut (every page of each written chunk; this dirtier writes all over its 96 MiB)",
-            &report.pause_vs_pages_chunks,
+            "--dirty-tracking dirty-log, by exact 4 KiB dirty pages",
+            &report.pause_vs_dirty_pages_dirty_log,
         ),
     ] {
         println!("\n**Epoch pause vs dirty pages**, {how} (paced dirtier pairs, every epoch)\n");
@@ -709,7 +734,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     println!(
-        "\nSlowest epochs of {}–{} dirty pages, default (`--epoch-stats` columns: {}):\n",
+        "\nSlowest epochs of {}–{} pages sent (changed), defaults (`--epoch-stats` columns: {}):\n",
         TARGET_BIN.0,
         TARGET_BIN.1 - 1,
         report.pause_epoch_stats[0]
@@ -717,7 +742,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .nth(1)
             .unwrap_or_default()
     );
-    for (_, row) in slowest_in_target_bin(&report.pause_epoch_stats, 5) {
+    for (_, row) in slowest_in_target_bin(&report.pause_epoch_stats, 5, PagesBy::Sent) {
         println!("    {row}");
     }
     println!(
@@ -743,11 +768,11 @@ pub fn run(args: &[String]) -> Result<()> {
 mod tests {
     #[test]
     fn pause_and_pages_reads_an_epoch_stats_row() {
-        assert_eq!(
-            super::pause_and_pages("86,1533,5364,135,152,979,938,,4186,6,0"),
-            Some((1533, 5364))
-        );
-        assert_eq!(super::pause_and_pages("epoch,pause_us,dirty_pages"), None);
-        assert_eq!(super::pause_and_pages("7,12"), None);
+        use super::{pause_and_pages, PagesBy::*};
+        let row = "86,1533,5364,135,152,979,938,,4186,6,0,2100";
+        assert_eq!(pause_and_pages(row, Taken), Some((1533, 5364)));
+        assert_eq!(pause_and_pages(row, Sent), Some((1533, 2100)));
+        assert_eq!(pause_and_pages("epoch,pause_us,dirty_pages", Taken), None);
+        assert_eq!(pause_and_pages("7,12", Taken), None);
     }
 }

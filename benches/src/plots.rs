@@ -129,13 +129,14 @@ fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, at: SeriesLabelPosition) -> Res
 fn overhead(ft: &Value, out: &Path) -> Result<PathBuf> {
     let rows = ft["overhead"].as_array().context("ft.json: overhead")?;
     let series = [
-        ("FT on (raw pages)", "ratio_ft_vs_off", RED),
-        ("FT on (XOR+LZ4 pages)", "ratio_ft_xor_lz4_vs_off", BLUE),
         (
-            "FT on, 2 MiB chunk tracking",
-            "ratio_ft_chunks_vs_off",
+            "FT on (defaults: 2 MiB chunks, XOR+LZ4, 50 ms epochs)",
+            "ratio_ft_vs_off",
             BLACK,
         ),
+        ("FT on, raw pages", "ratio_ft_raw_vs_off", RED),
+        ("FT on, KVM dirty log", "ratio_ft_dirty_log_vs_off", BLUE),
+        ("FT on, 20 ms epochs", "ratio_ft_epoch_20_vs_off", CYAN),
         ("KVM dirty log only", "ratio_dirty_tracking_vs_off", GREEN),
         (
             "2 MiB chunk tracking only",

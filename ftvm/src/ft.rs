@@ -59,6 +59,11 @@ impl Detect {
         (self.timeout / 6).max(Duration::from_millis(1))
     }
 }
+/// The longest epoch by default (`ftvm primary --epoch-ms`), chosen by measurement
+/// (`ftvm-bench ft`, README Performance): at 1 vCPU the compile-profile stand-in ran 1.07×
+/// its unprotected time with 50 ms epochs and 1.21× with 20 ms, with output latency and
+/// failover time unchanged (epochs close early when output waits).
+pub const DEFAULT_EPOCH_MS: u64 = 50;
 /// Epochs streamed but not yet acknowledged before the primary throttles the guest.
 const MAX_IN_FLIGHT: usize = 4;
 /// An epoch closes early once its guest has seen this many device inputs (bounds the
@@ -236,10 +241,11 @@ impl HeldOutput {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum PageEncoding {
     /// Whole pages (all-zero pages as a marker).
-    #[default]
     Raw,
     /// XOR against the page as the secondary holds it, LZ4-compressed, when that is at most
-    /// half a page. Costs the primary a shadow copy of every page it has sent.
+    /// half a page; pages the secondary holds unchanged are not sent. Costs the primary a
+    /// shadow of guest memory (as much memory again), backed when a session starts.
+    #[default]
     XorLz4,
 }
 
@@ -261,13 +267,12 @@ pub enum EpochCopy {
 pub enum Tracking {
     /// Write protection of 2 MiB chunks (userfaultfd, see [`vmm::wp`]): each epoch copies
     /// every page of the chunks the guest wrote and sends those whose content changed since
-    /// sent (a 128-bit hash per page). Guest memory stays mapped in huge pages, and is fully
+    /// sent (told by the shadow with deltas, else by a 128-bit hash per page). Guest memory stays mapped in huge pages, and is fully
     /// backed while protected. Falls back to `dirty-log` where the kernel does not allow.
-    /// Opt-in until its overhead is measured by the benchmark and it has had a soak run.
+    #[default]
     Chunks,
     /// KVM's dirty log (4 KiB exact; KVM maps guest memory in 4 KiB pages while it logs,
     /// which is most of FT's overhead on this project's host).
-    #[default]
     DirtyLog,
 }
 
@@ -541,7 +546,11 @@ enum PageCopy {
 /// Where one epoch's pause went.
 struct EpochStat {
     pause: Duration,
+    /// Pages taken at the pause (with chunk tracking every page of each written chunk).
     pages: usize,
+    /// Pages sent: those whose content changed (all taken pages with raw pages and the dirty
+    /// log).
+    sent: usize,
     /// Stopping the vCPUs.
     kick: Duration,
     /// Reading and clearing the dirty log.
@@ -614,10 +623,10 @@ impl FtConfig {
             peer: Some(cfg.listen),
             datastore: cfg.datastore.clone(),
             serial_out: cfg.serial_out.clone(),
-            epoch: Duration::from_millis(20),
+            epoch: Duration::from_millis(DEFAULT_EPOCH_MS),
             min_epoch: Duration::from_millis(2),
             detect: cfg.detect,
-            page_encoding: PageEncoding::Raw,
+            page_encoding: PageEncoding::default(),
             epoch_copy: EpochCopy::default(),
             tracking: Tracking::default(),
             epoch_stats: None,
@@ -1165,10 +1174,11 @@ impl Primary {
             }
             let pause = paused_at.elapsed();
             let pages = snap.pages.len();
-            self.stream(snap, None)?;
+            let sent = self.stream(snap, None)?;
             self.epochs.push(EpochStat {
                 pause,
                 pages,
+                sent,
                 kick,
                 harvest,
                 capture: self.split.0,
@@ -1679,7 +1689,7 @@ impl Primary {
         holds.sort_unstable();
         if let Some(path) = &self.cfg.epoch_stats {
             let mut csv = String::from(
-                "epoch,pause_us,dirty_pages,kick_us,harvest_us,capture_us,copy_us,output_hold_us,bg_copy_us,bg_faults,throttle_us\n",
+                "epoch,pause_us,dirty_pages,kick_us,harvest_us,capture_us,copy_us,output_hold_us,bg_copy_us,bg_faults,throttle_us,pages_sent\n",
             );
             let us = |d: Duration| d.as_micros();
             // How long the epoch's first output byte was held (empty: no output).
@@ -1688,7 +1698,7 @@ impl Primary {
             for (i, e) in self.epochs.iter().enumerate() {
                 let k = i as u64 + 1;
                 csv += &format!(
-                    "{k},{},{},{},{},{},{},{},{},{},{}\n",
+                    "{k},{},{},{},{},{},{},{},{},{},{},{}\n",
                     us(e.pause),
                     e.pages,
                     us(e.kick),
@@ -1699,6 +1709,7 @@ impl Primary {
                     us(e.bg_copy),
                     e.bg_faults,
                     us(e.throttle),
+                    e.sent,
                 );
             }
             if let Err(e) = std::fs::write(path, csv) {

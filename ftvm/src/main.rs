@@ -243,15 +243,20 @@ struct PrimaryArgs {
     /// primary can finish releasing exactly once); stdout if absent.
     #[arg(long = "serial-out", value_name = "FILE")]
     serial_out: Option<PathBuf>,
-    /// Longest epoch, in milliseconds.
-    #[arg(long = "epoch-ms", value_name = "MS", default_value_t = 20)]
+    /// Longest epoch, in milliseconds. An epoch closes sooner when guest output (console,
+    /// network frames) is waiting (see --min-epoch-ms), so a longer epoch does not delay
+    /// output; it is how much guest work a failover may redo, and fewer epochs cost less
+    /// (the default was chosen by `ftvm-bench ft`: README, Performance).
+    #[arg(long = "epoch-ms", value_name = "MS", default_value_t = ft::DEFAULT_EPOCH_MS)]
     epoch_ms: u64,
     /// Shortest epoch when guest output is waiting, in milliseconds.
     #[arg(long = "min-epoch-ms", value_name = "MS", default_value_t = 2)]
     min_epoch_ms: u64,
-    /// How dirty pages travel: `raw` pages, or `xor-lz4` deltas against the secondary's copy
-    /// (fewer bytes on the link, more primary CPU and a shadow copy of the sent pages).
-    #[arg(long = "page-encoding", value_enum, default_value_t = ft::PageEncoding::Raw)]
+    /// How dirty pages travel: `xor-lz4` deltas against the secondary's copy (unchanged
+    /// pages skipped; the primary keeps a shadow of guest memory: as much memory again), or
+    /// `raw` pages (no shadow; far more bytes, and CPU, on the link). See the README's
+    /// performance section for the measured costs of each.
+    #[arg(long = "page-encoding", value_enum, default_value_t = ft::PageEncoding::XorLz4)]
     page_encoding: ft::PageEncoding,
     /// When each epoch's dirty pages are copied out: `background` write-protects them in the
     /// pause and copies them once the guest runs again (a guest write to a page not yet
@@ -262,17 +267,18 @@ struct PrimaryArgs {
     /// How the pages each epoch changed are found: `chunks` write-protects guest memory in
     /// 2 MiB chunks (userfaultfd), copies each epoch the chunks the guest wrote and sends the
     /// pages whose content changed (guest memory stays in huge pages and is fully backed
-    /// while protected; needs Linux 6.4+, else falls back); `dirty-log` uses KVM's dirty log
-    /// (exact 4 KiB pages, but KVM maps guest memory in 4 KiB pages while it logs: measured
-    /// ~4x slower here for a memory-heavy guest). `chunks` is new (opt-in: not yet through
-    /// the benchmark and a soak).
-    #[arg(long = "dirty-tracking", value_enum, default_value_t = ft::Tracking::DirtyLog)]
+    /// while protected; needs Linux 6.4+, else falls back to `dirty-log`); `dirty-log` uses
+    /// KVM's dirty log (exact 4 KiB pages, but KVM maps guest memory in 4 KiB pages while it
+    /// logs: measured ~4x slower here for a memory-heavy guest).
+    #[arg(long = "dirty-tracking", value_enum, default_value_t = ft::Tracking::Chunks)]
     tracking: ft::Tracking,
-    /// When the guest ends, write one CSV line per epoch here: its pause and dirty pages, and
+    /// When the guest ends, write one CSV line per epoch here: its pause and the pages taken
+    /// at the pause (dirty pages; with chunk tracking every page of each written chunk), and
     /// where the pause went (stopping the vCPUs, dirty log, state capture together with the
     /// pages' protection or copy, which runs beside it, and that page part alone), then the
-    /// copy after the pause and the guest writes that waited for it, and the part of the pause
-    /// spent waiting for a secondary that fell behind; times in µs.
+    /// copy after the pause and the guest writes that waited for it, the part of the pause
+    /// spent waiting for a secondary that fell behind, and the pages sent (those whose
+    /// content changed); times in µs.
     #[arg(long = "epoch-stats", value_name = "FILE")]
     epoch_stats: Option<PathBuf>,
     /// The guest's disk image (virtio-blk). The secondary keeps its own copy (its --disk),
