@@ -454,6 +454,14 @@ enum Synced {
     Lost,
 }
 
+/// The FT log's sending side of the session's link (there is one while protected).
+fn log_tx(link: &mut Option<LinkSide>) -> &mut net::link::Sender {
+    &mut link
+        .as_mut()
+        .expect("a protection session has a link")
+        .log_tx
+}
+
 /// The primary's end of one protection session's link.
 struct LinkSide {
     log_tx: net::link::Sender,
@@ -1138,13 +1146,8 @@ impl Primary {
                     // be released.
                     // No close here: closing could discard the Stop still in flight. The
                     // secondary closes the link when it leaves.
-                    self.rt.block_on(
-                        self.link
-                            .as_mut()
-                            .expect("a protection session has a link")
-                            .log_tx
-                            .send_record(0, &Record::Stop { off }),
-                    )?;
+                    self.rt
+                        .block_on(log_tx(&mut self.link).send_record(0, &Record::Stop { off }))?;
                     return Ok(Protected::Stopped { off, reply });
                 }
             }
@@ -1203,24 +1206,17 @@ impl Primary {
                 return Protected::Lost(Some(code));
             }
         }
-        let _ = self.rt.block_on(
-            self.link
-                .as_mut()
-                .expect("a protection session has a link")
-                .log_tx
-                .send_record(epoch, &Record::Shutdown { code }),
-        );
+        let _ = self
+            .rt
+            .block_on(log_tx(&mut self.link).send_record(epoch, &Record::Shutdown { code }));
         Protected::Exited(code)
     }
 
     /// Sends encoded frames; a failure marks the secondary lost (the caller sees `lost`).
     fn send(&mut self, b: &[u8], frames: u64) {
-        let tx = &mut self
-            .link
-            .as_mut()
-            .expect("a protection session has a link")
-            .log_tx;
-        let r = self.rt.block_on(tx.send_frames(b, frames));
+        let r = self
+            .rt
+            .block_on(log_tx(&mut self.link).send_frames(b, frames));
         self.sent(r);
     }
 
@@ -1228,12 +1224,9 @@ impl Primary {
     /// batches; `b` is split off a reused `BytesMut`, whose allocation comes back once the
     /// link lets go of it).
     fn send_owned(&mut self, b: Bytes, frames: u64) {
-        let tx = &mut self
-            .link
-            .as_mut()
-            .expect("a protection session has a link")
-            .log_tx;
-        let r = self.rt.block_on(tx.send_frames_owned(b, frames));
+        let r = self
+            .rt
+            .block_on(log_tx(&mut self.link).send_frames_owned(b, frames));
         self.sent(r);
     }
 
@@ -1759,13 +1752,7 @@ impl Primary {
 
     /// Releases the output of every acknowledged epoch, in order.
     fn release_acked(&mut self) {
-        while let Ok(k) = self
-            .link
-            .as_mut()
-            .expect("a protection session has a link")
-            .acks
-            .try_recv()
-        {
+        while let Ok(k) = self.link().acks.try_recv() {
             self.release_through(k);
         }
     }
@@ -1786,13 +1773,7 @@ impl Primary {
     /// Blocks until one more acknowledgement arrives: `true`; or the secondary is lost: `false`.
     fn wait_ack(&mut self) -> bool {
         loop {
-            match self
-                .link
-                .as_mut()
-                .expect("a protection session has a link")
-                .acks
-                .recv_timeout(Duration::from_millis(5))
-            {
+            match self.link().acks.recv_timeout(Duration::from_millis(5)) {
                 Ok(k) => {
                     self.release_through(k);
                     return true;
