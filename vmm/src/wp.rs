@@ -468,7 +468,7 @@ impl BackgroundCopy {
         let mut state = self.inner.state.lock().unwrap();
         let written = state.written.as_mut().ok_or(Error::NotTracking)?;
         let chunks = std::mem::take(written);
-        if let Err(e) = self.inner.protect_all() {
+        if let Err(e) = self.inner.protect_chunks(&chunks) {
             state.written = Some(chunks); // nothing is lost: the next cut has them
             return Err(e);
         }
@@ -493,7 +493,7 @@ impl BackgroundCopy {
             // Published under the same lock as the protection: a fault served after it
             // finds the job and copies its chunk before lifting it.
             state.job = Some(job.clone());
-            self.inner.protect_all()?;
+            self.inner.protect_chunks(&chunks)?;
             Ok(self.copying(job, buf))
         });
         match made {
@@ -658,6 +658,33 @@ impl Inner {
             .position(|&(s, l)| (s..s + l).contains(&hva))?;
         let (start, len) = self.regions[r];
         Some((r, chunk_of(start, len, hva)))
+    }
+
+    /// Write-protects `chunks` (host starts, as the handler records them), adjacent ones in
+    /// one call. While tracking, the chunks written since the last cut are the only ones
+    /// unprotected (the handler records a chunk before it lifts it), so protecting them again
+    /// protects all guest memory — without telling KVM that all of it changed: every
+    /// protection call drops KVM's mappings of its whole range, and under shadow paging (PVM)
+    /// the guest then faults on every page it touches again, read or write.
+    fn protect_chunks(&self, chunks: &std::collections::BTreeSet<u64>) -> Result<(), Error> {
+        let mut run: Option<(u64, u64)> = None;
+        for &hva in chunks {
+            let Some((_, (start, len))) = self.region_chunk(hva) else {
+                continue; // not recorded from outside guest memory: cannot happen
+            };
+            run = match run {
+                Some((s, l)) if s + l == start => Some((s, l + len)),
+                Some((s, l)) => {
+                    self.protect(s, l, true)?;
+                    Some((start, len))
+                }
+                None => Some((start, len)),
+            };
+        }
+        match run {
+            Some((s, l)) => self.protect(s, l, true),
+            None => Ok(()),
+        }
     }
 
     /// Write-protects all guest memory.
