@@ -129,7 +129,7 @@ fn field(summary: &str, key: &str) -> Result<u64> {
         .context(key.to_string())
 }
 
-fn median(v: &[u64]) -> f64 {
+pub(crate) fn median(v: &[u64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_unstable();
     s[s.len() / 2] as f64
@@ -265,14 +265,14 @@ fn epoch_loop_faults(vcpus: u8, cmdline: &str, extra: Extra) -> Result<(u64, f64
     Ok((guest_ms(&text)?, faults as f64 / epochs.max(1) as f64))
 }
 
-struct Pair {
-    dir: PathBuf,
-    secondary: std::process::Child,
-    primary: std::process::Child,
+pub(crate) struct Pair {
+    pub(crate) dir: PathBuf,
+    pub(crate) secondary: std::process::Child,
+    pub(crate) primary: std::process::Child,
 }
 
 /// A pair on loopback sharing a fresh datastore; `extra` goes to the primary.
-fn pair(bin: &Path, tag: &str, boot: &[String], extra: &[String]) -> Result<Pair> {
+pub(crate) fn pair(bin: &Path, tag: &str, boot: &[String], extra: &[String]) -> Result<Pair> {
     let dir = std::env::temp_dir().join(format!("ftvm-bench-ft-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -306,7 +306,7 @@ fn pair(bin: &Path, tag: &str, boot: &[String], extra: &[String]) -> Result<Pair
 }
 
 /// `--guest G --cmdline C`.
-fn guest_args(guest: &str, cmdline: &str) -> Vec<String> {
+pub(crate) fn guest_args(guest: &str, cmdline: &str) -> Vec<String> {
     ["--guest", guest, "--cmdline", cmdline]
         .map(String::from)
         .to_vec()

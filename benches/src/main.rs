@@ -489,6 +489,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("foundation") => foundation(&args[1..]),
         Some("ft") => ft::run(&args[1..]),
+        Some("ft-cost") => ftcost::run(&args[1..]),
         Some("link") => link::run(&args[1..]),
         Some("peers") => peers::run(&args[1..]),
         Some("netserve") => netserve::run(&args[1..]),
@@ -500,6 +501,7 @@ fn main() -> Result<()> {
                 "usage: ftvm-bench all [--quick]     every benchmark below, then the plots\n       \
                  ftvm-bench foundation [--runs N] [--sizes 64,256,1024]\n       \
                  ftvm-bench ft [--runs N] [--jobs J] [--vcpus 1,2,4,8] [--kills K]\n       \
+                 ftvm-bench ft-cost [--runs N] [--jobs J] [--epoch-ms MS] [--vcpus 1,2]\n       \
                  ftvm-bench link [--runs N] [--mib M] [--rtt-us R]\n       \
                  ftvm-bench peers [--runs N]\n       \
                  ftvm-bench netserve [--runs N] [--mib M] [--rr K] [--min-epoch-ms E]\n       \
@@ -532,6 +534,7 @@ fn all(args: &[String]) -> Result<()> {
             }
             a
         }),
+        ("ft-cost", runs("3", "1")),
         ("link", runs("5", "1")),
         ("peers", runs("5", "1")),
         ("netserve", runs("3", "1")),
@@ -543,6 +546,7 @@ fn all(args: &[String]) -> Result<()> {
         let r = match *name {
             "foundation" => foundation(a),
             "ft" => ft::run(a),
+            "ft-cost" => ftcost::run(a),
             "link" => link::run(a),
             "peers" => peers::run(a),
             "netserve" => netserve::run(a),
@@ -594,6 +598,7 @@ fn all(args: &[String]) -> Result<()> {
 mod colo;
 mod delay;
 mod ft;
+mod ftcost;
 mod kernel;
 mod link;
 mod netserve;
