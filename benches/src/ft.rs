@@ -190,33 +190,12 @@ fn epoch_loop(vcpus: u8, cmdline: &str, extra: Extra) -> Result<u64> {
 
 /// [`epoch_loop`], also returning the mean write faults per epoch with `Extra::WpTracking`.
 fn epoch_loop_faults(vcpus: u8, cmdline: &str, extra: Extra) -> Result<(u64, f64)> {
-    #[derive(Clone, Default)]
-    struct Cap(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Cap {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let cap = Cap::default();
-    let src = BootSource::Kernel {
-        image: guests::by_name("dirtier").unwrap().elf.to_vec(),
-        initrd: None,
-        cmdline: cmdline.into(),
+    let dirty = if extra == Extra::WpTracking {
+        DirtyTracking::Off
+    } else {
+        DirtyTracking::Bitmap
     };
-    let cfg = VmConfig {
-        vcpus,
-        mem_mib: 128,
-        dirty: if extra == Extra::WpTracking {
-            DirtyTracking::Off
-        } else {
-            DirtyTracking::Bitmap
-        },
-    };
-    let mut vm = Vmm::boot(&cfg, &src, Box::new(cap.clone()))?;
+    let (mut vm, cap) = boot_dirtier(vcpus, cmdline, dirty)?;
     let wp = match extra {
         Extra::WpTracking => {
             let wp = vmm::wp::BackgroundCopy::new(vm.memory())?;
@@ -260,9 +239,45 @@ fn epoch_loop_faults(vcpus: u8, cmdline: &str, extra: Extra) -> Result<(u64, f64
             }
         }
     }
-    let text = String::from_utf8_lossy(&cap.0.lock().unwrap()).to_string();
     let faults = wp.map_or(0, |w| w.faults());
-    Ok((guest_ms(&text)?, faults as f64 / epochs.max(1) as f64))
+    Ok((guest_ms(&cap.text())?, faults as f64 / epochs.max(1) as f64))
+}
+
+/// A console captured in memory.
+#[derive(Clone, Default)]
+pub(crate) struct Cap(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Cap {
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).to_string()
+    }
+}
+
+impl std::io::Write for Cap {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The `dirtier` guest booted in this process (128 MiB, paused), its console captured.
+pub(crate) fn boot_dirtier(vcpus: u8, cmdline: &str, dirty: DirtyTracking) -> Result<(Vmm, Cap)> {
+    let cap = Cap::default();
+    let src = BootSource::Kernel {
+        image: guests::by_name("dirtier").unwrap().elf.to_vec(),
+        initrd: None,
+        cmdline: cmdline.into(),
+    };
+    let cfg = VmConfig {
+        vcpus,
+        mem_mib: 128,
+        dirty,
+    };
+    let vm = Vmm::boot(&cfg, &src, Box::new(cap.clone()))?;
+    Ok((vm, cap))
 }
 
 pub(crate) struct Pair {

@@ -19,12 +19,12 @@
 //!   time of `ftvm run --mem-prealloc` over its guest's run. When the guest's vCPUs alone fill
 //!   every core of the host, the guest cannot run faster than (guest CPU + replication CPU) /
 //!   cores allows, so this CPU ratio is a floor for the slowdown on that host.
-use crate::ft::{ftvm, guest_args, guest_ms, median, pair};
+use crate::ft::{boot_dirtier, ftvm, guest_args, guest_ms, median, pair};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use vmm::{BootSource, DirtyTracking, VmConfig, Vmm};
+use vmm::DirtyTracking;
 
 /// What the in-process epoch loop does at each epoch boundary.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
@@ -254,29 +254,7 @@ fn print_report(r: &Report) {
 
 /// One in-process run of `stage`: (guest ms, chunk faults per epoch).
 fn stage_run(cmdline: &str, stage: Stage, epoch_ms: u64) -> Result<(u64, f64)> {
-    #[derive(Clone, Default)]
-    struct Cap(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Cap {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let cap = Cap::default();
-    let src = BootSource::Kernel {
-        image: guests::by_name("dirtier").unwrap().elf.to_vec(),
-        initrd: None,
-        cmdline: cmdline.into(),
-    };
-    let cfg = VmConfig {
-        vcpus: 1,
-        mem_mib: 128,
-        dirty: DirtyTracking::Off,
-    };
-    let mut vm = Vmm::boot(&cfg, &src, Box::new(cap.clone()))?;
+    let (mut vm, cap) = boot_dirtier(1, cmdline, DirtyTracking::Off)?;
     // As the FT primary (and `ftvm run --mem-prealloc`): memory backed before the guest runs.
     vmm::memory::populate(vm.memory())?;
     let wp = match stage {
@@ -324,9 +302,8 @@ fn stage_run(cmdline: &str, stage: Stage, epoch_ms: u64) -> Result<(u64, f64)> {
         }
         vm.resume()?;
     }
-    let text = String::from_utf8_lossy(&cap.0.lock().unwrap()).to_string();
     let faults = wp.map_or(0, |w| w.faults());
-    Ok((guest_ms(&text)?, faults as f64 / epochs.max(1) as f64))
+    Ok((guest_ms(&cap.text())?, faults as f64 / epochs.max(1) as f64))
 }
 
 /// (time, CPU ms of the main process, CPU ms of the other) every 10 ms.
