@@ -153,21 +153,20 @@ pub(crate) fn ftvm() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// The guest's ms without FT: `ftvm run --mem-prealloc` (memory backed before the guest
-/// starts, as under FT).
-pub(crate) fn off(bin: &Path, vcpus: u8, cmdline: &str) -> Result<u64> {
-    let out = Command::new(bin)
-        .args([
-            "run",
-            "--mem-prealloc",
-            "--guest",
-            "dirtier",
-            "--cmdline",
-            cmdline,
-        ])
+/// The unprotected baseline: `ftvm run --mem-prealloc` (memory backed before the guest
+/// starts, as under FT) of `dirtier` with `cmdline`.
+pub(crate) fn off_command(bin: &Path, vcpus: u8, cmdline: &str) -> Command {
+    let mut c = Command::new(bin);
+    c.args(["run", "--mem-prealloc"])
+        .args(guest_args("dirtier", cmdline))
         .arg("--vcpus")
-        .arg(vcpus.to_string())
-        .output()?;
+        .arg(vcpus.to_string());
+    c
+}
+
+/// The guest's ms without FT ([`off_command`]).
+pub(crate) fn off(bin: &Path, vcpus: u8, cmdline: &str) -> Result<u64> {
+    let out = off_command(bin, vcpus, cmdline).output()?;
     guest_ms(&String::from_utf8_lossy(&out.stdout))
 }
 

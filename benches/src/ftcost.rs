@@ -19,10 +19,10 @@
 //!   time of `ftvm run --mem-prealloc` over its guest's run. When the guest's vCPUs alone fill
 //!   every core of the host, the guest cannot run faster than (guest CPU + replication CPU) /
 //!   cores allows, so this CPU ratio is a floor for the slowdown on that host.
-use crate::ft::{boot_dirtier, ftvm, guest_args, guest_ms, median, pair};
+use crate::ft::{boot_dirtier, ftvm, guest_args, guest_ms, median, off_command, pair};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use vmm::DirtyTracking;
 
@@ -157,13 +157,10 @@ pub fn run(args: &[String]) -> Result<()> {
         let vc = ["--vcpus".to_string(), vcpus.to_string()];
         for r in 0..runs {
             eprintln!("cpu: {vcpus} vCPUs, run {r}");
-            let child = Command::new(&bin)
-                .args(["run", "--mem-prealloc"])
-                .args(guest_args("dirtier", &cmdline))
-                .args(&vc)
+            let child = off_command(&bin, vcpus, &cmdline)
                 .stdout(Stdio::piped())
                 .spawn()?;
-            let (out, samples) = sample_until_exit(child, None)?;
+            let (out, _, samples) = sample_until_exit(child, None)?;
             let gm = guest_ms(&out)?;
             c.guest_ms_off.push(gm);
             c.cpu_ms_off.push(window(&samples, gm).0);
@@ -171,11 +168,16 @@ pub fn run(args: &[String]) -> Result<()> {
             let boot = guest_args("dirtier", &cmdline);
             let p = pair(&bin, "cost", &boot, &vc)?;
             let secondary_pid = p.secondary.id();
-            let (_, samples) = sample_until_exit(p.primary, Some(secondary_pid))?;
+            let (_, err, samples) = sample_until_exit(p.primary, Some(secondary_pid))?;
             let mut secondary = p.secondary;
             let _ = secondary.wait();
             let console = std::fs::read_to_string(p.dir.join("console.txt"))?;
             let _ = std::fs::remove_dir_all(&p.dir);
+            // A primary prints its summary only if the pair stayed protected to the end; a
+            // pair that split measured an unprotected guest.
+            if !err.lines().any(|l| l.contains("summary")) {
+                bail!("the pair did not stay protected to the end:\n{err}");
+            }
             let gm = guest_ms(&console)?;
             let (pri, sec) = window(&samples, gm);
             c.guest_ms_ft.push(gm);
@@ -285,7 +287,7 @@ fn stage_run(cmdline: &str, stage: Stage, epoch_ms: u64) -> Result<(u64, f64)> {
                 std::hint::black_box(wp.take_written(&[])?);
             }
             (Stage::CutCaptureCopy, Some(wp)) => {
-                let need = wp.written_chunks() * (2 << 20);
+                let need = wp.written_chunks() * vmm::wp::CHUNK as usize;
                 if buf.capacity() < need {
                     buf = Vec::with_capacity(need + need / 2);
                 }
@@ -310,20 +312,26 @@ fn stage_run(cmdline: &str, stage: Stage, epoch_ms: u64) -> Result<(u64, f64)> {
 type Sample = (Instant, u64, u64);
 
 /// Samples the CPU time of `child` (and of `other`, if given) until `child` exits; returns
-/// its stdout (if piped) and the samples, the last taken when it had exited.
-fn sample_until_exit(mut child: Child, other: Option<u32>) -> Result<(String, Vec<Sample>)> {
-    let mut out = child.stdout.take();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(o) = out.as_mut() {
-            let _ = std::io::Read::read_to_string(o, &mut s);
-        }
-        s
-    });
+/// its stdout and stderr (where piped) and the samples, the last taken when it had exited.
+fn sample_until_exit(
+    mut child: Child,
+    other: Option<u32>,
+) -> Result<(String, String, Vec<Sample>)> {
+    fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut s);
+            }
+            s
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let mut samples = Vec::new();
     let mut last = (0, 0);
     loop {
-        // Read before checking for exit: a process that has exited has no stat to read.
+        // Read before checking for exit: once reaped, a process has no stat to read.
         let now = (
             cpu_ms(child.id()).unwrap_or(last.0),
             other.and_then(cpu_ms).unwrap_or(last.1),
@@ -335,8 +343,9 @@ fn sample_until_exit(mut child: Child, other: Option<u32>) -> Result<(String, Ve
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let stdout = reader.join().unwrap_or_default();
-    Ok((stdout, samples))
+    let out = stdout.join().unwrap_or_default();
+    let err = stderr.join().unwrap_or_default();
+    Ok((out, err, samples))
 }
 
 /// CPU ms (user + system, all threads) of a live process.

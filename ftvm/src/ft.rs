@@ -435,7 +435,7 @@ impl PageEncoder {
 }
 
 /// Pages in a 2 MiB chunk of chunk tracking.
-const CHUNK_PAGES: usize = (2 << 20) / PAGE_SIZE;
+const CHUNK_PAGES: usize = vmm::wp::CHUNK as usize / PAGE_SIZE;
 
 /// Epoch 0 as sent so far by the pre-copy rounds.
 struct Precopy {

@@ -89,7 +89,7 @@ struct UffdMsg {
 }
 
 /// The unit of protection: a transparent huge page.
-const CHUNK: u64 = 2 << 20;
+pub const CHUNK: u64 = 2 << 20;
 
 /// [`Copying::finish`] lifts the protection of up to this many copied chunks at once: each
 /// lift is one ioctl and one TLB flush (an interrupt to every CPU running the guest).
