@@ -9,14 +9,18 @@
 //!     │◀─────────────────────────── Hello ───────│
 //!     │                                          │
 //!     │── EpochBegin(k) ────────────────────────▶│   per epoch k:
+//!     │── Session (epoch 0 only) ───────────────▶│     the protection session
 //!     │── Event* (port/MMIO reads, interrupts,   │     nondeterministic inputs, in order
 //!     │          device input, clock, entropy) ─▶│
 //!     │── Pages* (zero | raw | xor+lz4 | hash) ─▶│     the pages dirtied in epoch k
 //!     │── VcpuState* / DeviceState* ────────────▶│     state at the end of epoch k
 //!     │── Output* (stream, cumulative offset) ──▶│     output produced in epoch k (held!)
+//!     │── DiskWrite* ───────────────────────────▶│     the guest's disk writes in epoch k
 //!     │── EpochEnd(k) {pages, hash, offsets} ───▶│     secondary stages, verifies, commits
 //!     │◀──────────────────────────── Ack(k) ─────│     primary releases epoch k's output
 //!     │◀──── Heartbeat ────▶ (both ways, on their own stream so pages never starve them)
+//!     │── Shutdown{code} | Stop{off} ───────────▶│   the guest ended / replication stops:
+//!     │                                          │     the secondary exits, no takeover
 //! ```
 //!
 //! The secondary applies an epoch only when its `EpochEnd` arrives intact and matches what was
@@ -33,7 +37,7 @@
 //! ```text
 //! offset size field
 //! 0      2    magic "FT"
-//! 2      1    version (1)
+//! 2      1    version (`VERSION`, 3; a frame of another version is refused)
 //! 3      1    kind (RecordKind; 0 = Invalid is never sent)
 //! 4      2    flags (0; unknown bits are refused)
 //! 6      2    reserved (0)
@@ -54,13 +58,26 @@ pub mod record;
 
 pub use frame::{Decoder, Frame, MAX_PAYLOAD};
 pub use page::{PageData, PageEntry, PAGE_SIZE};
-pub use record::{Event, EventKind, Hello, Record, RecordKind, Role};
+pub use record::{Event, EventKind, Hello, Record, RecordKind, Role, NO_VCPU};
 
-/// Protocol version this build speaks (2: `DiskWrite` records).
-pub const VERSION: u8 = 2;
-/// Oldest protocol version this build still speaks (a version-1 secondary could not apply
-/// disk writes).
-pub const MIN_VERSION: u8 = 2;
+/// Protocol version this build speaks (2: `DiskWrite` records; 3: the `Session` record).
+pub const VERSION: u8 = 3;
+/// Oldest protocol version this build still speaks (a version-2 primary does not name its
+/// protection session, which the secondary needs to arbitrate).
+pub const MIN_VERSION: u8 = 3;
+
+/// The ids of `DeviceState` records: what each blob is.
+pub mod device {
+    /// The VM's KVM-level state (interrupt controllers, clocks), `vmm::persist` encoding.
+    pub const KVM: u16 = 0;
+    /// The VMM's device models (serial, virtio devices, …), `vmm::persist` encoding.
+    pub const VMM: u16 = 1;
+    /// Present in the epoch in which the guest ended; 1 byte: its exit code.
+    pub const EXIT: u16 = 2;
+    /// The primary's disk size in bytes (u64 little-endian), sent with the full disk copy of
+    /// a sync (epoch 0): the secondary empties its copy and sizes it to this.
+    pub const DISK_SIZE: u16 = 3;
+}
 
 /// Errors of the FT log codec.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

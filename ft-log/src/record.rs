@@ -24,7 +24,13 @@
 //! DiskWrite    offset u64 | len u32 | data   (the guest wrote `data` to its disk at byte
 //!                                             `offset`; both multiples of 512, len > 0;
 //!                                             applied to the secondary's disk on commit)
+//! Session      session u64            (epoch 0 only, right after EpochBegin: the protection
+//!                                      session this pair belongs to — the number the
+//!                                      secondary arbitrates for if it loses its primary)
 //! ```
+//!
+//! `Event::vcpu` is [`NO_VCPU`] for an input no vCPU caused (an interrupt, device input).
+//! `DeviceState::device` is one of the ids in [`crate::device`].
 use crate::frame::{self, Frame, MAX_PAYLOAD};
 use crate::page::{PageEntry, ENTRY_HEADER};
 use crate::{corrupt, Error};
@@ -48,6 +54,7 @@ pub enum RecordKind {
     Shutdown = 11,
     Stop = 12,
     DiskWrite = 13,
+    Session = 14,
 }
 
 impl RecordKind {
@@ -67,6 +74,7 @@ impl RecordKind {
             11 => Shutdown,
             12 => Stop,
             13 => DiskWrite,
+            14 => Session,
             0 => return Err(corrupt("record kind 0 (Invalid)")),
             k => return Err(Error::Unsupported(format!("record kind {k}"))),
         })
@@ -165,7 +173,14 @@ pub enum Record {
         offset: u64,
         data: Bytes,
     },
+    /// The protection session of this pair (epoch 0 only).
+    Session {
+        session: u64,
+    },
 }
+
+/// `Event::vcpu` of an event no vCPU caused (an interrupt, device input).
+pub const NO_VCPU: u8 = u8::MAX;
 
 /// Bounds-checked reader over a payload.
 struct Reader(Bytes);
@@ -239,6 +254,7 @@ impl Record {
             Record::Shutdown { .. } => RecordKind::Shutdown,
             Record::Stop { .. } => RecordKind::Stop,
             Record::DiskWrite { .. } => RecordKind::DiskWrite,
+            Record::Session { .. } => RecordKind::Session,
         }
     }
 
@@ -358,6 +374,7 @@ impl Record {
                 p.put_u64_le(*offset);
                 put_blob(&mut p, data);
             }
+            Record::Session { session } => p.put_u64_le(*session),
         }
         p
     }
@@ -563,6 +580,9 @@ impl Record {
                 }
                 Record::DiskWrite { offset, data }
             }
+            RecordKind::Session => Record::Session {
+                session: r.u64("session")?,
+            },
         };
         r.finish(&format!("{kind:?}"))?;
         Ok((f.epoch, rec))
@@ -591,6 +611,11 @@ pub fn encode_pages(entries: &[PageEntry], epoch: u64, out: &mut BytesMut) -> us
 
 /// Running xxh3 over the pages of an epoch, in the order they are sent: both sides compute it,
 /// the secondary compares with `EpochEnd::page_hash` before committing.
+///
+/// An epoch with disk writes hashes them apart, in their order, with a second `EpochHasher`
+/// (`add(offset, data)` per write), and folds that into the page hash once, after the pages
+/// ([`EpochHasher::fold_disk`]): pages and disk writes may then interleave on the wire. An
+/// epoch without disk writes folds nothing (not even an empty disk hash).
 #[derive(Default)]
 pub struct EpochHasher(xxhash_rust::xxh3::Xxh3);
 
@@ -605,5 +630,10 @@ impl EpochHasher {
     }
     pub fn finish(&self) -> u64 {
         self.0.digest()
+    }
+    /// Folds the hash of the epoch's disk writes in (see the type's docs): as a page at
+    /// address `u64::MAX` whose content is the disk hash, little-endian.
+    pub fn fold_disk(&mut self, disk: &EpochHasher) {
+        self.add(u64::MAX, &disk.finish().to_le_bytes());
     }
 }

@@ -86,6 +86,7 @@ fn record() -> impl Strategy<Value = Record> {
         (any::<u64>(), any::<u64>()).prop_map(|(seq, sent_us)| Record::Heartbeat { seq, sent_us }),
         any::<u8>().prop_map(|code| Record::Shutdown { code }),
         any::<bool>().prop_map(|off| Record::Stop { off }),
+        any::<u64>().prop_map(|session| Record::Session { session }),
         (0u64..1 << 40, 1usize..4).prop_map(|(sector, n)| Record::DiskWrite {
             offset: sector * 512,
             data: bytes::Bytes::from(vec![sector as u8; n * 512]),

@@ -5,7 +5,6 @@
 //! `ftvm: error: …` line (with its causes) and exits 1; a usage error exits 2.
 mod cluster;
 mod ctl;
-mod datastore;
 mod ft;
 
 use anyhow::{bail, Context, Result};
@@ -627,7 +626,7 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
         }
         CtlCommand::TestFailover => {
             // The secondary's command line, to start a new one once it has taken over.
-            let argv = datastore::Datastore::open(&a.datastore)?.secondary_command()?;
+            let argv = ft::datastore::Datastore::open(&a.datastore, false)?.secondary_command()?;
             let t0 = std::time::Instant::now();
             let reply = ctl::request(&a.datastore, "primary", ctl::Request::TestFailover)?;
             println!("primary: {reply}");
@@ -652,7 +651,7 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
         }
         CtlCommand::TestRestartSecondary => {
             let before = primary_sessions(&a.datastore)?;
-            let argv = datastore::Datastore::open(&a.datastore)?.secondary_command()?;
+            let argv = ft::datastore::Datastore::open(&a.datastore, false)?.secondary_command()?;
             let t0 = std::time::Instant::now();
             let reply = ctl::request(
                 &a.datastore,
@@ -666,7 +665,7 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
         }
         CtlCommand::Resume => {
             let before = primary_sessions(&a.datastore)?;
-            let argv = datastore::Datastore::open(&a.datastore)?.secondary_command()?;
+            let argv = ft::datastore::Datastore::open(&a.datastore, false)?.secondary_command()?;
             start_secondary_and_wait(&a.datastore, &argv, before, std::time::Instant::now())
         }
         CtlCommand::Suspend | CtlCommand::FtOff => {

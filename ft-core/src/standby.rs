@@ -1,7 +1,9 @@
-//! The secondary side of a protected pair, as a sans-IO state machine.
+//! The standby: the secondary's copy of the VM, built epoch by epoch, all-or-nothing.
 //!
-//! [`Secondary::on_record`] is fed the FT log records in order (from the link, a file, a test
-//! or a fuzzer — no sockets or clocks in here) and answers with what to send back.
+//! [`Standby::on_record`] is fed the FT log records of one epoch after another (from the
+//! link, a file, a test or a fuzzer — no sockets or clocks in here) and says when an epoch
+//! has committed. The secondary's session around it ([`crate::secondary`]) handles the
+//! records that are not part of an epoch (Stop, Shutdown) and acknowledges commits.
 //!
 //! ```text
 //!              EpochBegin(k)                 Pages / Event / VcpuState /
@@ -9,9 +11,12 @@
 //!    ▲                                │
 //!    │   EpochEnd(k) verified:        │ EpochEnd(k) does not match what was staged,
 //!    │   apply pages, keep state,     │ a delta does not apply, a record of another
-//!    │   record output, Ack(k)        │ epoch arrives, or EpochBegin(k') interrupts:
+//!    │   record output: committed k   │ epoch arrives, or EpochBegin(k') interrupts:
 //!    └────────────────────────────────┴──▶ discard staging (committed image untouched)
 //! ```
+//!
+//! Epoch 0 (the sync) must carry the pair's protection session (a `Session` record); no
+//! other epoch may.
 //!
 //! Commit is all-or-nothing: every page of the epoch is reconstructed into a staging buffer
 //! as it arrives (deltas applied to copies of the committed pages) and hashed, and at
@@ -19,6 +24,7 @@
 //! standby memory. The standby is a [`vmm::memory::GuestMemory`], so a takeover needs no bulk
 //! copy. The staging buffer is kept from one epoch to the next: fresh memory costs a page
 //! fault per 4 KiB on first touch, which on this project's host cost more than the copy.
+use crate::output::OutputLog;
 use bytes::Bytes;
 use ft_log::record::{EpochEnd, EpochHasher};
 use ft_log::{Event, PageData, PageEntry, Record, PAGE_SIZE};
@@ -26,23 +32,12 @@ use std::collections::BTreeMap;
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryBackend};
 use vmm::memory::GuestMemory;
 
-pub mod output;
-pub use output::OutputLog;
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
     #[error("epoch {epoch} discarded: {why}")]
     Discarded { epoch: u64, why: String },
     #[error("protocol: {0}")]
     Protocol(String),
-}
-
-/// What the secondary wants sent back or done after a record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Acknowledge this committed epoch to the primary. The caller first applies the
-    /// epoch's disk writes ([`Secondary::take_disk_writes`]) to its disk copy.
-    Ack(u64),
 }
 
 /// Everything staged for one epoch.
@@ -63,6 +58,7 @@ struct Staging {
     devices: BTreeMap<u16, Bytes>,
     outputs: Vec<(u8, u64, Bytes)>,
     disk: Vec<(u64, Bytes)>,
+    session: Option<u64>,
 }
 
 /// The last committed machine state besides memory.
@@ -73,10 +69,12 @@ pub struct CommittedState {
 }
 
 /// The secondary's standby and the epoch it is assembling.
-pub struct Secondary {
+pub struct Standby {
     mem: GuestMemory,
     state: CommittedState,
     committed: Option<u64>,
+    /// The protection session, from epoch 0.
+    session: Option<u64>,
     staging: Option<Staging>,
     output: OutputLog,
     /// Epochs discarded so far (for status).
@@ -141,13 +139,14 @@ fn discard(epoch: u64, why: impl Into<String>) -> Error {
     }
 }
 
-impl Secondary {
-    /// A secondary whose standby memory is `mem` (zeroed, the size of the primary's guest).
+impl Standby {
+    /// A standby whose memory is `mem` (zeroed, the size of the primary's guest).
     pub fn new(mem: GuestMemory) -> Self {
-        Secondary {
+        Standby {
             mem,
             state: CommittedState::default(),
             committed: None,
+            session: None,
             staging: None,
             output: OutputLog::default(),
             discarded: 0,
@@ -160,6 +159,11 @@ impl Secondary {
     /// Last committed epoch, if any.
     pub fn committed_epoch(&self) -> Option<u64> {
         self.committed
+    }
+
+    /// The protection session the committed epoch 0 named.
+    pub fn session(&self) -> Option<u64> {
+        self.session
     }
 
     /// The committed standby memory.
@@ -188,9 +192,12 @@ impl Secondary {
         &self.output
     }
 
-    /// Feeds one record. An `Err` means the epoch being staged was discarded (the committed
-    /// standby is untouched); the caller decides whether to keep the link.
-    pub fn on_record(&mut self, epoch: u64, rec: Record) -> Result<Vec<Action>, Error> {
+    /// Feeds one record; `Some(k)` when it committed epoch `k` (the caller then applies the
+    /// epoch's disk writes, [`Standby::take_disk_writes`], and acknowledges). An `Err` means
+    /// the epoch being staged was discarded (the committed standby is untouched); the caller
+    /// decides whether to keep the link. Records outside epochs (Hello, Heartbeat, Stop,
+    /// Shutdown) change nothing here.
+    pub fn on_record(&mut self, epoch: u64, rec: Record) -> Result<Option<u64>, Error> {
         match rec {
             Record::EpochBegin { .. } => {
                 let expected = self.committed.map_or(0, |c| c + 1);
@@ -213,13 +220,18 @@ impl Secondary {
                     data,
                     ..Default::default()
                 });
-                Ok(vec![])
+                Ok(None)
             }
             Record::EpochEnd(end) => {
                 let s = self.take_staging(epoch)?;
                 self.commit(s, &end)?;
-                Ok(vec![Action::Ack(epoch)])
+                Ok(Some(epoch))
             }
+            Record::Session { session } => self.with_staging(epoch, |s, _| {
+                if s.session.replace(session).is_some() || epoch != 0 {
+                    s.bad = Some("a Session record outside epoch 0, or twice".into());
+                }
+            }),
             Record::Pages(p) => self.with_staging(epoch, |s, mem| s.stage(mem, p)),
             Record::Event(e) => self.with_staging(epoch, |s, _| s.events.push(e)),
             Record::VcpuState { vcpu, state } => self.with_staging(epoch, |s, _| {
@@ -239,7 +251,7 @@ impl Secondary {
             Record::Heartbeat { .. }
             | Record::Hello(_)
             | Record::Shutdown { .. }
-            | Record::Stop { .. } => Ok(vec![]),
+            | Record::Stop { .. } => Ok(None),
             Record::Ack => Err(Error::Protocol("Ack sent to the secondary".into())),
         }
     }
@@ -262,11 +274,11 @@ impl Secondary {
         &mut self,
         epoch: u64,
         f: impl FnOnce(&mut Staging, &GuestMemory),
-    ) -> Result<Vec<Action>, Error> {
+    ) -> Result<Option<u64>, Error> {
         match &mut self.staging {
             Some(s) if s.epoch == epoch => {
                 f(s, &self.mem);
-                Ok(vec![])
+                Ok(None)
             }
             _ => {
                 let s = self.take_staging(epoch).err();
@@ -285,6 +297,9 @@ impl Secondary {
         if let Some(why) = s.bad {
             return fail(self, why);
         }
+        if epoch == 0 && s.session.is_none() {
+            return fail(self, "epoch 0 does not name its protection session".into());
+        }
         if s.gpas.len() != end.pages as usize {
             return fail(
                 self,
@@ -302,14 +317,13 @@ impl Secondary {
             );
         }
         let mut hasher = s.hasher;
-        // The epoch hash covers the disk writes too: their own hash, in order, folded in
-        // after the pages (see `ft_log::record::EpochEnd::page_hash`).
+        // The epoch hash covers the disk writes too (see `EpochHasher::fold_disk`).
         if !s.disk.is_empty() {
             let mut d = EpochHasher::new();
             for (offset, data) in &s.disk {
                 d.add(*offset, data);
             }
-            hasher.add(u64::MAX, &d.finish().to_le_bytes());
+            hasher.fold_disk(&d);
         }
         if hasher.finish() != end.page_hash {
             return fail(self, "page hash differs from EpochEnd".into());
@@ -329,6 +343,9 @@ impl Secondary {
         self.output.commit(&s.outputs, &end.outputs);
         self.events_committed += s.events.len() as u64;
         self.disk.extend(s.disk);
+        if s.session.is_some() {
+            self.session = s.session;
+        }
         self.committed = Some(epoch);
         Ok(())
     }

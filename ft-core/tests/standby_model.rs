@@ -1,11 +1,11 @@
-//! Model-based property test of the secondary: random epochs, some damaged; the standby must
+//! Model-based property test of the standby: random epochs, some damaged; the standby must
 //! always equal the image after the last intact epoch, and a damaged epoch must be refused.
 use bytes::Bytes;
+use ft_core::Standby;
 use ft_log::page::encode_page;
 use ft_log::record::{EpochEnd, EpochHasher};
 use ft_log::{PageData, PageEntry, Record, PAGE_SIZE};
 use proptest::prelude::*;
-use replay::{Action, Secondary};
 use std::collections::BTreeMap;
 use vm_memory::{Bytes as _, GuestAddress};
 
@@ -54,7 +54,7 @@ proptest! {
 
     #[test]
     fn standby_always_equals_last_intact_epoch(epochs in proptest::collection::vec(epoch(), 1..12)) {
-        let mut sec = Secondary::new(vmm::memory::create(16).unwrap());
+        let mut sec = Standby::new(vmm::memory::create(16).unwrap());
         let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut out_end = 0u64;
         let mut next = 0u64;
@@ -92,6 +92,7 @@ proptest! {
             let end = EpochEnd { pages, events: 0, page_hash, outputs: vec![(0, out_end + text.len() as u64)] };
             let mut results = vec![
                 sec.on_record(next, Record::EpochBegin { vcpus: 1 }),
+                sec.on_record(next, if next == 0 { Record::Session { session: 1 } } else { Record::Heartbeat { seq: 0, sent_us: 0 } }),
                 sec.on_record(next, Record::Pages(entries)),
                 sec.on_record(next, Record::VcpuState { vcpu: 0, state: Bytes::from(format!("regs@{next}")) }),
                 sec.on_record(next, Record::Output { stream: 0, offset: out_off, data: Bytes::from(text.clone()) }),
@@ -101,7 +102,7 @@ proptest! {
             }
             let good = matches!(dmg, Damage::None);
             if good {
-                prop_assert_eq!(results.last().unwrap(), &Ok(vec![Action::Ack(next)]));
+                prop_assert_eq!(results.last().unwrap(), &Ok(Some(next)));
                 model = new_model;
                 out_end += text.len() as u64;
                 prop_assert_eq!(sec.committed_epoch(), Some(next));
@@ -126,7 +127,7 @@ proptest! {
 
 #[test]
 fn epoch_out_of_order_is_a_protocol_error() {
-    let mut sec = Secondary::new(vmm::memory::create(16).unwrap());
+    let mut sec = Standby::new(vmm::memory::create(16).unwrap());
     assert!(sec.on_record(5, Record::EpochBegin { vcpus: 1 }).is_err());
     assert!(sec
         .on_record(
