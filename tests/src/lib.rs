@@ -4,6 +4,8 @@
 //! test command runs first) and the real `/dev/kvm`. A test that needs KVM and cannot open it
 //! **fails** with a message saying so; set `FTVM_SKIP_KVM_TESTS=1` to skip those tests
 //! explicitly instead (CI never sets it).
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,6 +107,11 @@ pub fn counter_output(n: u64) -> String {
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator from `seed` (for a schedule of its own inside a test).
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
     pub fn from_env(test: &str) -> Self {
         let seed = std::env::var("FTVM_TEST_SEED")
             .ok()

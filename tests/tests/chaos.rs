@@ -379,3 +379,514 @@ fn chaos_freeze_of_the_primary_during_the_pre_copy_sync_keeps_the_console_exact(
         pair.logs()
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// The cluster nemesis: a seeded schedule of faults against a whole cluster.
+
+use ftvm_tests::cluster::{Backend, Cluster, NetHosts, NET};
+use ftvm_tests::netns::sh;
+
+/// The cluster's datastore on a loop-mounted ext4 file system of its own, so that the
+/// schedule can stall it (`fsfreeze`) as a hung NFS server or SAN path would: writes block
+/// until it thaws.
+struct StallableDatastore {
+    mnt: std::path::PathBuf,
+    img: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl StallableDatastore {
+    fn create() -> Self {
+        let dir = TempDir::new("chaos-ds");
+        let (img, mnt) = (dir.path("ds.img"), dir.path("mnt"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(2 << 30).unwrap();
+        let run = |args: &[&str]| {
+            let o = Command::new(args[0]).args(&args[1..]).output();
+            match o {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => panic!(
+                    "the chaos datastore needs a loop-mounted ext4 (root, /dev/loop-control): `{}` failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => panic!("`{}`: {e} (util-linux, e2fsprogs)", args[0]),
+            }
+        };
+        run(&["mkfs.ext4", "-q", "-F", img.to_str().unwrap()]);
+        run(&[
+            "mount",
+            "-o",
+            "loop",
+            img.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+        ]);
+        StallableDatastore {
+            mnt,
+            img,
+            _dir: dir,
+        }
+    }
+
+    /// Blocks every write to the datastore for `d`.
+    fn stall(&self, d: Duration) {
+        sh(&["fsfreeze", "-f", self.mnt.to_str().unwrap()]);
+        std::thread::sleep(d);
+        sh(&["fsfreeze", "-u", self.mnt.to_str().unwrap()]);
+    }
+}
+
+impl Drop for StallableDatastore {
+    fn drop(&mut self) {
+        let m = self.mnt.to_str().unwrap();
+        let _ = Command::new("fsfreeze").args(["-u", m]).output();
+        let _ = Command::new("umount").args(["-l", m]).output();
+        let _ = std::fs::remove_file(&self.img);
+    }
+}
+
+/// One fault of the schedule.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillVmm,
+    FreezeVmm,
+    FreezeAgent,
+    CrashHost,
+    FreezeCoordinator,
+    KillCoordinator,
+    CutLink { one_way: bool },
+    PartitionCoordinator,
+    StallDatastore,
+}
+
+impl Fault {
+    fn pick(rng: &mut Rng) -> Fault {
+        match rng.range(0, 100) {
+            0..=14 => Fault::KillVmm,
+            15..=34 => Fault::FreezeVmm,
+            35..=42 => Fault::FreezeAgent,
+            43..=50 => Fault::CrashHost,
+            51..=57 => Fault::FreezeCoordinator,
+            58..=63 => Fault::KillCoordinator,
+            64..=71 => Fault::CutLink { one_way: true },
+            72..=79 => Fault::CutLink { one_way: false },
+            80..=89 => Fault::PartitionCoordinator,
+            _ => Fault::StallDatastore,
+        }
+    }
+}
+
+/// The VMs of the chaos cluster and their workloads.
+const VMS: [&str; 3] = ["cnt", "jrn", "net"];
+
+struct ChaosCluster {
+    // Dropped in this order: processes, then namespaces, then the datastore's mount.
+    c: Cluster,
+    net: NetHosts,
+    ds: StallableDatastore,
+}
+
+impl ChaosCluster {
+    fn start() -> ChaosCluster {
+        let ds = StallableDatastore::create();
+        let net = NetHosts::create_with(3, true);
+        let state = ds.mnt.join("cluster");
+        let c = Cluster::start_in_namespaces_at(
+            TempDir::new("chaos-cluster"),
+            state,
+            &net,
+            Backend::File,
+        );
+        let create = |args: &[&str]| {
+            c.ok(&[&["vm", "create"], args, &["--mem-mib", "32", "--ft"]].concat());
+        };
+        create(&[
+            "cnt",
+            "--guest",
+            "counter",
+            "--cmdline",
+            "count=100000000 rate=40",
+        ]);
+        create(&[
+            "jrn",
+            "--guest",
+            "journal",
+            "--cmdline",
+            "count=100000000 rate=10",
+            "--disk-mib",
+            "128",
+        ]);
+        let ip = format!("ip={NET}.2/24 conns=0");
+        create(&[
+            "net",
+            "--guest",
+            "netserve",
+            "--cmdline",
+            &ip,
+            "--tap",
+            "fttap",
+        ]);
+        for vm in VMS {
+            c.ok(&["vm", "start", vm]);
+        }
+        let cc = ChaosCluster { c, net, ds };
+        cc.wait_protected(120);
+        cc
+    }
+
+    /// Every VM running and protected, every host up, within `secs`.
+    fn wait_protected(&self, secs: u64) -> String {
+        self.c
+            .wait(secs, "every VM protected and every host up", |s| {
+                VMS.iter()
+                    .all(|vm| s.contains(&format!("VM {vm}: running, protected")))
+                    && s.matches(": up").count() == 3
+            })
+    }
+
+    /// The pid answering as `role` on `vm`'s control socket.
+    fn pid_of(&self, vm: &str, role: &str) -> Option<u32> {
+        let o = Command::new(ftvm_bin())
+            .args(["ctl", "--datastore"])
+            .arg(self.c.vm_dir(vm))
+            .arg("status")
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let line = text.lines().find(|l| l.starts_with(&format!("{role}:")))?;
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("pid="))?
+            .parse()
+            .ok()
+    }
+
+    /// Live ftvm processes of `vm` (their command line names its datastore).
+    fn procs_of(&self, vm: &str) -> Vec<u32> {
+        let dir = self.c.vm_dir(vm).display().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| alive(pid))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                    args.first().is_some_and(|a| a.ends_with(b"ftvm"))
+                        && args
+                            .windows(2)
+                            .any(|w| w[0] == b"--datastore" && w[1] == dir.as_bytes())
+                })
+            })
+            .collect()
+    }
+
+    /// Never two live primaries: with the VM protected, exactly two live processes hold it,
+    /// and they are the primary and the secondary the control sockets name.
+    fn check_one_primary(&self, vm: &str) {
+        let t = Instant::now();
+        loop {
+            let procs = self.procs_of(vm);
+            let (p, s) = (self.pid_of(vm, "primary"), self.pid_of(vm, "secondary"));
+            let mut want: Vec<u32> = [p, s].into_iter().flatten().collect();
+            let mut got = procs.clone();
+            want.sort_unstable();
+            got.sort_unstable();
+            if got == want && want.len() == 2 {
+                return;
+            }
+            // A halting loser may linger for a moment.
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "VM {vm}: live processes {procs:?}, but its primary is {p:?} and its secondary {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn agent_pid(&self, h: &str) -> u32 {
+        self.c.agents.iter().find(|(n, _)| n == h).unwrap().1.id()
+    }
+
+    fn host_ip(h: &str) -> String {
+        let i: u32 = h.trim_start_matches('h').parse().unwrap();
+        format!("{NET}.{}", 10 + i)
+    }
+
+    /// Applies one fault (and undoes it: thaw, restart, heal); returns what it did.
+    fn apply(&mut self, f: Fault, rng: &mut Rng) -> String {
+        let d = Duration::from_millis(rng.range(100, 5000));
+        let vm = VMS[rng.range(0, 3) as usize];
+        let role = if rng.range(0, 2) == 0 {
+            "primary"
+        } else {
+            "secondary"
+        };
+        let host = format!("h{}", rng.range(1, 4));
+        match f {
+            Fault::KillVmm | Fault::FreezeVmm => {
+                let Some(pid) = self.pid_of(vm, role) else {
+                    return format!("{f:?}: no {role} of {vm} answers");
+                };
+                if let Fault::KillVmm = f {
+                    signal(pid, libc::SIGKILL);
+                    return format!("killed the {role} of {vm} (pid {pid})");
+                }
+                signal(pid, libc::SIGSTOP);
+                std::thread::sleep(d);
+                signal(pid, libc::SIGCONT);
+                format!("froze the {role} of {vm} (pid {pid}) for {d:?}")
+            }
+            Fault::FreezeAgent => {
+                let pid = self.agent_pid(&host);
+                signal(pid, libc::SIGSTOP);
+                std::thread::sleep(d);
+                signal(pid, libc::SIGCONT);
+                format!("froze the agent of {host} for {d:?}")
+            }
+            Fault::CrashHost => {
+                self.c.kill_host(&host);
+                std::thread::sleep(d);
+                self.c.start_agent_in(&self.net, &host);
+                format!("crashed {host} (agent and its VMMs), back after {d:?}")
+            }
+            Fault::FreezeCoordinator => {
+                let pid = self.c.coordinator.id();
+                signal(pid, libc::SIGSTOP);
+                std::thread::sleep(d);
+                signal(pid, libc::SIGCONT);
+                format!("froze the coordinator for {d:?}")
+            }
+            Fault::KillCoordinator => {
+                let _ = self.c.coordinator.kill();
+                let _ = self.c.coordinator.wait();
+                std::thread::sleep(d);
+                self.c.coordinator = Cluster::coordinator_process(
+                    &self.c.dir,
+                    &self.c.state,
+                    &self.c.addr,
+                    &self.c.store_args,
+                    &[],
+                    "coordinator-restarted",
+                );
+                format!("killed the coordinator, restarted after {d:?}")
+            }
+            Fault::CutLink { one_way } => {
+                // Between a VM's primary and secondary hosts.
+                let (Some(a), Some(b)) =
+                    (self.host_of(vm, "primary"), self.host_of(vm, "secondary"))
+                else {
+                    return format!("{f:?}: {vm} has no pair");
+                };
+                let (from, to) = if rng.range(0, 2) == 0 { (a, b) } else { (b, a) };
+                let mut cuts = vec![(from.clone(), to.clone())];
+                if !one_way {
+                    cuts.push((to.clone(), from.clone()));
+                }
+                for (x, y) in &cuts {
+                    let dst = format!("{}/32", Self::host_ip(y));
+                    sh(&[
+                        "ip",
+                        "-n",
+                        self.net.ns(x),
+                        "route",
+                        "add",
+                        "blackhole",
+                        &dst,
+                    ]);
+                }
+                std::thread::sleep(d);
+                for (x, y) in &cuts {
+                    let dst = format!("{}/32", Self::host_ip(y));
+                    sh(&[
+                        "ip",
+                        "-n",
+                        self.net.ns(x),
+                        "route",
+                        "del",
+                        "blackhole",
+                        &dst,
+                    ]);
+                }
+                format!(
+                    "cut {from} -> {to}{} (the pair of {vm}) for {d:?}",
+                    if one_way { "" } else { " both ways" }
+                )
+            }
+            Fault::PartitionCoordinator => {
+                self.net.cut_from_coordinator(&host, true);
+                std::thread::sleep(d);
+                self.net.cut_from_coordinator(&host, false);
+                format!("partitioned {host} from the coordinator for {d:?}")
+            }
+            Fault::StallDatastore => {
+                self.ds.stall(d);
+                format!("stalled the datastore for {d:?}")
+            }
+        }
+    }
+
+    fn host_of(&self, vm: &str, role: &str) -> Option<String> {
+        let s = self.c.status();
+        let line = s.lines().find(|l| l.starts_with(&format!("VM {vm}:")))?;
+        let after = line.split(&format!("| {role} ")).nth(1)?;
+        let h = after.split_whitespace().next()?;
+        (h != "-").then(|| h.to_string())
+    }
+}
+
+/// A TCP client streaming through the netserve VM's echo, one connection after another,
+/// each checked byte for byte, until told to stop.
+struct Streams {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<u64, String>>>,
+}
+
+impl Streams {
+    fn start(dir: std::path::PathBuf, seed: u64) -> Streams {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut rng = Rng::new(seed);
+            let mut n = 0u64;
+            while !stop2.load(Ordering::SeqCst) {
+                let len = rng.range(256 << 10, 2 << 20) as usize;
+                let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+                let (input, output) = (dir.join("in"), dir.join("out"));
+                std::fs::write(&input, &data).unwrap();
+                let st = Command::new("socat")
+                    .args(["-t", "60", "-T", "120", "-", &format!("TCP:{NET}.2:7")])
+                    .stdin(std::fs::File::open(&input).unwrap())
+                    .stdout(std::fs::File::create(&output).unwrap())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map_err(|e| format!("socat (Debian package socat): {e}"))?;
+                let got = std::fs::read(&output).unwrap_or_default();
+                if !st.success() || got != data {
+                    return Err(format!(
+                        "TCP stream {n}: socat {st}, {} of {} bytes echoed{}",
+                        got.len(),
+                        data.len(),
+                        if got.len() == data.len() {
+                            ", different"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                n += 1;
+            }
+            Ok(n)
+        });
+        Streams {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Result<u64, String> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+fn faults_wanted() -> u64 {
+    std::env::var("FTVM_CHAOS_FAULTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24)
+}
+
+/// The nemesis against a whole cluster: three hosts as network namespaces, the datastore on
+/// a file system of its own, and three FT VMs — `counter`, `journal` on a disk, and
+/// `netserve` echoing a stream of TCP connections from a client namespace — under a seeded
+/// schedule of faults: SIGKILL and 0.1–5 s freezes of any ftvm process (primary, secondary,
+/// host agent, coordinator), host crashes, FT-link cuts one way and both ways, coordinator
+/// partitions and datastore stalls. Before each fault every VM must be protected again with
+/// exactly one live primary; at the end the console is exactly 1..N, the journal's disk an
+/// intact prefix holding every acknowledged record, and every TCP stream equal.
+///
+/// `FTVM_CHAOS_FAULTS=N` (default 24, a few minutes; the README's long run used 1000) and
+/// `FTVM_TEST_SEED`.
+#[test]
+fn chaos_cluster_nemesis_keeps_every_workload_exact_and_protection_back() {
+    use ftvm_tests::journal::{acked, verify};
+    require_kvm!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = Rng::from_env("chaos_cluster");
+    let wanted = faults_wanted();
+    let mut cc = ChaosCluster::start();
+    let t = Instant::now();
+    while !cc.c.console("net").contains("netserve: listening") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "netserve never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let streams = Streams::start(cc.c.dir.0.clone(), rng.next_u64());
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    for i in 1..=wanted {
+        let f = Fault::pick(&mut rng);
+        let what = cc.apply(f, &mut rng);
+        *counts.entry(format!("{f:?}")).or_default() += 1;
+        let t = Instant::now();
+        cc.wait_protected(180);
+        for vm in VMS {
+            cc.check_one_primary(vm);
+        }
+        ftvm_tests::cluster::assert_counter_prefix(&cc.c.console("cnt"));
+        let acks = acked(&cc.c.console("jrn"));
+        assert!(
+            acks.iter().enumerate().all(|(i, n)| *n == i as u64 + 1),
+            "the journal's acknowledgements repeat or skip: {:?}",
+            &acks[acks.len().saturating_sub(10)..]
+        );
+        eprintln!(
+            "fault {i}/{wanted}: {what}; protected again after {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_millis(rng.range(200, 2000)));
+    }
+    let streams = streams.finish();
+    // The end: stop the VMs (the journal's disk then holds still) and check every workload.
+    let status = cc.c.status();
+    let lines = ftvm_tests::cluster::assert_counter_prefix(&cc.c.console("cnt"));
+    let disk_file = status
+        .lines()
+        .find(|l| l.starts_with("VM jrn:"))
+        .and_then(|l| l.split("| disk ").nth(1))
+        .and_then(|f| f.split(" |").next())
+        .map(|f| f.trim().to_string())
+        .unwrap_or_else(|| panic!("no disk in the status: {status}"));
+    for vm in VMS {
+        cc.c.ok(&["vm", "stop", vm]);
+    }
+    let t = Instant::now();
+    while VMS.iter().any(|vm| !cc.procs_of(vm).is_empty()) {
+        assert!(t.elapsed() < Duration::from_secs(30), "VMs did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let acks = acked(&cc.c.console("jrn"));
+    let disk = std::fs::read(cc.c.vm_dir("jrn").join(&disk_file)).unwrap();
+    let on_disk = verify(&disk);
+    assert!(
+        acks.iter().enumerate().all(|(i, n)| *n == i as u64 + 1),
+        "journal acknowledgements: {acks:?}"
+    );
+    assert!(
+        on_disk >= acks.len() as u64,
+        "the journal's disk holds records 1..{on_disk}, but {} were acknowledged",
+        acks.len()
+    );
+    let streams = streams.unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "{wanted} faults {counts:?}: counter {lines} lines exact, journal {on_disk} records ({} acknowledged), {streams} TCP streams equal",
+        acks.len()
+    );
+    assert!(
+        lines > 50 && !acks.is_empty() && streams > 0,
+        "the workloads made no progress"
+    );
+}
