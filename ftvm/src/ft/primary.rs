@@ -276,9 +276,11 @@ impl Primary {
     /// A protection session `session` (just started in the datastore by this process) with
     /// the secondary at the other end of `link`.
     fn start_session(&mut self, session: u64, link: net::Link) -> Result<()> {
+        // Heartbeats first: starting the core's session backs the shadow of guest memory
+        // (deltas), which takes longer than the secondary's detection allows.
+        self.link = Some(LinkSide::attach(&self.rt, link, self.cfg.detect));
         self.core
             .start_session(session, vmm::memory::end(self.vm.memory()))?;
-        self.link = Some(LinkSide::attach(&self.rt, link, self.cfg.detect));
         Ok(())
     }
 

@@ -238,7 +238,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
             Confirm::Wait => std::thread::sleep(Duration::from_millis(10)),
             Confirm::Arbitrate { session } => break session,
             Confirm::NothingToTakeOver => bail!(
-                "the primary was lost before the initial sync completed ({}); nothing to take over",
+                "the primary was lost before the initial sync completed: {}; nothing to take over",
                 why.map_or_else(|| "the link failed".into(), |w| w.to_string())
             ),
         }
