@@ -63,17 +63,19 @@ pub fn lock_exclusive(path: &Path) -> std::io::Result<fs::File> {
 /// Replaces `path` with `bytes` so that readers see the old or the new contents, never a torn
 /// mix: written to `path` + `.tmp~`, synced, then renamed over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_replacing(path, bytes, true)
+    write_replacing(path, bytes, true, path.with_extension("tmp~"))
 }
 
 /// [`write_atomic`] without the sync: for heartbeats, rewritten many times a second, whose
-/// readers need an untorn value but not one that survives a crash.
+/// readers need an untorn value but not one that survives a crash. The temporary file is
+/// this process's own (`.PID.tmp~`): two processes beating on one file (a halting primary
+/// and its successor, for a moment) must not rename each other's half-written file away.
 pub fn write_heartbeat(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_replacing(path, bytes, false)
+    let tmp = path.with_extension(format!("{}.tmp~", std::process::id()));
+    write_replacing(path, bytes, false, tmp)
 }
 
-fn write_replacing(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp~");
+fn write_replacing(path: &Path, bytes: &[u8], sync: bool, tmp: PathBuf) -> std::io::Result<()> {
     let mut f = fs::File::create(&tmp)?;
     f.write_all(bytes)?;
     if sync {

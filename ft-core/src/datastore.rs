@@ -326,9 +326,14 @@ pub fn parse_command(text: &[u8]) -> Result<Vec<String>, Error> {
 }
 
 /// How long a secondary that lost its primary on the link keeps waiting while the primary's
-/// datastore heartbeat stays fresh (a live primary then wins the arbitration first): at most
-/// this many detection timeouts.
+/// datastore heartbeat stays fresh (a live primary then wins the arbitration first): this
+/// many detection timeouts, and at least [`CONFIRM_MIN`]. A dead or frozen primary's
+/// heartbeat goes stale within one timeout, so this bounds only the case of a primary whose
+/// process lives but does not act (measured on a loaded host: a live primary starved of CPU
+/// for ~250 ms lost a 240 ms wait, a false takeover).
 pub const CONFIRM_TIMEOUTS: u32 = 4;
+/// The shortest wait for a primary whose datastore heartbeat is fresh.
+pub const CONFIRM_MIN: Duration = Duration::from_secs(1);
 
 /// Whether the primary's datastore heartbeat, last written `age` ago (None: never), counts as
 /// stale for a detection timeout of `timeout`.

@@ -252,15 +252,17 @@ impl Secondary {
 
     /// While confirming: the primary's datastore heartbeat was last written `age` ago (None:
     /// never). A primary that is still alive (fresh heartbeat) gets the chance to win the
-    /// arbitration first, for up to [`datastore::CONFIRM_TIMEOUTS`] detection timeouts.
+    /// arbitration first, for up to [`datastore::CONFIRM_TIMEOUTS`] detection timeouts and at
+    /// least [`datastore::CONFIRM_MIN`]. `timeout`: the configured detection timeout; the
+    /// link's adaptive one (in the silence's evidence) counts if longer.
     pub fn confirm(&mut self, now: Instant, age: Option<Duration>, timeout: Duration) -> Confirm {
         let Phase::Confirming { since, silence } = self.phase else {
             return Confirm::Wait;
         };
+        let timeout = silence.map_or(timeout, |s| s.timeout.max(timeout));
         let waited = now.saturating_duration_since(since);
-        if !datastore::heartbeat_stale(age, timeout)
-            && waited < timeout * datastore::CONFIRM_TIMEOUTS
-        {
+        let patience = (timeout * datastore::CONFIRM_TIMEOUTS).max(datastore::CONFIRM_MIN);
+        if !datastore::heartbeat_stale(age, timeout) && waited < patience {
             return Confirm::Wait;
         }
         self.evidence = Some(Evidence {
@@ -426,16 +428,35 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_primary_heartbeat_delays_the_arbitration_for_at_most_four_timeouts() {
+    fn a_fresh_primary_heartbeat_delays_the_arbitration_for_a_while_a_stale_one_not_at_all() {
         let mut s = secondary();
         epoch(&mut s, 0, 0, "1\n");
         let t = Instant::now();
         let to = Duration::from_millis(60);
         s.handle_lost(t, None);
         let fresh = Some(Duration::from_millis(5));
-        assert_eq!(s.confirm(t + to, fresh, to), Confirm::Wait);
+        assert_eq!(s.confirm(t + to * 4, fresh, to), Confirm::Wait);
         assert_eq!(
-            s.confirm(t + to * 4, fresh, to),
+            s.confirm(t + datastore::CONFIRM_MIN, fresh, to),
+            Confirm::Arbitrate { session: 9 }
+        );
+        // The link's adaptive timeout (a loaded host) lengthens both the staleness and the
+        // wait.
+        let mut s = secondary();
+        epoch(&mut s, 0, 0, "1\n");
+        let slow = Silence {
+            silent_for: Duration::from_millis(400),
+            timeout: Duration::from_millis(400),
+            beats: 100,
+        };
+        s.handle_lost(t, Some(slow));
+        let age = Some(Duration::from_millis(200));
+        assert_eq!(
+            s.confirm(t + Duration::from_millis(1500), age, to),
+            Confirm::Wait
+        );
+        assert_eq!(
+            s.confirm(t + Duration::from_millis(1600), age, to),
             Confirm::Arbitrate { session: 9 }
         );
         let mut s = secondary();

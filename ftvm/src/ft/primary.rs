@@ -2,34 +2,30 @@
 //! and the sinks; [`ft_core::primary::Primary`] decides (when an epoch closes, what is
 //! held and released, when to throttle, when the sync is done, what a lost secondary or a
 //! stop request means). Every output write passes the fence ([`super::sinks`]).
+mod epochs;
+mod sync;
+
 use super::capture::{self, Capture};
 use super::datastore::Datastore;
-use super::link::{self, LinkSide, Lost, CONNECT_TIMEOUT};
+use super::link::{self, LinkSide, CONNECT_TIMEOUT};
 use super::sinks::{Console, HeldOutput, Sinks};
-use super::stats::{EpochStat, Stats};
+use super::stats::Stats;
 use super::{attach_disk, attach_net, instance, open_tap, FtConfig, PrimaryConfig, HALTED};
 use crate::ctl::{self, Status};
 use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
-use ft_core::assemble::EpochParts;
 use ft_core::datastore::{Name, Role as DsRole, Verdict};
 use ft_core::encoder::PageEncoder;
-use ft_core::primary::{Frames, Phase, Why};
+use ft_core::primary::{Phase, Why};
 use ft_log::Role;
 use net::link::connect;
 use net::LinkConfig;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::devices::events::EventLog;
-use vmm::persist::{encode_part, VmState};
-use vmm::{DirtyTracking, VmConfig, VmEvent, Vmm};
-
-/// Pages read and sent at a time while the guest runs (pre-copy).
-const PRECOPY_BATCH: usize = 1024;
-/// Chunk of the full disk copy during a sync.
-const DISK_CHUNK: usize = 1 << 20;
+use vmm::{DirtyTracking, VmConfig, Vmm};
 
 /// How an unprotected phase ended.
 enum Unprotected {
@@ -38,22 +34,6 @@ enum Unprotected {
     NewSecondary(Box<(SocketAddr, net::Link)>),
     /// A write was fenced off: someone else owns the VM.
     Halted,
-}
-
-/// One epoch as captured while the guest was paused.
-struct Snapshot {
-    epoch: u64,
-    state: VmState,
-    pages: Vec<u64>,
-    data: capture::PageCopy,
-    output: Bytes,
-    /// Console-stream offset of `output`'s first byte.
-    offset: u64,
-    exit: Option<u8>,
-    events: Vec<vmm::devices::events::DeviceEvent>,
-    disk: Vec<vmm::devices::virtio_blk::DiskWrite>,
-    /// The frames the guest transmitted in the epoch (None: the VM has no network device).
-    net: Option<Frames>,
 }
 
 /// Runs a protected VM as the primary. Returns the guest's exit code.
@@ -149,6 +129,8 @@ pub(super) struct Primary {
     me: &'static Name,
     /// `ftvm ctl suspend | ft-off`, forwarded by the control thread.
     requests: mpsc::Receiver<(ctl::Request, mpsc::Sender<String>)>,
+    /// The datastore heartbeat beats while set.
+    beating: Arc<AtomicBool>,
     /// The reply to a stop request being carried out.
     stop_reply: Option<mpsc::Sender<String>>,
     status: Arc<Mutex<Status>>,
@@ -216,10 +198,16 @@ impl Primary {
         )?;
         let ds2 = ds.clone();
         let interval = cfg.detect.interval();
+        let beating = Arc::new(AtomicBool::new(true));
+        let beat = beating.clone();
         std::thread::Builder::new()
             .name("ds-heartbeat".into())
             .spawn(move || {
-                for seq in 1.. {
+                link::raise_priority();
+                let mut seq = 0;
+                // Until this primary halts: a halted process is no evidence of a live one.
+                while beat.load(Ordering::SeqCst) {
+                    seq += 1;
                     if let Err(e) = ds2.touch_heartbeat(DsRole::Primary, seq) {
                         tracing::warn!("{e:#}");
                     }
@@ -252,6 +240,7 @@ impl Primary {
             ds,
             me: instance(),
             requests,
+            beating,
             stop_reply: None,
             status,
             rate_mark: (Instant::now(), 0),
@@ -318,6 +307,7 @@ impl Primary {
 
     /// Stops the VM after this process was fenced off or lost the arbitration.
     fn halt(&mut self) -> Result<u8> {
+        self.beating.store(false, Ordering::SeqCst);
         if let Some(reply) = self.stop_reply.take() {
             let _ =
                 reply.send("error: the secondary went live meanwhile; this primary halts".into());
@@ -504,428 +494,6 @@ impl Primary {
                 ));
             }
         }
-    }
-
-    /// Whether transmitted frames wait in the device (an epoch then closes early).
-    fn frames_waiting(&self) -> bool {
-        self.sinks.tap.is_some() && self.vm.with_net(|n| n.held_tx() > 0).unwrap_or(false)
-    }
-
-    /// Acknowledgements that arrived (released as the core allows) and the link's state (a
-    /// lost secondary moves the core to arbitration).
-    fn poll_link(&mut self) -> Result<()> {
-        let mut bad = None;
-        while let Ok(k) = self.link().acks.try_recv() {
-            if let Err(e) = self.core.handle_ack(k) {
-                bad = Some(e);
-                break;
-            }
-        }
-        if let Some(e) = bad {
-            self.link().lost.set(Lost::Closed(e.to_string()));
-        }
-        self.release()?;
-        if let Some(why) = self.link().lost.get() {
-            self.core.handle_lost(why.silence());
-        }
-        Ok(())
-    }
-
-    /// Waits up to 5 ms for an acknowledgement, then takes in whatever the link brought (see
-    /// [`Primary::poll_link`]). Callers loop on the condition they wait for.
-    fn wait_link(&mut self) -> Result<()> {
-        if let Ok(k) = self.link().acks.recv_timeout(Duration::from_millis(5)) {
-            if let Err(e) = self.core.handle_ack(k) {
-                self.link().lost.set(Lost::Closed(e.to_string()));
-            }
-        }
-        self.poll_link()
-    }
-
-    /// Sends encoded frames; a failure marks the secondary lost.
-    fn send_owned(&mut self, b: Bytes, frames: u64) {
-        let r = self.rt.block_on(
-            self.link
-                .as_mut()
-                .unwrap()
-                .log_tx
-                .send_frames_owned(b, frames),
-        );
-        if let Err(e) = r {
-            self.link().lost.set(Lost::Closed(format!("sending: {e}")));
-        }
-    }
-
-    fn send_record(&mut self, epoch: u64, rec: &ft_log::Record) {
-        let mut b = BytesMut::new();
-        rec.encode(epoch, &mut b);
-        self.send_owned(b.freeze(), 1);
-    }
-
-    /// Sends what the core encoded into the frames buffer.
-    fn flush_frames(&mut self, frames: u64) {
-        if frames > 0 {
-            let b = self.frames.split().freeze();
-            self.send_owned(b, frames);
-        }
-    }
-
-    /// One protection session: pre-copy sync (epoch 0), then epochs, until the core leaves
-    /// the protected phases (the guest ended and the secondary knows, the secondary is lost,
-    /// a stop was requested, or a write was fenced off). Called with the guest paused.
-    fn protect(&mut self) -> Result<()> {
-        self.sync()?;
-        for epoch in 1.. {
-            if self.core.phase() != Phase::Protected {
-                return self.drain();
-            }
-            // Run the epoch; the core says when it closes.
-            let t0 = Instant::now();
-            let mut ended = None;
-            loop {
-                if let Some(ev) = self.vm.wait_event(Some(Duration::from_micros(500))) {
-                    ended = Some(ev);
-                    break;
-                }
-                let waiting = !self.held.is_empty() || self.frames_waiting();
-                if self
-                    .core
-                    .epoch_due(Instant::now(), t0, waiting, self.events.len())
-                {
-                    break;
-                }
-                self.poll_link()?;
-                if self.core.phase() != Phase::Protected {
-                    return Ok(());
-                }
-                if let Ok((req, reply)) = self.requests.try_recv() {
-                    match self.core.request_stop(req == ctl::Request::FtOff) {
-                        Ok(rec) => {
-                            self.vm.pause()?;
-                            // The secondary exits without taking over; the arbitration comes
-                            // next. No close here: it could discard the Stop in flight.
-                            self.send_record(0, &rec);
-                            self.stop_reply = Some(reply);
-                            return Ok(());
-                        }
-                        Err(e) => {
-                            let _ = reply.send(format!("error: {e}"));
-                        }
-                    }
-                }
-            }
-            let paused_at = Instant::now();
-            self.vm.pause()?;
-            let kick = paused_at.elapsed();
-            let dirty = self.vm.dirty_pages()?.all();
-            let harvest = paused_at.elapsed() - kick;
-            let exit_code = match &ended {
-                None => None,
-                Some(VmEvent::Exit(c)) => Some(*c),
-                Some(other) => bail!("guest stopped: {other:?}"),
-            };
-            let snap = self.snapshot(epoch, &dirty, exit_code)?;
-            // Backpressure: with too many epochs unacknowledged the guest stays paused until
-            // the secondary catches up, rather than the primary buffering without bound.
-            let throttled_at = Instant::now();
-            while self.core.throttled() && self.core.phase() == Phase::Protected {
-                self.wait_link()?;
-            }
-            let throttle = throttled_at.elapsed();
-            if self.core.phase() != Phase::Protected {
-                // Lost while throttled: the epoch is held (released if the arbitration is
-                // won) but never sent.
-                if let Some(code) = exit_code {
-                    self.core.guest_ended(code);
-                }
-                return Ok(());
-            }
-            if exit_code.is_none() {
-                self.vm.resume()?;
-            }
-            let pause = paused_at.elapsed();
-            let pages = snap.pages.len();
-            let sent = self.stream(snap)?;
-            self.stats.epochs.push(EpochStat {
-                pause,
-                pages,
-                sent,
-                kick,
-                harvest,
-                capture: self.cap.split.0,
-                copy: self.cap.split.1,
-                bg_copy: self.cap.bg_split.0,
-                bg_faults: self.cap.bg_split.1,
-                throttle,
-            });
-            self.update_status(epoch, pause);
-            self.poll_link()?;
-            if let Some(code) = exit_code {
-                self.core.guest_ended(code);
-            }
-        }
-        unreachable!()
-    }
-
-    /// The guest ended: once the secondary has acknowledged everything, tell it.
-    fn drain(&mut self) -> Result<()> {
-        loop {
-            self.poll_link()?;
-            if !matches!(self.core.phase(), Phase::Draining { .. }) {
-                return Ok(());
-            }
-            if let Some((epoch, rec)) = self.core.poll_shutdown() {
-                let link = self.link.as_mut().expect("a protection session has a link");
-                let _ = self.rt.block_on(link.log_tx.send_record(epoch, &rec));
-                return Ok(());
-            }
-            self.wait_link()?;
-        }
-    }
-
-    /// For a sync: the guest's disk (a second handle), with write keeping switched on and
-    /// the writes kept so far dropped (the full copy supersedes them). None without a disk.
-    fn disk_copy_source(&mut self) -> Result<Option<std::fs::File>> {
-        let f = self.vm.with_disk(|d| {
-            d.keep_writes(true);
-            drop(d.take_writes());
-            d.disk().try_clone()
-        });
-        Ok(f.transpose()?)
-    }
-
-    /// Sends the disk's size and its contents as epoch-0 records (the core skips all-zero
-    /// chunks: the secondary's copy starts all zeros). False if the secondary was lost.
-    fn send_disk_copy(&mut self, disk: &std::fs::File) -> Result<bool> {
-        use std::os::unix::fs::FileExt;
-        let size = disk.metadata()?.len();
-        let n = self.core.sync_disk_size(size, &mut self.frames);
-        self.flush_frames(n);
-        let mut off = 0u64;
-        while off < size {
-            let n = (size - off).min(DISK_CHUNK as u64) as usize;
-            let mut data = vec![0u8; n];
-            disk.read_exact_at(&mut data, off)
-                .context("reading the disk for the secondary's copy")?;
-            let frames = self
-                .core
-                .sync_disk_chunk(off, Bytes::from(data), &mut self.frames);
-            self.flush_frames(frames);
-            if self.link().lost.is_set() {
-                return Ok(false);
-            }
-            off += n as u64;
-            self.status.lock().unwrap().note = format!(
-                "syncing the secondary: disk {} of {} MiB",
-                off >> 20,
-                size >> 20
-            );
-        }
-        Ok(true)
-    }
-
-    /// Pre-copy sync of a new secondary, as epoch 0: every non-zero page is sent while the
-    /// guest runs, then the pages it dirtied meanwhile, round after round, until the core
-    /// says the rounds converged; those and the vCPU and device state go with the guest
-    /// paused. Called with the guest paused; returns with epoch 0 acknowledged and the guest
-    /// running, or with the core out of the sync (the secondary lost, the guest ended).
-    fn sync(&mut self) -> Result<()> {
-        let t0 = Instant::now();
-        let from_boot = self.cap.tracked_from_boot.take();
-        // A VM protected from boot (chunk tracking on since before its first instruction)
-        // starts running only once its secondary holds epoch 0: there is nothing to chase,
-        // and the secondary's setup does not share the cores with the guest's first epochs.
-        let hold = from_boot.is_some();
-        self.cap.choose_tracking(&self.vm, from_boot.is_some());
-        // Chunk tracking starts once the guest runs (below), if it is not on since boot;
-        // KVM's log would only cost.
-        self.vm.set_dirty_logging(!self.cap.chunks)?;
-        self.vm.dirty_pages()?; // a clean log: from here every guest write is seen
-        self.cap.background_copy(&self.vm, true); // set up now, not in an epoch's pause
-        let n = self.core.begin_sync(self.hello.vcpus, &mut self.frames);
-        self.flush_frames(n);
-        if !hold {
-            self.vm.resume()?;
-        }
-        if self.cap.chunks && from_boot.is_none() && !self.cap.start_chunk_tracking(&self.vm) {
-            // Refused: KVM's log from here (it starts clean, and nothing was read yet).
-            self.cap.chunks = false;
-            self.vm.set_dirty_logging(true)?;
-        }
-        let lost = |p: &mut Self| -> Result<()> {
-            p.poll_link()?;
-            p.core.handle_lost(None);
-            Ok(())
-        };
-        if let Some(disk) = self.disk_copy_source()? {
-            // The whole disk first, while the guest runs; writes it makes from here on are
-            // kept and follow in the epoch, so the secondary's copy ends up exact.
-            if !self.send_disk_copy(&disk)? {
-                return lost(self);
-            }
-        }
-        // Pages harvested (or found non-zero) and not sent yet. A page is read after the
-        // harvest that reported it, so a write the read misses is reported by the next one.
-        let mut todo = match from_boot {
-            Some(pages) => pages,
-            None => capture::all_nonzero_pages(self.vm.memory())?,
-        };
-        let mut ended = None;
-        let mut rounds = 0;
-        loop {
-            rounds += 1;
-            let mut sent_in_round = 0;
-            for chunk in todo.chunks(PRECOPY_BATCH) {
-                let data = capture::read_pages(self.vm.memory(), chunk)?;
-                let (frames, sent) =
-                    self.core
-                        .precopy_pages(chunk, &data, self.cap.chunks, &mut self.frames);
-                sent_in_round += sent;
-                self.flush_frames(frames);
-                if self.link().lost.is_set() {
-                    return lost(self);
-                }
-                self.status.lock().unwrap().note = format!(
-                    "syncing the secondary: round {rounds}, {} pages sent",
-                    self.core.precopy_sent()
-                );
-            }
-            if let Some(ev) = self.vm.wait_event(Some(Duration::ZERO)) {
-                ended = Some(ev);
-                break;
-            }
-            let dirty = self.vm.dirty_pages()?.all();
-            todo = self.cap.take_written(&self.vm, dirty)?;
-            if self
-                .core
-                .precopy_done(rounds, todo.len(), sent_in_round, self.cap.chunks)
-            {
-                break;
-            }
-        }
-        let paused_at = Instant::now();
-        self.vm.pause()?;
-        todo.extend(self.vm.dirty_pages()?.all());
-        todo.sort_unstable();
-        todo.dedup();
-        let exit_code = match &ended {
-            None => None,
-            Some(VmEvent::Exit(c)) => Some(*c),
-            Some(other) => bail!("guest stopped: {other:?}"),
-        };
-        let snap = self.snapshot(0, &todo, exit_code)?;
-        if exit_code.is_none() && !hold {
-            self.vm.resume()?;
-        }
-        let pause = paused_at.elapsed();
-        let pre_sent = self.core.precopy_sent();
-        let paused_pages = snap.pages.len();
-        let cut_sent = self.stream(snap)?;
-        while self.core.phase() == Phase::Syncing {
-            self.wait_link()?;
-        }
-        if self.core.phase() != Phase::Protected {
-            if let Some(code) = exit_code {
-                self.core.guest_ended(code);
-            }
-            return Ok(());
-        }
-        self.link().synced.store(true, Ordering::SeqCst);
-        if exit_code.is_none() && hold {
-            self.vm.resume()?;
-        }
-        eprintln!(
-            "ftvm primary: secondary synced in {} ms: {rounds} pre-copy rounds sent {} pages while the guest ran, then {} pages with the guest paused for {} us ({} pages taken at the pause{})",
-            t0.elapsed().as_millis(),
-            pre_sent,
-            cut_sent,
-            pause.as_micros(),
-            paused_pages,
-            if self.cap.chunks { ", whole chunks, sent if changed" } else { "" }
-        );
-        self.stats.sync_pauses.push(pause);
-        {
-            let mut st = self.status.lock().unwrap();
-            st.protected = true;
-            st.note.clear();
-        }
-        if let Some(code) = exit_code {
-            self.core.guest_ended(code);
-        }
-        Ok(())
-    }
-
-    /// With the vCPUs paused: captures epoch `epoch`'s state and pages and takes its output
-    /// into the core (held from this moment). Everything slow (hashing, encoding, sending)
-    /// happens later, in [`Primary::stream`], while the guest runs again.
-    fn snapshot(&mut self, epoch: u64, pages: &[u64], exit: Option<u8>) -> Result<Snapshot> {
-        let (state, pages, data) = self.cap.snapshot(&mut self.vm, pages, exit.is_none())?;
-        let (output, since) = self.held.take_timed();
-        let output = Bytes::from(output);
-        let net = self.vm.with_net(|n| Arc::new(n.take_tx()));
-        let captured = self
-            .core
-            .hold(output.clone(), net.clone().unwrap_or_default(), since);
-        debug_assert_eq!(captured.epoch, Some(epoch));
-        Ok(Snapshot {
-            epoch,
-            state,
-            pages,
-            data,
-            output,
-            offset: captured.offset,
-            exit,
-            events: self.events.take(),
-            disk: self.vm.with_disk(|d| d.take_writes()).unwrap_or_default(),
-            net,
-        })
-    }
-
-    /// Streams a snapshot (guest running); its output is already held. Returns how many of
-    /// its pages were sent.
-    fn stream(&mut self, snap: Snapshot) -> Result<usize> {
-        let Snapshot {
-            epoch,
-            state,
-            pages,
-            data,
-            output,
-            offset,
-            exit,
-            events,
-            disk,
-            net,
-        } = snap;
-        let data = self.cap.finish(data)?;
-        let vcpus = state
-            .vcpus
-            .iter()
-            .map(|v| Ok((v.id, Bytes::from(encode_part(v)?))))
-            .collect::<Result<Vec<_>>>()?;
-        let parts = EpochParts {
-            epoch,
-            pages: &pages,
-            data: &data,
-            changed_only: self.cap.chunks,
-            vcpus: &vcpus,
-            kvm: Bytes::from(encode_part(&state.vm)?),
-            vmm: Bytes::from(encode_part(&state.devices)?),
-            events: &events,
-            exit,
-            disk: disk
-                .into_iter()
-                .map(|w| (w.offset, Bytes::from(w.data)))
-                .collect(),
-            output,
-            offset,
-            frames: net.as_deref().map(Vec::as_slice),
-        };
-        self.frames.clear();
-        let a = self.core.assemble(parts, &mut self.frames);
-        self.status.lock().unwrap().events += events.len() as u64;
-        self.flush_frames(a.frames);
-        self.cap.recycle(data);
-        Ok(a.pages)
     }
 
     fn print_summary(&self) {
