@@ -521,7 +521,7 @@ fn pause_bins(epochs: &[(u64, u64)]) -> Vec<PauseBin> {
     bins
 }
 
-fn failover(bin: &Path, seed: u64) -> Result<u64> {
+pub(crate) fn failover(bin: &Path, seed: u64) -> Result<u64> {
     let mut p = pair(
         bin,
         "failover",

@@ -490,6 +490,7 @@ fn main() -> Result<()> {
         Some("foundation") => foundation(&args[1..]),
         Some("ft") => ft::run(&args[1..]),
         Some("ft-cost") => ftcost::run(&args[1..]),
+        Some("detect") => detect::run(&args[1..]),
         Some("link") => link::run(&args[1..]),
         Some("peers") => peers::run(&args[1..]),
         Some("netserve") => netserve::run(&args[1..]),
@@ -502,6 +503,7 @@ fn main() -> Result<()> {
                  ftvm-bench foundation [--runs N] [--sizes 64,256,1024]\n       \
                  ftvm-bench ft [--runs N] [--jobs J] [--vcpus 1,2,4,8] [--kills K]\n       \
                  ftvm-bench ft-cost [--runs N] [--jobs J] [--epoch-ms MS] [--vcpus 1,2]\n       \
+                 ftvm-bench detect [--minutes M] [--failovers N] [--spinners S] [--no-load]\n       \
                  ftvm-bench link [--runs N] [--mib M] [--rtt-us R]\n       \
                  ftvm-bench peers [--runs N]\n       \
                  ftvm-bench netserve [--runs N] [--mib M] [--rr K] [--min-epoch-ms E]\n       \
@@ -597,6 +599,7 @@ fn all(args: &[String]) -> Result<()> {
 
 mod colo;
 mod delay;
+mod detect;
 mod ft;
 mod ftcost;
 mod kernel;
