@@ -13,8 +13,12 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # the etcd client's gRPC code.
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
-# socat: the real TCP client of the guest-network tests (tests/tests/net.rs).
+# socat: the real TCP client of the guest-network tests (tests/tests/net.rs, chaos.rs).
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+# The chaos tests put the cluster's datastore on a loop-mounted ext4 and stall it with
+# fsfreeze (e2fsprogs, util-linux).
+command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
+command -v fsfreeze >/dev/null 2>&1 || need_apt+=(util-linux)
 if ((${#need_apt[@]})); then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" -eq 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"

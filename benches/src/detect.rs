@@ -359,7 +359,7 @@ pub fn run(args: &[String]) -> Result<()> {
         report.machine, report.command
     );
     println!(
-        "Healthy pairs for {:.1} min under load ({}; load average {:.1}–{:.1}):\n",
+        "Healthy pairs for {:.1} min, extra load: {} (load average {:.1}–{:.1}):\n",
         report.minutes,
         report.load,
         report.loadavg.iter().copied().fold(f64::MAX, f64::min),
@@ -374,7 +374,7 @@ pub fn run(args: &[String]) -> Result<()> {
         );
     }
     println!(
-        "\nFailover under the same load ({} kills of a counter pair's primary, kill to the new primary's first output): p50 {} ms, p99 {} ms, max {} ms",
+        "\nFailover on the same host, same load ({} kills of a counter pair's primary, kill to the new primary's first output): p50 {} ms, p99 {} ms, max {} ms",
         report.failover_ms.len(),
         report.failover_p50_ms,
         report.failover_p99_ms,

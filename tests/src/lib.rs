@@ -71,6 +71,23 @@ pub fn ftvm(args: &[&str]) -> Output {
         .expect("spawn ftvm")
 }
 
+/// A UDP port on loopback that was free a moment ago (for an FT link's listener).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A count from the environment variable `name` (a soak's size), else `default`.
+pub fn env_count(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A fresh scratch directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 

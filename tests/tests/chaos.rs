@@ -8,21 +8,13 @@
 //!
 //! `FTVM_CHAOS_FREEZES=N` sets how many freezes (default 50; the soak in the README used
 //! 500), `FTVM_TEST_SEED` replays a schedule.
-use ftvm_tests::{counter_output, ftvm_bin, require_kvm, Rng, TempDir};
+use ftvm_tests::{counter_output, free_udp_port, ftvm_bin, require_kvm, Rng, TempDir};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// One pair at a time: two pairs sharing 2 cores could starve heartbeats.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A pair's datastore and the processes this test started.
 struct Pair {
@@ -203,13 +195,6 @@ fn alive(pid: u32) -> bool {
         .is_some_and(|state| state != "Z" && state != "X")
 }
 
-fn freezes_wanted() -> u64 {
-    std::env::var("FTVM_CHAOS_FREEZES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50)
-}
-
 /// The acceptance scenario of freezes: ≥ 50 random freezes (0.1–5 s) of the primary or the
 /// secondary at random moments of a running counter, protection restored after each; the
 /// console holds 1..N exactly once, every time.
@@ -218,7 +203,7 @@ fn chaos_freezes_of_either_side_at_random_moments_keep_the_console_exact() {
     require_kvm!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = Rng::from_env("chaos_freezes");
-    let wanted = freezes_wanted();
+    let wanted = ftvm_tests::env_count("FTVM_CHAOS_FREEZES", 50);
     let (mut done, mut takeovers, mut runs) = (0u64, 0u64, 0u64);
     // Each run is a counter long enough for about ten freezes; runs follow each other until
     // enough freezes were done.
@@ -791,13 +776,6 @@ impl Streams {
     }
 }
 
-fn faults_wanted() -> u64 {
-    std::env::var("FTVM_CHAOS_FAULTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(24)
-}
-
 /// The nemesis against a whole cluster: three hosts as network namespaces, the datastore on
 /// a file system of its own, and three FT VMs — `counter`, `journal` on a disk, and
 /// `netserve` echoing a stream of TCP connections from a client namespace — under a seeded
@@ -815,7 +793,7 @@ fn chaos_cluster_nemesis_keeps_every_workload_exact_and_protection_back() {
     require_kvm!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = Rng::from_env("chaos_cluster");
-    let wanted = faults_wanted();
+    let wanted = ftvm_tests::env_count("FTVM_CHAOS_FAULTS", 24);
     let mut cc = ChaosCluster::start();
     let t = Instant::now();
     while !cc.c.console("net").contains("netserve: listening") {

@@ -1,7 +1,7 @@
 //! A protected pair on the real KVM: `ftvm secondary` + `ftvm primary` as real processes on
 //! loopback, with a shared datastore directory.
 use ftvm_tests::netns::{self, sh};
-use ftvm_tests::{counter_output, ftvm_bin, require_kvm, Rng, TempDir};
+use ftvm_tests::{counter_output, free_udp_port, ftvm_bin, require_kvm, Rng, TempDir};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,14 +25,6 @@ fn wait_protected(dir: &TempDir, pair: &mut Pair) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Pair {

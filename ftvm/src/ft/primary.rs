@@ -72,7 +72,18 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
             note: "FT off: running unprotected until a secondary is placed".into(),
             ..Default::default()
         };
-        let mut p = Primary::new(cfg.ft, rt, ds, vm, held, status, link_cfg, hello, session)?;
+        let mut p = Primary::new(Start {
+            cfg: cfg.ft,
+            rt,
+            ds,
+            vm,
+            held,
+            status,
+            link_cfg,
+            hello,
+            session,
+            offsets: (0, 0),
+        })?;
         return p.run(false);
     };
     let mut cap = Capture::new(cfg.ft.epoch_copy, cfg.ft.tracking);
@@ -106,10 +117,38 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         note: "syncing the secondary".into(),
         ..Default::default()
     };
-    let mut p = Primary::new(cfg.ft, rt, ds, vm, held, status, link_cfg, hello, session)?;
+    let mut p = Primary::new(Start {
+        cfg: cfg.ft,
+        rt,
+        ds,
+        vm,
+        held,
+        status,
+        link_cfg,
+        hello,
+        session,
+        offsets: (0, 0),
+    })?;
     p.cap = cap;
     p.start_session(session, link)?;
     p.run(true)
+}
+
+/// What a primary driver starts from.
+pub(super) struct Start {
+    pub cfg: FtConfig,
+    pub rt: tokio::runtime::Runtime,
+    pub ds: Arc<Datastore>,
+    /// The VM, its console going to `held`.
+    pub vm: Vmm,
+    pub held: HeldOutput,
+    pub status: Status,
+    pub link_cfg: LinkConfig,
+    pub hello: ft_log::Hello,
+    /// The protection session this process owns (it started it, or won it).
+    pub session: u64,
+    /// Where the console and network streams continue (0 unless after a takeover).
+    pub offsets: (u64, u64),
 }
 
 pub(super) struct Primary {
@@ -144,22 +183,10 @@ pub(super) struct Primary {
 }
 
 impl Primary {
-    /// The primary role's machinery around a VM whose console goes to `held`: control socket,
-    /// datastore heartbeat, sinks, and the core owning protection session `session` with no
-    /// secondary yet.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        cfg: FtConfig,
-        rt: tokio::runtime::Runtime,
-        ds: Arc<Datastore>,
-        vm: Vmm,
-        held: HeldOutput,
-        status: Status,
-        link_cfg: LinkConfig,
-        hello: ft_log::Hello,
-        session: u64,
-    ) -> Result<Self> {
-        Self::continuing(
+    /// The primary role's machinery around a VM (see [`Start`]): control socket, datastore
+    /// heartbeat, sinks, and the core owning the protection session with no secondary yet.
+    pub(super) fn new(start: Start) -> Result<Self> {
+        let Start {
             cfg,
             rt,
             ds,
@@ -169,25 +196,8 @@ impl Primary {
             link_cfg,
             hello,
             session,
-            (0, 0),
-        )
-    }
-
-    /// As [`Primary::new`], with the console and network streams continuing at `offsets`
-    /// (after a takeover).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn continuing(
-        cfg: FtConfig,
-        rt: tokio::runtime::Runtime,
-        ds: Arc<Datastore>,
-        vm: Vmm,
-        held: HeldOutput,
-        status: Status,
-        link_cfg: LinkConfig,
-        hello: ft_log::Hello,
-        session: u64,
-        offsets: (u64, u64),
-    ) -> Result<Self> {
+            offsets,
+        } = start;
         let status = Arc::new(Mutex::new(status));
         let (forward, requests) = mpsc::channel();
         ctl::serve(

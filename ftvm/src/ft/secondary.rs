@@ -4,7 +4,7 @@
 //! ([`ft_core::datastore::take_over`]) and runs the VM on as the new primary.
 use super::datastore::Datastore;
 use super::link::{self, Lost, LostFlag};
-use super::primary::Primary;
+use super::primary::{Primary, Start};
 use super::sinks::{Console, HeldOutput};
 use super::HALTED;
 use super::{attach_disk, attach_net, instance, open_disk, open_tap, FtConfig, SecondaryConfig};
@@ -390,18 +390,18 @@ fn takeover(
         takeover_us: Some((detected_us, arbitrated_us, now_us())),
         ..Default::default()
     };
-    let mut p = Primary::continuing(
-        FtConfig::after_takeover(cfg),
-        link::runtime()?,
+    let mut p = Primary::new(Start {
+        cfg: FtConfig::after_takeover(cfg),
+        rt: link::runtime()?,
         ds,
         vm,
         held,
         status,
         link_cfg,
-        link::hello(Role::Primary, vcpu_count, mem_mib),
+        hello: link::hello(Role::Primary, vcpu_count, mem_mib),
         session,
-        (plan.out_offset, plan.net_offset),
-    )?;
+        offsets: (plan.out_offset, plan.net_offset),
+    })?;
     p.run_after_takeover(&plan.resend)
 }
 
