@@ -7,7 +7,7 @@ mod sync;
 
 use super::capture::{self, Capture};
 use super::datastore::Datastore;
-use super::link::{self, LinkSide, CONNECT_TIMEOUT};
+use super::link::{self, LinkSide, Lost, CONNECT_TIMEOUT};
 use super::sinks::{Console, HeldOutput, Sinks};
 use super::stats::Stats;
 use super::{attach_disk, attach_net, instance, open_tap, FtConfig, PrimaryConfig, HALTED};
@@ -349,6 +349,8 @@ impl Primary {
                 Phase::Arbitrating { why, ended } => (why, ended),
                 p => bail!("internal: a protection session ended in phase {p:?}"),
             };
+            // What the link saw, for the log (read before the link is closed).
+            let evidence = self.link.as_ref().and_then(|l| l.lost.get());
             if let Why::SecondaryLost(_) = why {
                 if let Some(l) = self.link.take() {
                     l.control.close("secondary lost");
@@ -360,7 +362,7 @@ impl Primary {
             // (After a Stop the link stays open: closing it could discard the Stop in flight;
             // the secondary closes it when it leaves.)
             let verdict = self.ds.arbitrate(self.core.session(), self.me)?;
-            self.log_arbitration(why, verdict);
+            self.log_arbitration(why, evidence, verdict);
             self.core.handle_arbitration(verdict);
             if verdict != Verdict::Won {
                 eprintln!("ftvm primary: lost the secondary and the arbitration: the secondary is live; halting");
@@ -404,7 +406,7 @@ impl Primary {
     }
 
     /// The evidence and outcome of an arbitration, at warn level when the secondary was lost.
-    fn log_arbitration(&self, why: Why, verdict: Verdict) {
+    fn log_arbitration(&self, why: Why, lost: Option<Lost>, verdict: Verdict) {
         let evidence = match why {
             Why::Stop { off } => {
                 tracing::info!(
@@ -415,11 +417,9 @@ impl Primary {
                 );
                 return;
             }
-            Why::SecondaryLost(_) => self
-                .link
-                .as_ref()
-                .and_then(|l| l.lost.get())
-                .map_or_else(|| "the link failed".to_string(), |l| l.to_string()),
+            Why::SecondaryLost(_) => {
+                lost.map_or_else(|| "the link failed".to_string(), |l| l.to_string())
+            }
         };
         tracing::warn!(
             session = self.core.session(),

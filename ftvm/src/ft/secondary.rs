@@ -165,22 +165,8 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
             }
             for a in actions.drain(..) {
                 match a {
-                    Action::ResetDisk { size } => {
-                        let r = disk
-                            .as_mut()
-                            .ok_or_else(no_disk)
-                            .and_then(|d| d.reset(size));
-                        if let Err(e) = r {
-                            eprintln!("ftvm secondary: {e:#}; leaving the FT link");
-                            return Ok(Received::PrimaryLost(None));
-                        }
-                    }
-                    Action::WriteDisk { offset, data } => {
-                        let r = disk
-                            .as_ref()
-                            .ok_or_else(no_disk)
-                            .and_then(|d| d.write(offset, &data));
-                        if let Err(e) = r {
+                    Action::ResetDisk { .. } | Action::WriteDisk { .. } => {
+                        if let Err(e) = apply_disk(&mut disk, a) {
                             eprintln!("ftvm secondary: {e:#}; leaving the FT link");
                             return Ok(Received::PrimaryLost(None));
                         }
@@ -226,6 +212,33 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     // it now rather than after its heartbeat timeout.
     control.close("secondary left");
     let detected_us = now_us();
+    let Some((session, plan, console)) = confirm_and_take_over(&mut core, &ds, &cfg, why)? else {
+        return Ok(HALTED);
+    };
+    // Free the FT port (a new secondary may listen there) and the link before going live.
+    drop((listener, log_tx, log_rx, control));
+    drop(rt);
+    takeover(
+        core.into_standby(),
+        plan,
+        console,
+        &cfg,
+        ds,
+        session,
+        (detected_us, now_us()),
+    )
+}
+
+/// The primary is lost (`why`): confirm with its datastore heartbeat, then arbitrate and —
+/// under the same lock — write the committed output the console lacks. None: lost the
+/// arbitration (halt). Every decision is the core's; the verdict is logged at warn with its
+/// evidence.
+fn confirm_and_take_over(
+    core: &mut ft_core::secondary::Secondary,
+    ds: &Datastore,
+    cfg: &SecondaryConfig,
+    why: Option<Lost>,
+) -> Result<Option<(u64, Takeover, Console)>> {
     core.handle_lost(Instant::now(), why.as_ref().and_then(Lost::silence));
     // Give a primary that is still alive (its datastore heartbeat is fresh) the chance to
     // win the arbitration first.
@@ -246,7 +259,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     // Under the lock: win the arbitration, measure the console, write what it lacks.
     let mut console = Console::open(cfg.serial_out.as_deref())?;
     let me = instance();
-    let r = ft_core::datastore::take_over(&ds, session, me, || -> Result<Takeover> {
+    let r = ft_core::datastore::take_over(ds, session, me, || -> Result<Takeover> {
         let plan = core.takeover(console.len())?;
         console
             .write(&plan.missing)
@@ -275,27 +288,25 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
             Verdict::Superseded => "the session is over",
         }
     );
-    let plan = match r {
-        Ok(plan) => plan?,
+    match r {
+        Ok(plan) => Ok(Some((session, plan?, console))),
         Err(_) => {
             eprintln!(
                 "ftvm secondary: lost the primary on the link but it won the arbitration; halting"
             );
-            return Ok(HALTED);
+            Ok(None)
         }
-    };
-    // Free the FT port (a new secondary may listen there) and the link before going live.
-    drop((listener, log_tx, log_rx, control));
-    drop(rt);
-    takeover(
-        core.into_standby(),
-        plan,
-        console,
-        &cfg,
-        ds,
-        session,
-        (detected_us, now_us()),
-    )
+    }
+}
+
+/// Does a disk action of the core's on this side's copy.
+fn apply_disk(disk: &mut Option<DiskCopy>, a: Action) -> Result<()> {
+    let d = disk.as_mut().ok_or_else(no_disk)?;
+    match a {
+        Action::ResetDisk { size } => d.reset(size),
+        Action::WriteDisk { offset, data } => d.write(offset, &data),
+        Action::Ack(_) => Ok(()),
+    }
 }
 
 fn no_disk() -> anyhow::Error {
