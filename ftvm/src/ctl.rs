@@ -79,6 +79,17 @@ pub struct Status {
 }
 
 impl Status {
+    /// A primary not protected (yet): `note` says why, `peer` names its secondary if any.
+    pub fn unprotected_primary(note: &str, peer: String) -> Self {
+        Status {
+            role: "primary",
+            protected: false,
+            note: note.into(),
+            peer,
+            ..Default::default()
+        }
+    }
+
     pub fn line(&self) -> String {
         format!(
             "role={} protected={} epoch={} lag_epochs={} bytes_sent={} bytes_per_sec={} last_pause_us={} sessions={} events={} pid={}{}{}{}",

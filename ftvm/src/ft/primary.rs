@@ -60,62 +60,35 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
     // This process starts a new protection session and owns it: any older process of this
     // datastore owns nothing from here on.
     let session = ds.new_session(instance())?;
-    let Some(peer) = cfg.ft.peer else {
-        // No secondary yet: run unprotected, owning the session, until a `peer` file names
-        // a secondary. The secondary's identity is made now (both sides share the
-        // datastore's keys), so the link can be set up before any secondary has run.
-        net::identity::Identity::load_or_create(&ds.keys(), "secondary")?;
-        let link_cfg = link::link_config(&ds, "primary", "secondary", Duration::ZERO)?;
-        let status = Status {
-            role: "primary",
-            protected: false,
-            note: "FT off: running unprotected until a secondary is placed".into(),
-            ..Default::default()
-        };
-        let mut p = Primary::new(Start {
-            cfg: cfg.ft,
-            rt,
-            ds,
-            vm,
-            held,
-            status,
-            link_cfg,
-            hello,
-            session,
-            offsets: (0, 0),
-        })?;
-        return p.run(false);
-    };
     let mut cap = Capture::new(cfg.ft.epoch_copy, cfg.ft.tracking);
-    // Before connecting: backing guest memory takes longer than the link's failure detection.
-    if cfg.ft.tracking == super::Tracking::Chunks {
-        if let Some((wp, pages)) = capture::track_from_boot(&vm)? {
-            cap.set_tracked_from_boot(wp, pages);
+    // With a secondary named: its link (and tracking from boot); without one the guest runs
+    // unprotected, owning the session, until a `peer` file names a secondary.
+    let (link_cfg, link, status) = match cfg.ft.peer {
+        None => {
+            // The secondary's identity is made now (both sides share the datastore's keys),
+            // so the link can be set up before any secondary has run.
+            net::identity::Identity::load_or_create(&ds.keys(), "secondary")?;
+            let link_cfg = link::link_config(&ds, "primary", "secondary", Duration::ZERO)?;
+            let note = "FT off: running unprotected until a secondary is placed";
+            (
+                link_cfg,
+                None,
+                Status::unprotected_primary(note, String::new()),
+            )
         }
-    }
-    let link_cfg = link::link_config(&ds, "primary", "secondary", Duration::from_secs(60))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let link = loop {
-        let attempt = rt.block_on(async {
-            tokio::time::timeout(CONNECT_TIMEOUT, connect(peer, &link_cfg, &hello))
-                .await
-                .unwrap_or_else(|_| Err(net::Error::NoConnection))
-        });
-        match attempt {
-            Ok((link, _, _)) => break link,
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("secondary not reachable yet: {e}");
-                std::thread::sleep(Duration::from_millis(100));
+        Some(peer) => {
+            // Before connecting: backing guest memory takes longer than the link's failure
+            // detection.
+            if cfg.ft.tracking == super::Tracking::Chunks {
+                if let Some((wp, pages)) = capture::track_from_boot(&vm)? {
+                    cap.set_tracked_from_boot(wp, pages);
+                }
             }
-            Err(e) => return Err(e).context(format!("cannot reach the secondary at {peer}")),
+            let link_cfg = link::link_config(&ds, "primary", "secondary", Duration::from_secs(60))?;
+            let link = connect_secondary(&rt, peer, &link_cfg, &hello)?;
+            let status = Status::unprotected_primary("syncing the secondary", peer.to_string());
+            (link_cfg, Some(link), status)
         }
-    };
-    let status = Status {
-        role: "primary",
-        protected: false,
-        peer: peer.to_string(),
-        note: "syncing the secondary".into(),
-        ..Default::default()
     };
     let mut p = Primary::new(Start {
         cfg: cfg.ft,
@@ -130,8 +103,38 @@ pub fn primary(cfg: PrimaryConfig) -> Result<u8> {
         offsets: (0, 0),
     })?;
     p.cap = cap;
-    p.start_session(session, link)?;
-    p.run(true)
+    match link {
+        Some(link) => {
+            p.start_session(session, link)?;
+            p.run(true)
+        }
+        None => p.run(false),
+    }
+}
+
+/// Connects to the secondary at `peer`, retrying for up to 30 s (it may still be starting).
+fn connect_secondary(
+    rt: &tokio::runtime::Runtime,
+    peer: SocketAddr,
+    link_cfg: &LinkConfig,
+    hello: &ft_log::Hello,
+) -> Result<net::Link> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = rt.block_on(async {
+            tokio::time::timeout(CONNECT_TIMEOUT, connect(peer, link_cfg, hello))
+                .await
+                .unwrap_or_else(|_| Err(net::Error::NoConnection))
+        });
+        match attempt {
+            Ok((link, _, _)) => return Ok(link),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("secondary not reachable yet: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e).context(format!("cannot reach the secondary at {peer}")),
+        }
+    }
 }
 
 /// What a primary driver starts from.
