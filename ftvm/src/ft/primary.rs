@@ -318,6 +318,12 @@ impl Primary {
         self.core.hold(Bytes::from(output), frames, since)
     }
 
+    /// The guest ended while unprotected: says so (every exit of a VMM is logged).
+    fn guest_exited(&self, code: u8) -> u8 {
+        eprintln!("ftvm primary: the guest exited with code {code}");
+        code
+    }
+
     /// Stops the VM after this process was fenced off or lost the arbitration.
     fn halt(&mut self) -> Result<u8> {
         self.beating.store(false, Ordering::SeqCst);
@@ -335,7 +341,7 @@ impl Primary {
     pub(super) fn run(&mut self, protected: bool) -> Result<u8> {
         if !protected {
             match self.unprotected()? {
-                Unprotected::Exited(code) => return Ok(code),
+                Unprotected::Exited(code) => return Ok(self.guest_exited(code)),
                 Unprotected::Halted => return self.halt(),
                 Unprotected::NewSecondary(link) => self.reprotect(link.0, link.1)?,
             }
@@ -398,10 +404,10 @@ impl Primary {
             }
             if let Some(code) = ended {
                 self.vm.stop();
-                return Ok(code);
+                return Ok(self.guest_exited(code));
             }
             match self.unprotected()? {
-                Unprotected::Exited(code) => return Ok(code),
+                Unprotected::Exited(code) => return Ok(self.guest_exited(code)),
                 Unprotected::Halted => return self.halt(),
                 Unprotected::NewSecondary(link) => self.reprotect(link.0, link.1)?,
             }
