@@ -695,11 +695,13 @@ fn start_secondary_and_wait(
     before: u64,
     t0: std::time::Instant,
 ) -> Result<u8> {
+    let log_path = datastore.join("secondary.log");
     let log = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(datastore.join("secondary.log"))?;
-    std::process::Command::new(&argv[0])
+        .open(&log_path)?;
+    let log_start = log.metadata()?.len();
+    let mut child = std::process::Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
@@ -708,6 +710,22 @@ fn start_secondary_and_wait(
         .context("starting the new secondary")?;
     println!("new secondary started: {}", argv[1..].join(" "));
     while t0.elapsed() < Duration::from_secs(60) {
+        if let Some(status) = child.try_wait()? {
+            // It gave up (the primary stalled in the sync, a bad address…): say so now, not
+            // after a minute of waiting.
+            let said = std::fs::read(&log_path).unwrap_or_default();
+            let said = String::from_utf8_lossy(said.get(log_start as usize..).unwrap_or_default());
+            let last = said
+                .lines()
+                .rev()
+                .find(|l| l.contains("error"))
+                .or_else(|| said.lines().last())
+                .unwrap_or("(it logged nothing)");
+            bail!(
+                "the new secondary exited ({status}) before protection came back: {}",
+                last.trim_start_matches("ftvm: error: ")
+            );
+        }
         if let Ok(line) = ctl::request(datastore, "primary", ctl::Request::Status) {
             let sessions = primary_sessions(datastore).unwrap_or(0);
             if sessions > before && line.contains("protected=true") {

@@ -630,6 +630,22 @@ fn suspend_resume_and_ft_off_on_a_running_pair() {
         Some(1),
         "suspending an unprotected VM is an error: {text}"
     );
+    // A secondary that cannot start (its address is taken): resume says so at once, with
+    // the secondary's own error, instead of waiting a minute for protection.
+    let squatter = std::net::UdpSocket::bind(&pair.addr).unwrap();
+    let t = Instant::now();
+    let (code, text) = ctl(&dir, "resume");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("the new secondary exited") && text.contains("in use"),
+        "{text}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t.elapsed()
+    );
+    drop(squatter);
     std::thread::sleep(Duration::from_millis(300));
     let (code, text) = ctl(&dir, "resume");
     assert_eq!(code, Some(0), "{text}");
