@@ -109,8 +109,34 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    /// Removes the directory, unless a test is failing: then its logs and datastores stay
+    /// for inspection.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test failed: kept {} for inspection", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies the files under `from` smaller than 64 MiB (logs, consoles, state; not disk
+/// images) to `to`, keeping the tree: what a failed test leaves for inspection from a
+/// file system it is about to unmount.
+pub fn copy_small_files(from: &Path, to: &Path) {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        match e.metadata() {
+            Ok(m) if m.is_dir() => copy_small_files(&src, &dst),
+            Ok(m) if m.is_file() && m.len() < 64 << 20 => {
+                let _ = std::fs::create_dir_all(to);
+                let _ = std::fs::copy(&src, &dst);
+            }
+            _ => {}
+        }
     }
 }
 

@@ -122,12 +122,23 @@ impl Pair {
     /// gone.
     fn protect(&self, n: u64) -> bool {
         let t = Instant::now();
+        let mut answered = Instant::now();
         while t.elapsed() < Duration::from_secs(60) {
             if self.lines() >= n {
                 return false;
             }
             match (self.side("primary"), self.side("secondary")) {
                 (Some((_, true)), Some((_, true))) => return true,
+                (None, None) => {
+                    assert!(
+                        answered.elapsed() < Duration::from_secs(5),
+                        "neither side of the pair answers for 5 s (the VM is down) at line {}; logs:\n{}",
+                        self.lines(),
+                        self.logs()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
                 (Some((_, false)), None) => {
                     let (code, text) = self.ctl("resume");
                     if code != Some(0) && self.lines() < n {
@@ -137,6 +148,7 @@ impl Pair {
                 }
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
+            answered = Instant::now();
         }
         panic!(
             "the pair did not become protected within 60 s; logs:\n{}",
@@ -426,6 +438,10 @@ impl Drop for StallableDatastore {
     fn drop(&mut self) {
         let m = self.mnt.to_str().unwrap();
         let _ = Command::new("fsfreeze").args(["-u", m]).output();
+        if std::thread::panicking() {
+            // A failed run: keep the datastore's logs and state (with the test directory).
+            ftvm_tests::copy_small_files(&self.mnt, &self._dir.path("datastore"));
+        }
         let _ = Command::new("umount").args(["-l", m]).output();
         let _ = std::fs::remove_file(&self.img);
     }
@@ -809,6 +825,8 @@ fn chaos_cluster_nemesis_keeps_every_workload_exact_and_protection_back() {
         let f = Fault::pick(&mut rng);
         let what = cc.apply(f, &mut rng);
         *counts.entry(format!("{f:?}")).or_default() += 1;
+        // Said before the wait: a failure below names the fault it followed.
+        eprint!("fault {i}/{wanted}: {what}; ");
         let t = Instant::now();
         cc.wait_protected(180);
         for vm in VMS {
@@ -821,10 +839,7 @@ fn chaos_cluster_nemesis_keeps_every_workload_exact_and_protection_back() {
             "the journal's acknowledgements repeat or skip: {:?}",
             &acks[acks.len().saturating_sub(10)..]
         );
-        eprintln!(
-            "fault {i}/{wanted}: {what}; protected again after {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
+        eprintln!("protected again after {:.1} s", t.elapsed().as_secs_f64());
         std::thread::sleep(Duration::from_millis(rng.range(200, 2000)));
     }
     let streams = streams.finish();
