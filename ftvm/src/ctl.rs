@@ -179,12 +179,24 @@ pub fn serve(
     Ok(())
 }
 
-/// Sends `req` to `role`'s control socket and returns the reply line.
+/// Sends `req` to `role`'s control socket and returns the reply line (waiting up to 5 s).
 pub fn request(datastore: &Path, role: &str, req: Request) -> Result<String> {
+    request_within(datastore, role, req, Duration::from_secs(5))
+}
+
+/// As [`request`], waiting at most `timeout` for the reply (a frozen process accepts the
+/// connection in the kernel's backlog but never answers).
+pub fn request_within(
+    datastore: &Path,
+    role: &str,
+    req: Request,
+    timeout: Duration,
+) -> Result<String> {
     let path = socket_path(datastore, role);
     let mut s = UnixStream::connect(&path)
         .with_context(|| format!("no {role} answers on {}", path.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     writeln!(s, "{}", req.word())?;
     let mut reply = String::new();
     BufReader::new(s).read_line(&mut reply)?;

@@ -168,8 +168,9 @@ fn demo_runs_and_checks_its_console() {
 
 /// vSphere HA's failure kinds with hosts as network namespaces: a host **isolated** (its link
 /// down, still running), a host **partitioned** from the coordinator (it still reaches its
-/// peers), and a host **failed** (everything on it killed). Each ends with exactly one live
-/// primary, the console exact, and protection back.
+/// peers), a **frozen primary** while its secondary's host is partitioned, and a host
+/// **failed** (everything on it killed). Each ends with exactly one live primary, the console
+/// exact, and protection back.
 fn isolation_and_partition_in_namespaces_never_make_two_primaries(b: Backend) {
     let net = NetHosts::create(3);
     let c = Cluster::start_in_namespaces("cl-netns", &net, b);
@@ -217,7 +218,35 @@ fn isolation_and_partition_in_namespaces_never_make_two_primaries(b: Backend) {
         1,
         "no other side halted"
     );
-    // 3. The primary's host fails (agent and VMMs killed at once): takeover, re-protection on
+    // 3. The secondary's host is cut from the coordinator, then its primary freezes (SIGSTOP,
+    // 2 s): the secondary takes over where the coordinator cannot see it. The coordinator
+    // cannot tell a frozen primary from a dead one, so it keeps that secondary (giving it up
+    // stopped the VM's live primary once the partition healed: found by the chaos soak), and
+    // records the failover once it hears from the host again.
+    let (p, s) = (c.host_of("app", "primary"), c.host_of("app", "secondary"));
+    net.cut_from_coordinator(&s, true);
+    c.wait(10, "the coordinator sees the host unreachable", |st| {
+        st.contains(&format!("host {s}: UNREACHABLE"))
+    });
+    let pid = primary_pid(&c, "app");
+    // SAFETY: kill(2) on this test's own VMM.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(2));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_secs(1));
+    net.cut_from_coordinator(&s, false);
+    let st = c.wait(60, "the failover recorded and protection back", |st| {
+        st.contains("VM app: running, protected")
+            && st.contains(&format!("| primary {s} "))
+            && st.matches(": up").count() == 3
+    });
+    assert!(st.contains(&format!("last failover {p} -> {s}")), "{st}");
+    assert_eq!(
+        c.proc_logs_with("app", "halting"),
+        2,
+        "the thawed primary halted, nothing else did"
+    );
+    // 4. The primary's host fails (agent and VMMs killed at once): takeover, re-protection on
     // the remaining host.
     let p = c.host_of("app", "primary");
     let s = c.host_of("app", "secondary");
@@ -227,6 +256,22 @@ fn isolation_and_partition_in_namespaces_never_make_two_primaries(b: Backend) {
         st.contains("VM app: running, protected") && st.contains(&format!("| primary {s} "))
     });
     c.assert_console_exact("app", 300);
+}
+
+/// The pid of `vm`'s primary (its control socket's status).
+fn primary_pid(c: &Cluster, vm: &str) -> i32 {
+    let o = Command::new(ftvm_bin())
+        .args(["ctl", "--datastore"])
+        .arg(c.vm_dir(vm))
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    text.lines()
+        .find(|l| l.starts_with("primary:"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("pid=")))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no primary pid in: {text}"))
 }
 
 /// A second coordinator on the same store waits as a standby (it does not even listen) and

@@ -29,10 +29,21 @@ struct Proc {
     exit: Option<Option<i32>>,
 }
 
+/// How long the agent waits for a process's status: a frozen VMM (its own, or the VM's other
+/// side, whose socket is in the same datastore) must not delay the host's report past the
+/// coordinator's host timeout, which would make this host look unreachable.
+const STATUS_WAIT: Duration = Duration::from_millis(300);
+
 /// The status line of the ctl socket that `pid` serves in `datastore`, if any.
 fn status_of(datastore: &str, pid: u32) -> Option<String> {
     ["primary", "secondary"].iter().find_map(|role| {
-        let line = ctl::request(Path::new(datastore), role, ctl::Request::Status).ok()?;
+        let line = ctl::request_within(
+            Path::new(datastore),
+            role,
+            ctl::Request::Status,
+            STATUS_WAIT,
+        )
+        .ok()?;
         (ctl::field(&line, "pid")? == pid.to_string()).then_some(line)
     })
 }

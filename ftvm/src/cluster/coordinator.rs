@@ -576,24 +576,23 @@ impl Coord {
         }
         let report =
             |p: &Option<Placement>| p.as_ref().and_then(|p| reports.get(&p.id)).map(|r| &r.1);
-        // The primary says it is protected by this very secondary.
-        let pair_intact = {
-            let st = report(&vm.primary)
-                .and_then(|r| r.status.clone())
-                .unwrap_or_default();
-            st.contains("protected=true")
-                && field(&st, "peer") == self.secondary_addr(c, &vm.secondary).as_deref()
-        };
-        // A process is gone when its host failed (no network, no datastore heartbeat), when
-        // its agent reports it ended, or when its host is only unreachable (isolated or
-        // partitioned, still running) and the pair no longer protects the VM with it. A
-        // secondary behind a partition that its primary still reaches is kept.
+        // What the primary says of its pair with this secondary: Some(true) protected by it,
+        // Some(false) it answers and is not, None it does not answer.
+        let primary_says = report(&vm.primary)
+            .and_then(|r| r.status.as_deref())
+            .map(|st| {
+                st.contains("protected=true")
+                    && field(st, "peer") == self.secondary_addr(c, &vm.secondary).as_deref()
+            });
         let gone = |p: &Option<Placement>| {
             p.as_ref().is_some_and(|pl| {
                 let h = c.hosts.get(&pl.host);
-                let down = h.is_none_or(|h| h.down());
-                let unreachable = h.is_some_and(|h| !h.alive && h.ds_alive);
-                down || report(p).is_some_and(|r| !r.running) || (unreachable && !pair_intact)
+                secondary_gone(
+                    h.is_none_or(|h| h.down()),
+                    h.is_some_and(|h| !h.alive && h.ds_alive),
+                    report(p).is_some_and(|r| !r.running),
+                    primary_says,
+                )
             })
         };
         let mut vm2 = vm.clone();
@@ -953,6 +952,17 @@ impl Coord {
 }
 
 /// The disk copy of placement `id`, in its VM's datastore directory.
+/// Whether the coordinator gives up a VM's secondary (and places another): its host failed
+/// (`down`: no network and no datastore heartbeat), its agent reports it `ended`, or its host
+/// is only `unreachable` (isolated or partitioned, still running) and the primary, answering,
+/// says the pair no longer protects the VM with it (`primary_says`: Some(true) protected by
+/// this secondary). A secondary behind a partition that its primary still reaches is kept;
+/// so is one whose primary does not answer (frozen, its own host unreachable, halting): that
+/// secondary may be taking over, and giving it up would stop the VM's live primary.
+fn secondary_gone(down: bool, unreachable: bool, ended: bool, primary_says: Option<bool>) -> bool {
+    down || ended || (unreachable && primary_says == Some(false))
+}
+
 fn disk_name(id: u64) -> String {
     format!("disk-{id}.img")
 }
@@ -981,7 +991,29 @@ pub fn vm_state(v: &Vm) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::port_for;
+    use super::{port_for, secondary_gone};
+
+    #[test]
+    fn a_secondary_is_given_up_only_on_evidence() {
+        // (down, unreachable, ended, primary_says) -> gone
+        let cases = [
+            ((true, false, false, None), true),        // its host failed
+            ((false, false, true, Some(true)), true),  // its agent says it ended
+            ((false, true, false, Some(false)), true), // cut off, and the primary moved on
+            ((false, true, false, Some(true)), false), // cut off, the primary still reaches it
+            // Cut off while the primary does not answer (frozen): it may be taking over.
+            ((false, true, false, None), false),
+            ((false, false, false, Some(false)), false), // reachable, starting
+            ((false, false, false, None), false),
+        ];
+        for ((down, unreachable, ended, says), gone) in cases {
+            assert_eq!(
+                secondary_gone(down, unreachable, ended, says),
+                gone,
+                "down={down} unreachable={unreachable} ended={ended} primary_says={says:?}"
+            );
+        }
+    }
 
     #[test]
     fn ports_stay_in_range_for_every_base() {
