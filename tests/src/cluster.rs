@@ -215,6 +215,22 @@ impl Cluster {
     pub fn vm_dir(&self, vm: &str) -> PathBuf {
         self.state.join("vms").join(vm)
     }
+
+    /// The pid answering as `role` on `vm`'s control socket (`ftvm ctl status`).
+    pub fn pid_of(&self, vm: &str, role: &str) -> Option<u32> {
+        let o = Command::new(ftvm_bin())
+            .args(["ctl", "--datastore"])
+            .arg(self.vm_dir(vm))
+            .arg("status")
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let line = text.lines().find(|l| l.starts_with(&format!("{role}:")))?;
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("pid="))?
+            .parse()
+            .ok()
+    }
 }
 
 impl Drop for Cluster {

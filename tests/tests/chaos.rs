@@ -548,18 +548,7 @@ impl ChaosCluster {
 
     /// The pid answering as `role` on `vm`'s control socket.
     fn pid_of(&self, vm: &str, role: &str) -> Option<u32> {
-        let o = Command::new(ftvm_bin())
-            .args(["ctl", "--datastore"])
-            .arg(self.c.vm_dir(vm))
-            .arg("status")
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&o.stdout).to_string();
-        let line = text.lines().find(|l| l.starts_with(&format!("{role}:")))?;
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix("pid="))?
-            .parse()
-            .ok()
+        self.c.pid_of(vm, role)
     }
 
     /// Live ftvm processes of `vm` (their command line names its datastore).

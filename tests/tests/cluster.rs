@@ -228,7 +228,7 @@ fn isolation_and_partition_in_namespaces_never_make_two_primaries(b: Backend) {
     c.wait(10, "the coordinator sees the host unreachable", |st| {
         st.contains(&format!("host {s}: UNREACHABLE"))
     });
-    let pid = primary_pid(&c, "app");
+    let pid = c.pid_of("app", "primary").expect("the primary answers") as i32;
     // SAFETY: kill(2) on this test's own VMM.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     std::thread::sleep(Duration::from_secs(2));
@@ -256,22 +256,6 @@ fn isolation_and_partition_in_namespaces_never_make_two_primaries(b: Backend) {
         st.contains("VM app: running, protected") && st.contains(&format!("| primary {s} "))
     });
     c.assert_console_exact("app", 300);
-}
-
-/// The pid of `vm`'s primary (its control socket's status).
-fn primary_pid(c: &Cluster, vm: &str) -> i32 {
-    let o = Command::new(ftvm_bin())
-        .args(["ctl", "--datastore"])
-        .arg(c.vm_dir(vm))
-        .arg("status")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout).to_string();
-    text.lines()
-        .find(|l| l.starts_with("primary:"))
-        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("pid=")))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no primary pid in: {text}"))
 }
 
 /// A second coordinator on the same store waits as a standby (it does not even listen) and
