@@ -951,7 +951,6 @@ impl Coord {
     }
 }
 
-/// The disk copy of placement `id`, in its VM's datastore directory.
 /// Whether the coordinator gives up a VM's secondary (and places another): its host failed
 /// (`down`: no network and no datastore heartbeat), its agent reports it `ended`, or its host
 /// is only `unreachable` (isolated or partitioned, still running) and the primary, answering,
@@ -963,6 +962,7 @@ fn secondary_gone(down: bool, unreachable: bool, ended: bool, primary_says: Opti
     down || ended || (unreachable && primary_says == Some(false))
 }
 
+/// The disk copy of placement `id`, in its VM's datastore directory.
 fn disk_name(id: u64) -> String {
     format!("disk-{id}.img")
 }
