@@ -546,11 +546,6 @@ impl ChaosCluster {
             })
     }
 
-    /// The pid answering as `role` on `vm`'s control socket.
-    fn pid_of(&self, vm: &str, role: &str) -> Option<u32> {
-        self.c.pid_of(vm, role)
-    }
-
     /// Live ftvm processes of `vm` (their command line names its datastore).
     fn procs_of(&self, vm: &str) -> Vec<u32> {
         let dir = self.c.vm_dir(vm).display().to_string();
@@ -577,7 +572,7 @@ impl ChaosCluster {
         let t = Instant::now();
         loop {
             let procs = self.procs_of(vm);
-            let (p, s) = (self.pid_of(vm, "primary"), self.pid_of(vm, "secondary"));
+            let (p, s) = (self.c.pid_of(vm, "primary"), self.c.pid_of(vm, "secondary"));
             let mut want: Vec<u32> = [p, s].into_iter().flatten().collect();
             let mut got = procs.clone();
             want.sort_unstable();
@@ -615,7 +610,7 @@ impl ChaosCluster {
         let host = format!("h{}", rng.range(1, 4));
         match f {
             Fault::KillVmm | Fault::FreezeVmm => {
-                let Some(pid) = self.pid_of(vm, role) else {
+                let Some(pid) = self.c.pid_of(vm, role) else {
                     return format!("{f:?}: no {role} of {vm} answers");
                 };
                 if let Fault::KillVmm = f {
