@@ -2,7 +2,7 @@
 //! with hosts on loopback sharing one datastore directory, or hosts as network namespaces on
 //! a bridge ([`NetHosts`]).
 use crate::netns::{self, sh};
-use crate::{ftvm_bin, Etcd, TempDir};
+use crate::{ftvm_bin, Etcd, Side, TempDir};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -113,16 +113,31 @@ impl Cluster {
             .args(store_args)
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path(&format!("{log}.log"))).unwrap())
+            .stderr(Self::append_log(dir, log))
             .spawn()
             .unwrap()
+    }
+
+    /// `<log>.log` in the test's directory, appended to: a restarted coordinator continues
+    /// its predecessor's log after a line saying so, so a failure shows both.
+    fn append_log(dir: &TempDir, log: &str) -> std::fs::File {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path(&format!("{log}.log")))
+            .unwrap();
+        if f.metadata().is_ok_and(|m| m.len() > 0) {
+            let _ = writeln!(f, "--- (the test restarted this process) ---");
+        }
+        f
     }
 
     pub fn add_host(&mut self, h: &str) {
         let agent = Command::new(ftvm_bin())
             .args(["host-agent", "--name", h, "--coordinator", &self.addr])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path(&format!("agent-{h}.log"))).unwrap())
+            .stderr(Self::append_log(&self.dir, &format!("agent-{h}")))
             .spawn()
             .unwrap();
         self.agents.push((h.to_string(), agent));
@@ -216,20 +231,28 @@ impl Cluster {
         self.state.join("vms").join(vm)
     }
 
-    /// The pid answering as `role` on `vm`'s control socket (`ftvm ctl status`).
-    pub fn pid_of(&self, vm: &str, role: &str) -> Option<u32> {
-        let o = Command::new(ftvm_bin())
+    /// The sides of `vm`'s pair answering on its control sockets (`ftvm ctl status`), as
+    /// (primary, secondary).
+    pub fn sides(&self, vm: &str) -> (Option<Side>, Option<Side>) {
+        let Ok(o) = Command::new(ftvm_bin())
             .args(["ctl", "--datastore"])
             .arg(self.vm_dir(vm))
             .arg("status")
             .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&o.stdout).to_string();
-        let line = text.lines().find(|l| l.starts_with(&format!("{role}:")))?;
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix("pid="))?
-            .parse()
-            .ok()
+        else {
+            return (None, None);
+        };
+        let text = String::from_utf8_lossy(&o.stdout);
+        (
+            Side::parse(&text, "primary"),
+            Side::parse(&text, "secondary"),
+        )
+    }
+
+    /// The pid answering as `role` on `vm`'s control socket.
+    pub fn pid_of(&self, vm: &str, role: &str) -> Option<u32> {
+        let (p, s) = self.sides(vm);
+        if role == "primary" { p } else { s }.map(|s| s.pid)
     }
 }
 
@@ -292,6 +315,16 @@ impl NetHosts {
         let tag = format!("{}{k}", std::process::id() % 10_000);
         let bridge = format!("ftbr{tag}");
         let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+        // Only one set of hosts can hold the subnet: a bridge left by a killed test run
+        // would take the coordinator's address.
+        if let Ok(o) = Command::new("ip").args(["-br", "addr"]).output() {
+            for l in String::from_utf8_lossy(&o.stdout).lines() {
+                if l.contains(&format!(" {NET}.1/24")) {
+                    let dev = l.split_whitespace().next().unwrap_or_default();
+                    let _ = Command::new("ip").args(["link", "del", dev]).output();
+                }
+            }
+        }
         sh(&["ip", "link", "add", &bridge, "type", "bridge"]);
         sh(&["ip", "addr", "add", &format!("{NET}.1/24"), "dev", &bridge]);
         sh(&["ip", "link", "set", &bridge, "up"]);
@@ -410,11 +443,7 @@ impl Cluster {
     /// Starts host `h`'s agent in its namespace (its log appended to `agent-H.log`).
     pub fn start_agent_in(&mut self, net: &NetHosts, h: &str) {
         let i: usize = h.trim_start_matches('h').parse().unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path(&format!("agent-{h}.log")))
-            .unwrap();
+        let log = Self::append_log(&self.dir, &format!("agent-{h}"));
         let agent = Command::new("ip")
             .args(["netns", "exec", net.ns(h)])
             .arg(ftvm_bin())

@@ -71,6 +71,37 @@ pub fn ftvm(args: &[&str]) -> Output {
         .expect("spawn ftvm")
 }
 
+/// One side of an FT pair as its control socket describes it (a `primary:` or `secondary:`
+/// line of `ftvm ctl status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Side {
+    pub pid: u32,
+    pub protected: bool,
+    /// The primary's last closed epoch; the secondary's last committed one.
+    pub epoch: u64,
+    /// Protection sessions this process has had (a re-protection starts a new one).
+    pub sessions: u64,
+}
+
+impl Side {
+    /// The side answering as `role` in the output of `ftvm ctl status`.
+    pub fn parse(ctl_status: &str, role: &str) -> Option<Side> {
+        let line = ctl_status
+            .lines()
+            .find_map(|l| l.strip_prefix(role)?.strip_prefix(':'))?;
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+        };
+        Some(Side {
+            pid: field("pid")?.parse().ok()?,
+            protected: field("protected")? == "true",
+            epoch: field("epoch")?.parse().ok()?,
+            sessions: field("sessions")?.parse().ok()?,
+        })
+    }
+}
+
 /// A UDP port on loopback that was free a moment ago (for an FT link's listener).
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
