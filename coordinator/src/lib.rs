@@ -1,8 +1,10 @@
 //! The failover coordinator's building blocks: the cluster model ([`model`]), the store it
 //! lives in ([`store`]: an embedded file store with an atomic test-and-set and a coordinator
 //! lease; with feature `etcd`, the same on etcd in `etcd`), and placement with vSphere FT's
-//! limits ([`placement`]). The processes (`ftvm coordinator`, `ftvm host-agent`) and the
+//! limits ([`placement`]), and who may do what ([`auth`]: API tokens with roles, host join
+//! tokens, host identities). The processes (`ftvm coordinator`, `ftvm host-agent`) and the
 //! operations CLI are in the `ftvm` binary.
+pub mod auth;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod model;
