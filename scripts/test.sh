@@ -15,6 +15,8 @@ command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 # socat: the real TCP client of the guest-network tests (tests/tests/net.rs, chaos.rs).
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+# curl: an outside HTTPS client of the coordinator's API (tests/tests/api.rs).
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # The chaos tests put the cluster's datastore on a loop-mounted ext4 and stall it with
 # fsfreeze (e2fsprogs, util-linux).
 command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)

@@ -72,6 +72,12 @@ enum Cmd {
     /// Create, start, stop and list VMs (through the coordinator).
     #[command(subcommand)]
     Vm(VmCmd),
+    /// API tokens for operators and scripts (admin only).
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Hosts: join tokens and forgetting a host's certificate (admin only).
+    #[command(subcommand)]
+    Host(HostCmd),
     /// vSphere's FT operations on a VM (through the coordinator).
     Ft(FtArgs),
     /// Protection state, hosts, epoch, lag, last failover (through the coordinator).
@@ -84,16 +90,82 @@ enum Cmd {
 #[derive(Args)]
 struct CoordinatorOpt {
     /// The coordinator's address; several (comma-separated) for a coordinator with standbys:
-    /// the one that answers is used.
-    #[arg(long, value_name = "ADDR[,ADDR…]", env = "FTVM_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
-    coordinator: String,
+    /// the one that answers is used. Default: the config file's, else 127.0.0.1:7700.
+    #[arg(long, value_name = "ADDR[,ADDR…]", env = "FTVM_COORDINATOR")]
+    coordinator: Option<String>,
+    /// The CLI's config file (TOML: coordinator, ca, token), as `ftvm coordinator init` writes
+    /// it. Default: ~/.config/ftvm/config.toml if it exists. FTVM_TOKEN and FTVM_CA override
+    /// its token and CA.
+    #[arg(long, value_name = "FILE", env = "FTVM_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl CoordinatorOpt {
+    fn client(&self) -> Result<cluster::client::Client> {
+        cluster::client::Client::operator(self.coordinator.as_deref(), self.config.as_deref())
+    }
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct CoordinatorArgs {
+    #[command(subcommand)]
+    init: Option<CoordinatorInit>,
+    #[command(flatten)]
+    run: CoordinatorRunArgs,
+}
+
+#[derive(Subcommand)]
+enum CoordinatorInit {
+    /// Create the cluster: its CA (certificates for the coordinator and the hosts) and the
+    /// first admin API token, written with the CA to PKI/admin.toml for the CLI.
+    Init {
+        /// As for the coordinator: where the cluster state and datastores live.
+        #[arg(long, value_name = "DIR", default_value = "ftvm-cluster")]
+        dir: PathBuf,
+        /// Where the CA goes (default DIR/pki). ca.key signs host certificates: keep it off
+        /// the datastore the hosts share in production.
+        #[arg(long = "pki-dir", value_name = "DIR")]
+        pki_dir: Option<PathBuf>,
+        /// The coordinator address admin.toml names.
+        #[arg(long, value_name = "ADDR[,ADDR…]", default_value = cluster::DEFAULT_COORDINATOR)]
+        coordinator: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// Keep the cluster state in etcd at these endpoints (comma-separated, e.g.
+    /// http://10.0.0.5:2379) instead of the embedded file store in DIR/store. Needs a build
+    /// with `--features etcd`.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Keys under this etcd prefix (one per cluster).
+    #[arg(long = "etcd-prefix", value_name = "PREFIX", default_value = "/ftvm/")]
+    etcd_prefix: String,
+}
+
+impl StoreArgs {
+    fn choice(self) -> cluster::coordinator::StoreChoice {
+        if self.etcd.is_empty() {
+            cluster::coordinator::StoreChoice::File
+        } else {
+            cluster::coordinator::StoreChoice::Etcd {
+                endpoints: self.etcd,
+                prefix: self.etcd_prefix,
+            }
+        }
+    }
+}
+
+#[derive(Args)]
+struct CoordinatorRunArgs {
     /// Cluster state and every VM's datastore (DIR/vms/NAME), shared with the hosts.
     #[arg(long, value_name = "DIR", default_value = "ftvm-cluster")]
     dir: PathBuf,
+    /// Where the HTTPS API listens (IP:PORT); agents and the CLI connect here.
     #[arg(long, value_name = "ADDR", default_value = cluster::DEFAULT_COORDINATOR)]
     listen: std::net::SocketAddr,
     /// At most this many secondaries per host (vSphere's default is 4).
@@ -110,14 +182,15 @@ struct CoordinatorArgs {
     #[arg(long = "ft-port-base", value_name = "PORT", default_value_t = 47000,
           value_parser = clap::value_parser!(u16).range(1024..))]
     ft_port_base: u16,
-    /// Keep the cluster state in etcd at these endpoints (comma-separated, e.g.
-    /// http://10.0.0.5:2379) instead of the embedded file store in DIR/store. Needs a build
-    /// with `--features etcd`.
-    #[arg(long, value_name = "URLS", value_delimiter = ',')]
-    etcd: Vec<String>,
-    /// Keys under this etcd prefix (one per cluster).
-    #[arg(long = "etcd-prefix", value_name = "PREFIX", default_value = "/ftvm/")]
-    etcd_prefix: String,
+    /// The cluster CA made by `ftvm coordinator init` (default DIR/pki).
+    #[arg(long = "pki-dir", value_name = "DIR")]
+    pki_dir: Option<PathBuf>,
+    /// Another name (IP address or DNS name) clients reach this coordinator by; its serving
+    /// certificate covers these, the listen address, 127.0.0.1 and localhost. Repeatable.
+    #[arg(long = "tls-name", value_name = "NAME")]
+    tls_name: Vec<String>,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Args)]
@@ -127,9 +200,61 @@ struct HostAgentArgs {
     name: String,
     /// This host's address for FT links.
     #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
-    ip: String,
-    #[command(flatten)]
-    coord: CoordinatorOpt,
+    ip: std::net::IpAddr,
+    /// The coordinator's address (several, comma-separated, with standbys).
+    #[arg(long, value_name = "ADDR[,ADDR…]", env = "FTVM_COORDINATOR", default_value = cluster::DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// Where the host's certificate and key are kept (default /var/lib/ftvm/agent-NAME).
+    #[arg(long = "state-dir", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// First start only: a join token from `ftvm host join-token`.
+    #[arg(long, value_name = "TOKEN", env = "FTVM_JOIN_TOKEN")]
+    join: Option<String>,
+    /// First start only: the cluster CA certificate (PKI/ca.pem of `ftvm coordinator init`).
+    #[arg(long, value_name = "CA.pem")]
+    ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create an API token (printed once; the coordinator keeps only its hash).
+    Create {
+        name: String,
+        /// admin: everything; operator: VM and FT operations; read-only: status and lists.
+        #[arg(long, value_name = "ROLE", value_parser = ["admin", "operator", "read-only"])]
+        role: String,
+        #[command(flatten)]
+        coord: CoordinatorOpt,
+    },
+    /// List API tokens (names, roles, when created and revoked; never secrets).
+    List {
+        #[command(flatten)]
+        coord: CoordinatorOpt,
+    },
+    /// Revoke an API token: it is refused from now on.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        coord: CoordinatorOpt,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    /// Create a one-time token for a new host to join with (`ftvm host-agent --join`).
+    JoinToken {
+        /// How long it stays good, in seconds (at most 7 days).
+        #[arg(long = "ttl-s", value_name = "S", default_value_t = 3600)]
+        ttl_s: u64,
+        #[command(flatten)]
+        coord: CoordinatorOpt,
+    },
+    /// Forget a host's certificate: its agent is refused until it joins again.
+    Forget {
+        name: String,
+        #[command(flatten)]
+        coord: CoordinatorOpt,
+    },
 }
 
 #[derive(Subcommand)]
@@ -154,16 +279,19 @@ enum VmCmd {
         #[command(flatten)]
         coord: CoordinatorOpt,
     },
+    /// Run a defined VM: its primary is placed on a host (and its secondary, with FT).
     Start {
         name: String,
         #[command(flatten)]
         coord: CoordinatorOpt,
     },
+    /// Stop a VM: its primary and secondary processes are stopped; the definition stays.
     Stop {
         name: String,
         #[command(flatten)]
         coord: CoordinatorOpt,
     },
+    /// List the defined VMs with their state and placement.
     List {
         #[command(flatten)]
         coord: CoordinatorOpt,
@@ -442,6 +570,21 @@ fn serial_sink(path: Option<&Path>) -> Result<SerialOut> {
     })
 }
 
+/// A usage error (exit 2, as clap's own) when neither --guest nor --kernel is given.
+fn need_boot_image(a: &GuestArgs, cmd: &str, or: &str) {
+    if a.guest.is_none() && a.kernel.is_none() {
+        use clap::CommandFactory;
+        let mut c = Cli::command();
+        let sub = c.find_subcommand_mut(cmd).expect("subcommand").clone();
+        sub.bin_name(format!("ftvm {cmd}"))
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                format!("give --guest NAME or --kernel PATH{or}"),
+            )
+            .exit();
+    }
+}
+
 fn boot_source(a: &GuestArgs) -> Result<BootSource> {
     let (image, initrd) = match (&a.guest, &a.kernel) {
         (Some(name), None) => {
@@ -539,19 +682,23 @@ fn run_vm(c: VmCmd) -> Result<u8> {
             coord,
         } => {
             // The hosts' agents start the VMM elsewhere: relative paths mean this directory.
-            let on_hosts = |p: PathBuf| -> Result<String> {
-                Ok(std::path::absolute(&p)
-                    .with_context(|| format!("path {}", p.display()))?
-                    .display()
-                    .to_string())
+            let on_hosts = |p: PathBuf| -> Result<PathBuf> {
+                std::path::absolute(&p).with_context(|| format!("path {}", p.display()))
             };
+            let mut guest = guest;
+            guest.kernel = guest.kernel.map(on_hosts).transpose()?;
+            guest.initrd = guest.initrd.map(on_hosts).transpose()?;
+            // Checked here, where it is given, not when a host first fails to boot it.
+            let vcpus = vmm::check_vcpus(guest.vcpus)?;
+            boot_source(&guest)?;
+            let text = |p: Option<PathBuf>| p.map(|p| p.display().to_string());
             (
-                coord.coordinator,
+                coord,
                 Request::VmCreate {
                     name,
                     guest: guest.guest,
-                    kernel: guest.kernel.map(on_hosts).transpose()?,
-                    initrd: guest.initrd.map(on_hosts).transpose()?,
+                    kernel: text(guest.kernel),
+                    initrd: text(guest.initrd),
                     disk_mib,
                     mac: net.tap.as_ref().map(|_| {
                         net.mac
@@ -562,23 +709,97 @@ fn run_vm(c: VmCmd) -> Result<u8> {
                     }),
                     tap: net.tap,
                     cmdline: guest.cmdline,
-                    vcpus: guest.vcpus.min(255) as u8,
+                    vcpus,
                     mem_mib: guest.mem_mib,
                     ft,
                 },
             )
         }
-        VmCmd::Start { name, coord } => (coord.coordinator, Request::VmStart { name }),
-        VmCmd::Stop { name, coord } => (coord.coordinator, Request::VmStop { name }),
-        VmCmd::List { coord } => (coord.coordinator, Request::VmList),
+        VmCmd::Start { name, coord } => (coord, Request::VmStart { name }),
+        VmCmd::Stop { name, coord } => (coord, Request::VmStop { name }),
+        VmCmd::List { coord } => (coord, Request::VmList),
     };
-    println!("{}", cluster::ops::call(&addr, &req)?);
+    println!("{}", cluster::ops::call(&addr.client()?, &req)?);
+    Ok(0)
+}
+
+fn run_token(c: TokenCmd) -> Result<u8> {
+    use cluster::api::{NewToken, Secret, TokenInfo};
+    match c {
+        TokenCmd::Create { name, role, coord } => {
+            let role = role.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let s: Secret = coord.client()?.call(
+                "POST",
+                "/api/v1/tokens",
+                Some(&NewToken {
+                    name: name.clone(),
+                    role,
+                }),
+            )?;
+            eprintln!("created API token {name}; it is shown only now:");
+            println!("{}", s.token);
+        }
+        TokenCmd::List { coord } => {
+            let list: Vec<TokenInfo> =
+                coord.client()?.call("GET", "/api/v1/tokens", None::<&()>)?;
+            println!("{:<20} {:<10} {:<24} STATE", "NAME", "ROLE", "CREATED BY");
+            for t in list {
+                println!(
+                    "{:<20} {:<10} {:<24} {}",
+                    t.name,
+                    t.role.name(),
+                    t.created_by,
+                    if t.revoked_ms.is_some() {
+                        "revoked"
+                    } else {
+                        "live"
+                    }
+                );
+            }
+        }
+        TokenCmd::Revoke { name, coord } => {
+            let r: serde_json::Value = coord.client()?.call(
+                "DELETE",
+                &format!("/api/v1/tokens/{}", cluster::ops::seg(&name)),
+                None::<&()>,
+            )?;
+            println!("{}", r["text"].as_str().unwrap_or_default());
+        }
+    }
+    Ok(0)
+}
+
+fn run_host(c: HostCmd) -> Result<u8> {
+    use cluster::api::{NewJoin, Secret};
+    match c {
+        HostCmd::JoinToken { ttl_s, coord } => {
+            let s: Secret =
+                coord
+                    .client()?
+                    .call("POST", "/api/v1/join-tokens", Some(&NewJoin { ttl_s }))?;
+            eprintln!(
+                "one-time join token, good for {ttl_s} s; on the new host run:\n  ftvm host-agent \
+                 --name NAME --coordinator ADDR --ca CA.pem --join TOKEN\n(the cluster CA's \
+                 sha256 is {})",
+                s.ca_sha256.unwrap_or_default()
+            );
+            println!("{}", s.token);
+        }
+        HostCmd::Forget { name, coord } => {
+            let r: serde_json::Value = coord.client()?.call(
+                "DELETE",
+                &format!("/api/v1/hosts/{}/identity", cluster::ops::seg(&name)),
+                None::<&()>,
+            )?;
+            println!("{}", r["text"].as_str().unwrap_or_default());
+        }
+    }
     Ok(0)
 }
 
 fn run_ft(a: FtArgs) -> Result<u8> {
     use cluster::proto::{FtAction, Request};
-    let addr = a.coord.coordinator;
+    let addr = a.coord.client()?;
     let action = match a.op {
         FtOp::TestFailover => {
             println!("{}", cluster::ops::test_failover(&addr, &a.name)?);
@@ -610,6 +831,13 @@ fn run_ft(a: FtArgs) -> Result<u8> {
 }
 
 fn run_ctl(a: CtlArgs) -> Result<u8> {
+    // Never creates anything: a typo is an error, not a new empty datastore.
+    if !a.datastore.is_dir() {
+        bail!(
+            "no datastore at {} (not a directory): give the --datastore of a running pair",
+            a.datastore.display()
+        );
+    }
     match a.command {
         CtlCommand::Status => {
             let mut any = false;
@@ -772,16 +1000,26 @@ pub(crate) fn pseudo_random_inputs(
 }
 
 fn main() {
+    let cli = Cli::parse();
+    // Daemons log what they do (info); one-shot commands only warnings, unless RUST_LOG says.
+    let daemon = matches!(cli.cmd, Cmd::Coordinator(_) | Cmd::HostAgent(_));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| if daemon { "info" } else { "warn" }.into()),
         )
         .init();
-    let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Run(a) => run(a),
+        Cmd::Run(a) => {
+            if a.restore.is_none() {
+                need_boot_image(&a.guest, "run", ", or --restore STATE");
+            }
+            run(a)
+        }
         Cmd::Primary(a) => (|| {
+            need_boot_image(&a.guest, "primary", "");
             let vcpus = vmm::check_vcpus(a.guest.vcpus)?;
             let cfg = ft::PrimaryConfig {
                 vm: VmConfig {
@@ -816,40 +1054,61 @@ fn main() {
             tap: a.tap,
         }),
         Cmd::Ctl(a) => run_ctl(a),
-        Cmd::Coordinator(a) => cluster::coordinator::run(cluster::coordinator::Config {
-            dir: a.dir,
-            listen: a.listen,
-            limits: coordinator::Limits {
-                max_secondaries_per_host: a.max_secondaries,
-                ..Default::default()
-            },
-            host_timeout: Duration::from_millis(a.host_timeout_ms),
-            ft_port_base: a.ft_port_base,
-            store: if a.etcd.is_empty() {
-                cluster::coordinator::StoreChoice::File
-            } else {
-                cluster::coordinator::StoreChoice::Etcd {
-                    endpoints: a.etcd,
-                    prefix: a.etcd_prefix,
-                }
-            },
+        Cmd::Coordinator(CoordinatorArgs {
+            init:
+                Some(CoordinatorInit::Init {
+                    dir,
+                    pki_dir,
+                    coordinator,
+                    store,
+                }),
+            ..
+        }) => cluster::coordinator::init(cluster::coordinator::InitConfig {
+            pki: pki_dir.unwrap_or_else(|| dir.join("pki")),
+            dir,
+            store: store.choice(),
+            coordinator,
         }),
+        Cmd::Coordinator(CoordinatorArgs { run: a, .. }) => {
+            cluster::coordinator::run(cluster::coordinator::Config {
+                pki: a.pki_dir.unwrap_or_else(|| a.dir.join("pki")),
+                dir: a.dir,
+                listen: a.listen,
+                limits: coordinator::Limits {
+                    max_secondaries_per_host: a.max_secondaries,
+                    ..Default::default()
+                },
+                host_timeout: Duration::from_millis(a.host_timeout_ms),
+                ft_port_base: a.ft_port_base,
+                store: a.store.choice(),
+                tls_names: a.tls_name,
+            })
+        }
         Cmd::HostAgent(a) => cluster::agent::run(cluster::agent::Config {
+            state_dir: a
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(format!("/var/lib/ftvm/agent-{}", a.name))),
             name: a.name,
-            ip: a.ip,
-            coordinator: a.coord.coordinator,
+            ip: a.ip.to_string(),
+            coordinator: a.coordinator,
             interval: Duration::from_millis(100),
+            join: a.join,
+            ca: a.ca,
         }),
         Cmd::Vm(c) => run_vm(c),
         Cmd::Ft(a) => run_ft(a),
-        Cmd::Status(a) => cluster::ops::call(
-            &a.coord.coordinator,
-            &cluster::proto::Request::Status { name: a.name },
-        )
-        .map(|text| {
-            println!("{text}");
-            0
-        }),
+        Cmd::Token(c) => run_token(c),
+        Cmd::Host(c) => run_host(c),
+        Cmd::Status(a) => a
+            .coord
+            .client()
+            .and_then(|api| {
+                cluster::ops::call(&api, &cluster::proto::Request::Status { name: a.name })
+            })
+            .map(|text| {
+                println!("{text}");
+                0
+            }),
         Cmd::Demo(a) => cluster::demo::run(a.dir),
         Cmd::Guests => {
             for g in guests::ALL {

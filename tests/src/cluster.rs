@@ -61,6 +61,7 @@ impl Cluster {
             .join(",");
         let (etcd, store_args) = Self::store(b, tag);
         let state = dir.path("cluster");
+        Self::init(&state, &store_args);
         let coordinator =
             Self::coordinator_process(&dir, &state, &listen, &store_args, extra, "coordinator");
         let mut c = Cluster {
@@ -95,6 +96,57 @@ impl Cluster {
                 (Some(e), args)
             }
         }
+    }
+
+    /// `ftvm coordinator init`: the cluster's CA and admin token (in `state/pki`).
+    pub fn init(state: &Path, store_args: &[String]) {
+        let o = Command::new(ftvm_bin())
+            .args(["coordinator", "init", "--dir"])
+            .arg(state)
+            .args(store_args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "ftvm coordinator init: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// The admin's CLI config file that `ftvm coordinator init` wrote.
+    pub fn admin_config(&self) -> PathBuf {
+        self.state.join("pki/admin.toml")
+    }
+
+    /// The arguments that let host `h`'s agent in: its state directory in the test's
+    /// directory and, on its first start, a fresh join token and the CA.
+    pub fn agent_identity(&self, h: &str) -> Vec<String> {
+        let state = self.dir.path(&format!("agent-state-{h}"));
+        let mut args = vec!["--state-dir".to_string(), state.display().to_string()];
+        if !state.join("host.pem").exists() {
+            // The coordinator may still be starting: retried while it does not answer.
+            let t = Instant::now();
+            let o = loop {
+                let o = self.ftvm(&["host", "join-token"]);
+                if o.status.success() || t.elapsed() > Duration::from_secs(20) {
+                    break o;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            assert_eq!(
+                o.status.code(),
+                Some(0),
+                "ftvm host join-token: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            args.extend([
+                "--join".to_string(),
+                String::from_utf8_lossy(&o.stdout).trim().to_string(),
+                "--ca".to_string(),
+                self.state.join("pki/ca.pem").display().to_string(),
+            ]);
+        }
+        args
     }
 
     /// `ftvm coordinator` on `listen` with the cluster directory `state` and store, logging
@@ -134,8 +186,10 @@ impl Cluster {
     }
 
     pub fn add_host(&mut self, h: &str) {
+        let id = self.agent_identity(h);
         let agent = Command::new(ftvm_bin())
             .args(["host-agent", "--name", h, "--coordinator", &self.addr])
+            .args(&id)
             .stdout(Stdio::null())
             .stderr(Self::append_log(&self.dir, &format!("agent-{h}")))
             .spawn()
@@ -147,6 +201,9 @@ impl Cluster {
         Command::new(ftvm_bin())
             .args(args)
             .env("FTVM_COORDINATOR", &self.addr)
+            .env("FTVM_CONFIG", self.admin_config())
+            .env_remove("FTVM_TOKEN")
+            .env_remove("FTVM_CA")
             .current_dir(&self.dir.0)
             .output()
             .unwrap()
@@ -420,6 +477,7 @@ impl Cluster {
         let port = 47_600 + (std::process::id() % 200) as u16;
         let addr = format!("{NET}.1:{port}");
         let (etcd, store_args) = Self::store(b, &tag);
+        Self::init(&state, &store_args);
         let coordinator =
             Self::coordinator_process(&dir, &state, &addr, &store_args, &[], "coordinator");
         let mut c = Cluster {
@@ -444,6 +502,7 @@ impl Cluster {
     pub fn start_agent_in(&mut self, net: &NetHosts, h: &str) {
         let i: usize = h.trim_start_matches('h').parse().unwrap();
         let log = Self::append_log(&self.dir, &format!("agent-{h}"));
+        let id = self.agent_identity(h);
         let agent = Command::new("ip")
             .args(["netns", "exec", net.ns(h)])
             .arg(ftvm_bin())
@@ -456,6 +515,7 @@ impl Cluster {
                 "--ip",
             ])
             .arg(format!("{NET}.{}", 10 + i))
+            .args(&id)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -168,3 +168,58 @@ fn bad_network_options_are_refused_clearly() {
     let out = ftvm(&["run", "--guest", "netserve", "--tap", "lo"]);
     assert_clear_error(&out, "is not a tap device");
 }
+
+#[test]
+fn run_without_a_boot_image_is_a_usage_error() {
+    for args in [&["run"][..], &["primary", "--datastore", "/tmp/x"][..]] {
+        let out = ftvm(args);
+        assert_clear_error(&out, "give --guest NAME or --kernel PATH");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: a usage error exits 2"
+        );
+    }
+}
+
+#[test]
+fn ctl_on_a_mistyped_datastore_creates_nothing() {
+    let dir = TempDir::new("ctl-typo");
+    let typo = dir.path("no-such-ds");
+    let out = ftvm(&[
+        "ctl",
+        "--datastore",
+        typo.to_str().unwrap(),
+        "test-failover",
+    ]);
+    assert_clear_error(&out, "no datastore at");
+    assert!(!typo.exists(), "ctl created {}", typo.display());
+}
+
+#[test]
+fn host_agent_refuses_an_ip_that_is_not_one() {
+    let out = ftvm(&["host-agent", "--name", "h1", "--ip", "not-an-ip"]);
+    assert_clear_error(&out, "--ip");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn vm_create_checks_the_boot_image_and_vcpus_before_asking_the_coordinator() {
+    // Nothing listens on port 1: each refusal must come before any connection.
+    let c = ["--coordinator", "127.0.0.1:1"];
+    let out = ftvm(&[&["vm", "create", "k", "--kernel", "/no/such/file"][..], &c].concat());
+    assert_clear_error(&out, "cannot read kernel /no/such/file");
+    let out = ftvm(&[&["vm", "create", "g", "--guest", "nosuch"][..], &c].concat());
+    assert_clear_error(&out, "built-in guests: counter");
+    let out = ftvm(
+        &[
+            &["vm", "create", "v", "--guest", "counter", "--vcpus", "300"][..],
+            &c,
+        ]
+        .concat(),
+    );
+    assert_clear_error(&out, "1 to 8 vCPUs");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("255"));
+    let out = ftvm(&[&["vm", "create", "n"][..], &c].concat());
+    assert_clear_error(&out, "give --guest NAME or --kernel PATH");
+}

@@ -2,9 +2,18 @@
 //! processes every [`Config::interval`], starts the `ftvm primary | secondary | run` processes
 //! the reply assigns to this host and kills those no longer assigned.
 //!
+//! The agent speaks to the coordinator's HTTPS API with its host certificate (mutual TLS,
+//! trusting its cluster's CA only). On its first start it joins: it makes a key and a
+//! signing request, sends them with a one-time join token, and keeps the certificate it gets
+//! in its state directory (`ca.pem`, `host.key` (0600), `host.pem`); later starts use those.
+//!
 //! The agent makes itself a process-group leader, so its VMM processes share its group:
 //! killing the group is what a dying host does to all of them.
-use super::proto::{self, Assignment, ProcReport, Reply, Request};
+use super::api::{HeartbeatBody, JoinRequest, Joined};
+use super::client::{ApiError, Client, TlsRefused};
+use super::ops::seg;
+use super::pki;
+use super::proto::{Assignment, ProcReport, Reply};
 use crate::ctl;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -20,6 +29,78 @@ pub struct Config {
     pub ip: String,
     pub coordinator: String,
     pub interval: Duration,
+    /// Where the host's certificate and key are kept.
+    pub state_dir: PathBuf,
+    /// A join token, for the first start.
+    pub join: Option<String>,
+    /// The cluster CA certificate, for the first start.
+    pub ca: Option<PathBuf>,
+}
+
+/// The agent's API client: with the host certificate in the state directory, or after
+/// joining with the join token (retried while no coordinator answers, for 30 s).
+fn identity(cfg: &Config) -> Result<Client> {
+    let d = &cfg.state_dir;
+    let (ca_f, key_f, cert_f) = (d.join("ca.pem"), d.join("host.key"), d.join("host.pem"));
+    if !cert_f.exists() {
+        let join = cfg.join.as_deref().with_context(|| {
+            format!(
+                "host {} has not joined the cluster (no certificate in {}): give --join TOKEN \
+                 (from `ftvm host join-token` on an admin's machine) and --ca CA.pem",
+                cfg.name,
+                d.display()
+            )
+        })?;
+        let ca = cfg
+            .ca
+            .as_ref()
+            .context("joining needs the cluster CA certificate: --ca CA.pem")?;
+        let ca_pem = std::fs::read_to_string(ca)
+            .with_context(|| format!("reading the cluster CA certificate {}", ca.display()))?;
+        let (key, csr) = pki::host_request(&cfg.name)?;
+        let c = Client::new(&cfg.coordinator, &ca_pem, Some(join.to_string()), None)?;
+        let path = format!("/api/v1/hosts/{}/join", seg(&cfg.name));
+        let body = JoinRequest { csr_pem: csr };
+        let t = std::time::Instant::now();
+        let joined: Joined = loop {
+            match c.call("POST", &path, Some(&body)) {
+                Ok(j) => break j,
+                Err(e) if e.is::<ApiError>() || e.is::<TlsRefused>() => {
+                    return Err(e.context(format!("joining the cluster as host {}", cfg.name)))
+                }
+                Err(e) if t.elapsed() > Duration::from_secs(30) => {
+                    return Err(e.context(format!("joining the cluster as host {}", cfg.name)))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .with_context(|| format!("creating {}", d.display()))?;
+        }
+        pki::write_file(&ca_f, joined.ca_pem.as_bytes(), false)?;
+        pki::write_file(&key_f, key.as_bytes(), true)?;
+        pki::write_file(&cert_f, joined.cert_pem.as_bytes(), false)?;
+        tracing::info!(
+            "joined the cluster as host {}; certificate in {}",
+            cfg.name,
+            cert_f.display()
+        );
+    }
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let (ca_pem, key, cert) = (read(&ca_f)?, read(&key_f)?, read(&cert_f)?);
+    Client::new(
+        &cfg.coordinator,
+        &ca_pem,
+        None,
+        Some((pki::certs_from_pem(&cert)?, pki::key_from_pem(&key)?)),
+    )
 }
 
 struct Proc {
@@ -52,13 +133,15 @@ pub fn run(cfg: Config) -> Result<u8> {
     // SAFETY: setpgid(0, 0) only changes this process's group.
     unsafe { libc::setpgid(0, 0) };
     let exe = std::env::current_exe().context("finding the ftvm binary")?;
+    let api = identity(&cfg)?;
+    let beat_path = format!("/api/v1/hosts/{}/heartbeat", seg(&cfg.name));
     let mut procs: HashMap<u64, Proc> = HashMap::new();
     let mut told = false;
     // The datastore heartbeat runs on its own thread, so a coordinator call stuck in a
     // network timeout never delays it: it is how the coordinator tells an isolated host
     // (alive) from a failed one.
     let beat_file: Arc<Mutex<Option<PathBuf>>> = Arc::default();
-    let (bf, name, interval) = (beat_file.clone(), cfg.name.clone(), cfg.interval);
+    let (bf, interval) = (beat_file.clone(), cfg.interval);
     std::thread::Builder::new()
         .name("ds-heartbeat".into())
         .spawn(move || {
@@ -73,30 +156,21 @@ pub fn run(cfg: Config) -> Result<u8> {
                     let r = coordinator::store::write_heartbeat(&f, beats.to_string().as_bytes());
                     if let Err(e) = r {
                         if beats % 50 == 1 {
-                            eprintln!(
-                                "ftvm host-agent {name}: datastore heartbeat {}: {e}",
-                                f.display()
-                            );
+                            tracing::warn!("datastore heartbeat {}: {e}", f.display());
                         }
                     }
                 }
                 std::thread::sleep(interval);
             }
         })?;
-    eprintln!(
-        "ftvm host-agent {}: reporting to {}",
-        cfg.name, cfg.coordinator
-    );
+    tracing::info!("host {}: reporting to {}", cfg.name, cfg.coordinator);
     loop {
         let mut report = Vec::new();
         for (id, p) in procs.iter_mut() {
             if p.exit.is_none() {
                 if let Ok(Some(st)) = p.child.try_wait() {
                     p.exit = Some(st.code());
-                    eprintln!(
-                        "ftvm host-agent {}: process {id} (VM {}) ended: {st}",
-                        cfg.name, p.vm
-                    );
+                    tracing::info!("process {id} (VM {}) ended: {st}", p.vm);
                 }
             }
             report.push(ProcReport {
@@ -111,12 +185,11 @@ pub fn run(cfg: Config) -> Result<u8> {
                     .flatten(),
             });
         }
-        let req = Request::Heartbeat {
-            host: cfg.name.clone(),
+        let req = HeartbeatBody {
             ip: cfg.ip.clone(),
             report,
         };
-        match proto::call(&cfg.coordinator, &req) {
+        match api.call::<Reply>("POST", &beat_path, Some(&req)) {
             Ok(Reply::Assignments {
                 procs: assigned,
                 heartbeat_file,
@@ -125,13 +198,13 @@ pub fn run(cfg: Config) -> Result<u8> {
                 if let Some(f) = heartbeat_file {
                     *beat_file.lock().unwrap() = Some(PathBuf::from(f));
                 }
-                apply(&cfg, &exe, &mut procs, &assigned)?;
+                apply(&exe, &mut procs, &assigned)?;
             }
-            Ok(other) => eprintln!("ftvm host-agent {}: unexpected reply {other:?}", cfg.name),
+            Ok(other) => tracing::warn!("unexpected reply {other:?}"),
             Err(e) => {
                 // Keep everything running: the pairs fail over without the coordinator.
                 if !told {
-                    eprintln!("ftvm host-agent {}: {e:#}; retrying", cfg.name);
+                    tracing::warn!("{e:#}; retrying");
                     told = true;
                 }
             }
@@ -140,12 +213,7 @@ pub fn run(cfg: Config) -> Result<u8> {
     }
 }
 
-fn apply(
-    cfg: &Config,
-    exe: &Path,
-    procs: &mut HashMap<u64, Proc>,
-    assigned: &[Assignment],
-) -> Result<()> {
+fn apply(exe: &Path, procs: &mut HashMap<u64, Proc>, assigned: &[Assignment]) -> Result<()> {
     for a in assigned {
         if procs.contains_key(&a.id) || !a.start {
             continue;
@@ -162,9 +230,8 @@ fn apply(
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {:?}", a.argv))?;
-        eprintln!(
-            "ftvm host-agent {}: started process {} (VM {}): ftvm {}",
-            cfg.name,
+        tracing::info!(
+            "started process {} (VM {}): ftvm {}",
             a.id,
             a.vm,
             a.argv.join(" ")
@@ -185,10 +252,7 @@ fn apply(
             return true;
         }
         if p.exit.is_none() {
-            eprintln!(
-                "ftvm host-agent {}: stopping process {id} (VM {})",
-                cfg.name, p.vm
-            );
+            tracing::info!("stopping process {id} (VM {})", p.vm);
             let _ = p.child.kill();
             let _ = p.child.wait();
         }

@@ -2,15 +2,16 @@
 //! limits, tells host agents what to run, notices failovers and dead secondaries and restores
 //! protection (see the module docs of [`super`]).
 use super::now_ms;
-use super::proto::{self, Assignment, FtAction, ProcReport, Reply, Request};
+use super::pki::{self, Ca};
+use super::proto::{Assignment, FtAction, ProcReport, Reply, Request};
 use crate::ctl::{self, field};
 use anyhow::{bail, Context, Result};
+use coordinator::auth::{AuthError, Role, Security, SECURITY_KEY};
 use coordinator::model::{Cluster, Failover, FtState, Host, Placement, Vm};
 use coordinator::placement::{self, Limits};
 use coordinator::{FileStore, Leadership, Store};
 use std::collections::HashMap;
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +27,11 @@ pub struct Config {
     /// Secondaries listen on ports from here up.
     pub ft_port_base: u16,
     pub store: StoreChoice,
+    /// The cluster CA (`ftvm coordinator init`): `ca.pem`, `ca.key`.
+    pub pki: PathBuf,
+    /// Names (IP addresses or DNS names) clients reach this coordinator by, besides its
+    /// listen address, 127.0.0.1 and localhost: its serving certificate is issued for them.
+    pub tls_names: Vec<String>,
 }
 
 /// Where the cluster state lives.
@@ -57,8 +63,11 @@ impl StoreChoice {
     }
 }
 
-struct Coord {
+pub(super) struct Coord {
     cfg: Config,
+    /// API tokens, join tokens, host identities (its own store key) and the stored version.
+    security: Mutex<(Security, u64)>,
+    ca: Ca,
     store: Box<dyn Store>,
     /// This coordinator's lease on the cluster; when lost, it stops at once.
     leader: Leadership,
@@ -76,14 +85,72 @@ struct Coord {
 
 const STATE_KEY: &str = "cluster";
 
+/// Settings of `ftvm coordinator init`.
+pub struct InitConfig {
+    pub dir: PathBuf,
+    pub pki: PathBuf,
+    pub store: StoreChoice,
+    /// The address the admin's config file names.
+    pub coordinator: String,
+}
+
+/// `ftvm coordinator init`: creates the cluster CA and the first admin token (stored hashed
+/// in the store), and writes the admin's CLI config file (`PKI/admin.toml`, mode 0600).
+pub fn init(cfg: InitConfig) -> Result<u8> {
+    let store = cfg.store.open(&cfg.dir)?;
+    if store.get(SECURITY_KEY)?.is_some() {
+        bail!(
+            "the cluster in {} is already initialized (it has API tokens); \
+             an admin creates more with `ftvm token create`",
+            cfg.store.describe(&cfg.dir)
+        );
+    }
+    pki::init_ca(&cfg.pki)?;
+    let mut sec = Security::default();
+    let token = sec
+        .create_token("admin", Role::Admin, "init", now_ms())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if store
+        .cas(SECURITY_KEY, 0, &serde_json::to_vec(&sec)?)?
+        .is_none()
+    {
+        bail!("another `ftvm coordinator init` initialized this cluster at the same time");
+    }
+    let ca_path = std::fs::canonicalize(pki::ca_pem_path(&cfg.pki))?;
+    let file = super::client::ClientFile {
+        coordinator: Some(cfg.coordinator.clone()),
+        ca: Some(ca_path.clone()),
+        token: Some(token),
+    };
+    let conf = cfg.pki.join("admin.toml");
+    pki::write_file(&conf, toml::to_string(&file)?.as_bytes(), true)?;
+    let ca = Ca::load(&cfg.pki)?;
+    println!("cluster CA:        {}", ca_path.display());
+    println!("CA fingerprint:    sha256 {}", pki::fingerprint(&ca.der));
+    println!(
+        "admin config:      {}  (holds the admin token; mode 0600)",
+        std::fs::canonicalize(&conf)?.display()
+    );
+    println!(
+        "use it with:       export FTVM_CONFIG={}",
+        std::fs::canonicalize(&conf)?.display()
+    );
+    println!(
+        "then start it:     ftvm coordinator --dir {}",
+        cfg.dir.display()
+    );
+    Ok(0)
+}
+
 /// Runs the coordinator until killed.
 pub fn run(cfg: Config) -> Result<u8> {
+    let ca = Ca::load(&cfg.pki)?;
     let store = cfg.store.open(&cfg.dir)?;
     let where_ = cfg.store.describe(&cfg.dir);
     // One active coordinator per cluster: a second one waits here as a standby.
     let who = format!("{} pid {}", cfg.listen, std::process::id());
     let leader = store.lead(&who, &mut |holder| {
-        eprintln!("ftvm coordinator: standby: the cluster in {where_} is led by {holder}; waiting for its lease")
+        tracing::info!("standby: the cluster in {where_} is led by {holder}; waiting for its lease")
     })?;
     let (cluster, version) = match store.get(STATE_KEY)? {
         Some((raw, v)) => (
@@ -92,21 +159,44 @@ pub fn run(cfg: Config) -> Result<u8> {
         ),
         None => (Cluster::default(), 0),
     };
+    let security = match store.get(SECURITY_KEY)? {
+        Some((raw, v)) => (
+            serde_json::from_slice::<Security>(&raw).context("the stored API tokens")?,
+            v,
+        ),
+        None => bail!(
+            "the cluster in {where_} has no API tokens: run `ftvm coordinator init` with the \
+             same --dir (and --etcd) first"
+        ),
+    };
     // A coordinator that takes over (or restarts) gives every host a full timeout to report
     // before it calls any of them down.
     let mut cluster: Cluster = cluster;
     for h in cluster.hosts.values_mut() {
         h.last_seen_ms = now_ms();
     }
-    let listener = TcpListener::bind(cfg.listen)
+    let listener = std::net::TcpListener::bind(cfg.listen)
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    eprintln!(
-        "ftvm coordinator: listening on {}, state in {where_}, datastores in {}",
+    listener.set_nonblocking(true)?;
+    let mut names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    if !cfg.listen.ip().is_unspecified() {
+        names.push(cfg.listen.ip().to_string());
+    }
+    names.extend(cfg.tls_names.iter().cloned());
+    names.sort();
+    names.dedup();
+    let (chain, key) = ca.server_cert(&names)?;
+    let tls = pki::server_tls(&ca.der, chain, key)?;
+    tracing::info!(
+        "listening on https://{}/api/v1 (certificate for {}), state in {where_}, datastores in {}",
         listener.local_addr()?,
+        names.join(", "),
         cfg.dir.display()
     );
     let c = Arc::new(Coord {
         cfg,
+        security: Mutex::new(security),
+        ca,
         store,
         leader,
         version: version.into(),
@@ -120,20 +210,22 @@ pub fn run(cfg: Config) -> Result<u8> {
         .name("reconcile".into())
         .spawn(move || loop {
             if !c2.leader.held() {
-                eprintln!(
-                    "ftvm coordinator: lost the cluster lease; stopping so a standby can lead"
-                );
+                tracing::error!("lost the cluster lease; stopping so a standby can lead");
                 std::process::exit(3);
             }
             if let Err(e) = c2.reconcile() {
-                eprintln!("ftvm coordinator: {e:#}");
+                tracing::warn!("{e:#}");
             }
             std::thread::sleep(Duration::from_millis(100));
         })?;
-    for conn in listener.incoming().flatten() {
-        let c = c.clone();
-        std::thread::spawn(move || c.serve(conn));
-    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        super::api::serve(listener, tls, super::api::router(c)).await
+    })?;
     Ok(0)
 }
 
@@ -167,8 +259,8 @@ impl Coord {
                 Ok(())
             }
             None => {
-                eprintln!(
-                    "ftvm coordinator: the cluster state was changed by another coordinator; \
+                tracing::error!(
+                    "the cluster state was changed by another coordinator; \
                      stopping"
                 );
                 std::process::exit(3);
@@ -176,22 +268,43 @@ impl Coord {
         }
     }
 
-    fn serve(&self, conn: TcpStream) {
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-        let reply = match proto::read_line(&conn).and_then(|l| {
-            serde_json::from_slice::<Request>(&l).context("not a coordinator request")
-        }) {
-            Ok(req) => self.handle(req).unwrap_or_else(|e| Reply::Error {
-                text: format!("{e:#}"),
-            }),
-            Err(e) => Reply::Error {
-                text: format!("{e:#}"),
-            },
-        };
-        let mut w = &conn;
-        if let Ok(mut line) = serde_json::to_vec(&reply) {
-            line.push(b'\n');
-            let _ = w.write_all(&line);
+    pub(super) fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// A copy of the current tokens and host identities.
+    pub(super) fn security(&self) -> Security {
+        self.security.lock().unwrap().0.clone()
+    }
+
+    /// The (name, role) of the live API token `bearer`.
+    pub(super) fn authenticate(&self, bearer: &str) -> Result<(String, Role), AuthError> {
+        let g = self.security.lock().unwrap();
+        g.0.authenticate(bearer).map(|t| (t.name.clone(), t.role))
+    }
+
+    /// Changes the tokens and host identities with `f` and stores them (test-and-set against
+    /// the version this coordinator holds, as for the cluster state).
+    pub(super) fn secure<T>(
+        &self,
+        f: impl FnOnce(&mut Security) -> Result<T, AuthError>,
+    ) -> Result<T, AuthError> {
+        let mut g = self.security.lock().unwrap();
+        let mut next = g.0.clone();
+        let out = f(&mut next)?;
+        let raw = serde_json::to_vec(&next).expect("tokens serialize");
+        match self.store.cas(SECURITY_KEY, g.1, &raw) {
+            Ok(Some(v)) => {
+                *g = (next, v);
+                Ok(out)
+            }
+            Ok(None) => {
+                tracing::error!("the API tokens were changed by another coordinator; stopping");
+                std::process::exit(3);
+            }
+            Err(e) => Err(AuthError::Conflict(format!(
+                "storing the change failed: {e}"
+            ))),
         }
     }
 
@@ -199,7 +312,7 @@ impl Coord {
         Ok(Reply::Ok { text: text.into() })
     }
 
-    fn handle(&self, req: Request) -> Result<Reply> {
+    pub(super) fn handle(&self, req: Request) -> Result<Reply> {
         match req {
             Request::Heartbeat { host, ip, report } => self.heartbeat(host, ip, report),
             Request::VmCreate {
@@ -338,7 +451,7 @@ impl Coord {
             },
         );
         if !known {
-            eprintln!("ftvm coordinator: host {host} registered");
+            tracing::info!("host {host} registered");
             self.save(&c)?;
         }
         let procs = c
@@ -509,8 +622,8 @@ impl Coord {
             h.alive = alive;
             h.ds_alive = ds_alive;
             if h.state() != was {
-                eprintln!(
-                    "ftvm coordinator: host {} is {} (network heartbeat {}, datastore heartbeat {})",
+                tracing::warn!(
+                    "host {} is {} (network heartbeat {}, datastore heartbeat {})",
                     h.name,
                     h.state(),
                     if alive { "fresh" } else { "missing" },
@@ -555,8 +668,8 @@ impl Coord {
                     && !keep.contains(&f)
                     && std::fs::remove_file(e.path()).is_ok()
                 {
-                    eprintln!(
-                        "ftvm coordinator: VM {name}: removed {f}, the disk copy of a process that is gone"
+                    tracing::info!(
+                        "VM {name}: removed {f}, the disk copy of a process that is gone"
                     );
                 }
             }
@@ -620,10 +733,7 @@ impl Coord {
                 .and_then(|v| v.parse::<u64>().ok())
                 .map_or(now, |us| us / 1000);
             let from = vm.primary.as_ref().map_or("?".into(), |p| p.host.clone());
-            eprintln!(
-                "ftvm coordinator: VM {name} failed over from {from} to {}",
-                s.host
-            );
+            tracing::info!("VM {name} failed over from {from} to {}", s.host);
             vm2.last_failover = Some(Failover {
                 from,
                 to: s.host.clone(),
@@ -641,7 +751,7 @@ impl Coord {
             match r.exit {
                 // The guest ended (or ftvm failed): the VM is over.
                 Some(code) if code != i32::from(crate::ft::HALTED) => {
-                    eprintln!("ftvm coordinator: VM {name} ended (exit {code})");
+                    tracing::info!("VM {name} ended (exit {code})");
                     vm2.ended = Some(code);
                     vm2.running = false;
                     vm2.primary = None;
@@ -650,7 +760,9 @@ impl Coord {
                 // Killed or halted: the secondary takes over by itself (it reports it).
                 _ if vm.secondary.is_some() && !gone(&vm.secondary) => {}
                 _ => {
-                    eprintln!("ftvm coordinator: VM {name} lost its primary with no secondary to take over; it is down");
+                    tracing::warn!(
+                        "VM {name} lost its primary with no secondary to take over; it is down"
+                    );
                     vm2.running = false;
                     vm2.primary = None;
                     vm2.secondary = None;
@@ -664,7 +776,7 @@ impl Coord {
         // cut off from the coordinator, with the VM still running there. Its secondary takes
         // over if the primary is really gone; the coordinator never starts another primary.
         if !took_over && gone(&vm2.secondary) {
-            eprintln!("ftvm coordinator: VM {name} lost its secondary; placing a new one");
+            tracing::info!("VM {name} lost its secondary; placing a new one");
             vm2.secondary = None;
         }
         c.vms.insert(name.to_string(), vm2.clone());
@@ -733,7 +845,7 @@ impl Coord {
                 && field(&primary_status, "peer") == peer.as_deref()
             {
                 if vm.ft != FtState::Protected {
-                    eprintln!("ftvm coordinator: VM {name} is protected");
+                    tracing::info!("VM {name} is protected");
                 }
                 vm.ft = FtState::Protected;
                 if let Some(f) = vm
@@ -771,6 +883,12 @@ impl Coord {
     fn ft(&self, name: &str, action: FtAction) -> Result<Reply> {
         let vm = self.vm(name)?;
         let dir = self.vm_dir(name);
+        if let (Some(code), false) = (vm.ended, action == FtAction::Off) {
+            bail!(
+                "VM {name} has ended (guest exit {code}): there is nothing to protect; \
+                 `ftvm vm start {name}` runs it again"
+            );
+        }
         match action {
             FtAction::On => {
                 placement::check_ft_vcpus(vm.vcpus, &self.cfg.limits)?;

@@ -63,6 +63,22 @@ pub fn run(dir: Option<PathBuf>) -> Result<u8> {
     println!(
         "ftvm demo: a coordinator and hosts h1, h2, h3 on this machine (state and logs in {d})"
     );
+    let init = std::process::Command::new(&exe)
+        .args(["coordinator", "init", "--dir", &d, "--coordinator", &addr])
+        .output()?;
+    if !init.status.success() {
+        bail!(
+            "`ftvm coordinator init` failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+    }
+    let admin = super::client::ClientFile::load(&dir.join("pki/admin.toml"))?;
+    let ca = dir.join("pki/ca.pem");
+    let api = super::client::Client::new(&addr, &std::fs::read_to_string(&ca)?, admin.token, None)?;
+    println!(
+        "cluster CA and admin token created ({d}/pki; the CLI uses them with \
+         FTVM_CONFIG={d}/pki/admin.toml)"
+    );
     let mut procs = Procs(vec![]);
     procs.0.push((
         spawn(
@@ -73,6 +89,26 @@ pub fn run(dir: Option<PathBuf>) -> Result<u8> {
         false,
     ));
     for h in ["h1", "h2", "h3"] {
+        let join: super::api::Secret = (|| {
+            let t = Instant::now();
+            loop {
+                match api.call(
+                    "POST",
+                    "/api/v1/join-tokens",
+                    Some(&super::api::NewJoin { ttl_s: 600 }),
+                ) {
+                    Err(e)
+                        if e.downcast_ref::<super::client::ApiError>().is_none()
+                            && t.elapsed() < Duration::from_secs(20) =>
+                    {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    r => return r,
+                }
+            }
+        })()
+        .with_context(|| format!("a join token for {h} (logs in {d})"))?;
+        let state = dir.join(format!("agent-{h}"));
         procs.0.push((
             spawn(
                 &exe,
@@ -84,6 +120,12 @@ pub fn run(dir: Option<PathBuf>) -> Result<u8> {
                     "127.0.0.1",
                     "--coordinator",
                     &addr,
+                    "--ca",
+                    &ca.display().to_string(),
+                    "--join",
+                    &join.token,
+                    "--state-dir",
+                    &state.display().to_string(),
                 ],
                 &dir.join(format!("agent-{h}.log")),
             )?,
@@ -92,7 +134,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<u8> {
     }
     let t = Instant::now();
     loop {
-        let up = ops::call(&addr, &Request::Status { name: None })
+        let up = ops::call(&api, &Request::Status { name: None })
             .map(|s| s.matches(": up").count())
             .unwrap_or(0);
         if up == 3 {
@@ -108,7 +150,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<u8> {
     println!(
         "{}",
         ops::call(
-            &addr,
+            &api,
             &Request::VmCreate {
                 name: "demo".into(),
                 guest: Some("counter".into()),
@@ -127,25 +169,25 @@ pub fn run(dir: Option<PathBuf>) -> Result<u8> {
     println!(
         "{}",
         ops::call(
-            &addr,
+            &api,
             &Request::VmStart {
                 name: "demo".into()
             }
         )?
     );
-    ops::wait_protected(&addr, "demo", 60).with_context(|| format!("logs in {d}"))?;
-    println!("{}", ops::call(&addr, &Request::Status { name: None })?);
+    ops::wait_protected(&api, "demo", 60).with_context(|| format!("logs in {d}"))?;
+    println!("{}", ops::call(&api, &Request::Status { name: None })?);
     step("Test Failover");
-    println!("{}", ops::test_failover(&addr, "demo")?);
+    println!("{}", ops::test_failover(&api, "demo")?);
     step("Test Restart Secondary");
-    println!("{}", ops::test_restart_secondary(&addr, "demo")?);
+    println!("{}", ops::test_restart_secondary(&api, "demo")?);
     step("Status");
-    println!("{}", ops::call(&addr, &Request::Status { name: None })?);
+    println!("{}", ops::call(&api, &Request::Status { name: None })?);
     step("Turn Off FT and stop the VM");
     println!(
         "{}",
         ops::call(
-            &addr,
+            &api,
             &Request::Ft {
                 name: "demo".into(),
                 action: FtAction::Off,
@@ -155,7 +197,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<u8> {
     println!(
         "{}",
         ops::call(
-            &addr,
+            &api,
             &Request::VmStop {
                 name: "demo".into()
             }

@@ -2,7 +2,7 @@
 //! `ftvm ft …`, `ftvm status`) and `ftvm demo`.
 //!
 //! ```text
-//!   ftvm vm/ft/status ──request──▶ coordinator ◀──heartbeat + process reports── host-agent ×N
+//!   ftvm vm/ft/status ──HTTPS+token──▶ coordinator ◀──mTLS heartbeat + reports── host-agent ×N
 //!                                   │  cluster state in a Store          │ starts/stops
 //!                                   │  (placement, limits, respawn)      ▼ ftvm primary/secondary
 //!                                   └──── ctl sockets + `peer` file in each VM's datastore
@@ -14,10 +14,17 @@
 //! status line of the process's control socket). FT itself (replication, failure detection,
 //! arbitration, takeover) stays between the pair, so the coordinator being down never stops a
 //! failover; it only delays the respawn of a secondary.
+//!
+//! Everything reaches the coordinator through its HTTPS API ([`api`]; [`client`] is the
+//! client side): operators with API tokens, agents with host certificates of the cluster CA
+//! ([`pki`]). `ftvm coordinator init` creates the CA and the first admin token.
 pub mod agent;
+pub mod api;
+pub mod client;
 pub mod coordinator;
 pub mod demo;
 pub mod ops;
+pub mod pki;
 pub mod proto;
 
 /// Where the CLI and the agents find the coordinator unless told otherwise.

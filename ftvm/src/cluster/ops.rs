@@ -1,15 +1,54 @@
-//! The operations CLI: `ftvm vm …`, `ftvm ft …`, `ftvm status`, each one request to the
-//! coordinator. Test Failover and Test Restart Secondary also wait for the outcome and print
-//! a timeline.
-use super::proto::{self, FtAction, Reply, Request};
+//! The operations CLI: `ftvm vm …`, `ftvm ft …`, `ftvm status`, `ftvm token …`, `ftvm host
+//! …`, each one call to the coordinator's HTTPS API. Test Failover and Test Restart Secondary
+//! also wait for the outcome and print a timeline.
+use super::client::Client;
+use super::proto::{FtAction, Reply, Request};
 use crate::ctl::field;
 use crate::now_us;
 use anyhow::{bail, Result};
 use std::time::{Duration, Instant};
 
-/// Sends `req`; prints the reply; an error reply is an error.
-pub fn call(addr: &str, req: &Request) -> Result<String> {
-    match proto::call(addr, req)? {
+/// `s` as one URL path segment (percent-encoded), so a name can never reach another route.
+pub fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Sends `req` as its API call.
+pub fn send(api: &Client, req: &Request) -> Result<Reply> {
+    match req {
+        Request::Status { name: None } => api.call("GET", "/api/v1/status", None::<&()>),
+        Request::Status { name: Some(n) } => {
+            api.call("GET", &format!("/api/v1/status?vm={}", seg(n)), None::<&()>)
+        }
+        Request::VmList => api.call("GET", "/api/v1/vms", None::<&()>),
+        Request::VmCreate { .. } => api.call("POST", "/api/v1/vms", Some(req)),
+        Request::VmStart { name } => api.call(
+            "POST",
+            &format!("/api/v1/vms/{}/start", seg(name)),
+            None::<&()>,
+        ),
+        Request::VmStop { name } => api.call(
+            "POST",
+            &format!("/api/v1/vms/{}/stop", seg(name)),
+            None::<&()>,
+        ),
+        Request::Ft { name, action } => api.call(
+            "POST",
+            &format!("/api/v1/vms/{}/ft", seg(name)),
+            Some(action),
+        ),
+        Request::Heartbeat { .. } => bail!("a heartbeat is a host agent's call"),
+    }
+}
+
+/// Sends `req`; its reply's text; an error reply is an error.
+pub fn call(api: &Client, req: &Request) -> Result<String> {
+    match send(api, req)? {
         Reply::Ok { text } | Reply::Status { text, .. } => Ok(text),
         Reply::Error { text } => bail!("{text}"),
         Reply::Assignments { .. } => bail!("unexpected reply"),
@@ -17,8 +56,8 @@ pub fn call(addr: &str, req: &Request) -> Result<String> {
 }
 
 /// The status JSON of one VM.
-fn vm_status(addr: &str, name: &str) -> Result<serde_json::Value> {
-    match proto::call(
+fn vm_status(addr: &Client, name: &str) -> Result<serde_json::Value> {
+    match send(
         addr,
         &Request::Status {
             name: Some(name.into()),
@@ -32,7 +71,7 @@ fn vm_status(addr: &str, name: &str) -> Result<serde_json::Value> {
 
 /// Polls the VM's status until `done` says so (returns the status) or `secs` pass.
 fn wait_for(
-    addr: &str,
+    addr: &Client,
     name: &str,
     secs: u64,
     what: &str,
@@ -45,7 +84,12 @@ fn wait_for(
             return Ok(st);
         }
         if t.elapsed() > Duration::from_secs(secs) {
-            bail!("{what} did not happen within {secs} s; status: {}", st);
+            bail!(
+                "{what} did not happen within {secs} s (VM {name}: FT {}, primary on {}, secondary on {})",
+                state(&st),
+                host(&st, "primary"),
+                host(&st, "secondary")
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -60,14 +104,16 @@ fn host(st: &serde_json::Value, role: &str) -> String {
 }
 
 /// Waits until the VM is protected (after `ft on`, `vm start`, a failover …).
-pub fn wait_protected(addr: &str, name: &str, secs: u64) -> Result<serde_json::Value> {
+pub fn wait_protected(addr: &Client, name: &str, secs: u64) -> Result<serde_json::Value> {
     wait_for(addr, name, secs, "protection", |s| state(s) == "protected")
 }
 
 /// `ftvm ft test-failover NAME`: fail the primary, then print when the secondary detected
 /// it, won the arbitration, went live, and when protection was back.
-pub fn test_failover(addr: &str, name: &str) -> Result<String> {
-    let before = wait_protected(addr, name, 5)?;
+pub fn test_failover(addr: &Client, name: &str) -> Result<String> {
+    // No waiting here: the coordinator refuses at once, saying why, if the VM is not
+    // protected (or the caller's token may not do this).
+    let before = vm_status(addr, name)?;
     let (old_p, old_s) = (host(&before, "primary"), host(&before, "secondary"));
     let t0 = now_us();
     let reply = call(
@@ -106,8 +152,10 @@ pub fn test_failover(addr: &str, name: &str) -> Result<String> {
 }
 
 /// `ftvm ft test-restart-secondary NAME`: fail the secondary, print when a new one is synced.
-pub fn test_restart_secondary(addr: &str, name: &str) -> Result<String> {
-    let before = wait_protected(addr, name, 5)?;
+pub fn test_restart_secondary(addr: &Client, name: &str) -> Result<String> {
+    // No waiting here: the coordinator refuses at once, saying why, if the VM is not
+    // protected (or the caller's token may not do this).
+    let before = vm_status(addr, name)?;
     let old = before["vm"]["secondary"]["id"].as_u64();
     let t0 = Instant::now();
     let reply = call(

@@ -1,12 +1,6 @@
-//! The coordinator's wire protocol: one JSON request per line over TCP, one JSON reply line.
-//! Requests are at most [`MAX_LINE`] bytes; anything else is refused with an error reply.
-use anyhow::{anyhow, bail, Context, Result};
+//! The coordinator's requests and replies, as the API ([`super::api`]) carries them in its
+//! JSON bodies and hands them to the coordinator.
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
-
-pub const MAX_LINE: usize = 256 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -107,50 +101,6 @@ pub enum Reply {
         json: serde_json::Value,
         text: String,
     },
-}
-
-/// Reads one request line (bounded) from `r`.
-pub fn read_line(r: impl Read) -> Result<Vec<u8>> {
-    let mut line = Vec::new();
-    BufReader::new(r.take(MAX_LINE as u64 + 1)).read_until(b'\n', &mut line)?;
-    if line.len() > MAX_LINE {
-        bail!("request longer than {MAX_LINE} bytes");
-    }
-    Ok(line)
-}
-
-/// Sends `req` to the coordinator at `addrs` and returns its reply. `addrs` may list several
-/// coordinators, comma-separated (an active one and standbys, see `Store::lead`): the first
-/// that accepts the connection answers. A standby does not listen until it leads.
-pub fn call(addrs: &str, req: &Request) -> Result<Reply> {
-    let mut refused = Vec::new();
-    for addr in addrs.split(',').map(str::trim) {
-        let sa: std::net::SocketAddr = addr
-            .parse()
-            .with_context(|| format!("coordinator address {addr:?}"))?;
-        match TcpStream::connect_timeout(&sa, Duration::from_secs(2)) {
-            Ok(s) => return call_on(s, req),
-            Err(e) => refused.push(format!("{addr}: {e}")),
-        }
-    }
-    bail!(
-        "no coordinator answers ({}); is `ftvm coordinator` running?",
-        refused.join("; ")
-    )
-}
-
-fn call_on(mut s: TcpStream, req: &Request) -> Result<Reply> {
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    s.write_all(&line)?;
-    let reply = read_line(&s)?;
-    if reply.is_empty() {
-        return Err(anyhow!(
-            "the coordinator closed the connection without answering"
-        ));
-    }
-    serde_json::from_slice(&reply).context("the coordinator's reply")
 }
 
 #[cfg(test)]

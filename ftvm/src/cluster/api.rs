@@ -1,0 +1,527 @@
+//! The coordinator's HTTPS API (axum over hyper and rustls): the only way into the
+//! coordinator. Every route is under `/api/v1`:
+//!
+//! | route | who | what |
+//! |---|---|---|
+//! | `GET /ca` | anyone | the cluster CA certificate (PEM), for pinning by fingerprint |
+//! | `GET /status[?vm=NAME]` | read-only | cluster or VM status |
+//! | `GET /vms` | read-only | VMs and their states |
+//! | `POST /vms` | operator | define a VM |
+//! | `POST /vms/{name}/start`, `/stop` | operator | power a VM on / off |
+//! | `POST /vms/{name}/ft` | operator | an FT operation (`"on"`, `"test-failover"`, …) |
+//! | `GET /tokens`, `POST /tokens`, `DELETE /tokens/{name}` | admin | API tokens |
+//! | `POST /join-tokens` | admin | a one-time token for a new host |
+//! | `DELETE /hosts/{name}/identity` | admin | forget a host's certificate |
+//! | `POST /hosts/{name}/join` | join token | a host certificate for a signing request |
+//! | `POST /hosts/{name}/heartbeat` | host certificate of `name` | report, get assignments |
+//!
+//! Operators authenticate with `Authorization: Bearer NAME.SECRET`; hosts with their
+//! certificate (mutual TLS), which must name the host of the path and be the one the cluster
+//! issued it. A plaintext connection fails the TLS handshake: there is no plaintext port.
+//! Every mutating call is logged as an audit line (who, what, outcome).
+use super::coordinator::Coord;
+use super::pki;
+use super::proto::{FtAction, ProcReport, Reply, Request};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
+use coordinator::auth::{AuthError, Role};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// An operator's token: (name, role).
+    Token(String, Role),
+    /// A host, by its certificate.
+    Host(String),
+}
+
+impl Caller {
+    fn name(&self) -> String {
+        match self {
+            Caller::Token(n, r) => format!("token {n} ({})", r.name()),
+            Caller::Host(h) => format!("host {h}"),
+        }
+    }
+}
+
+/// The TLS peer of one connection: its (CA-verified) client certificate, if it sent one.
+#[derive(Clone, Default)]
+pub struct Peer {
+    pub cert: Option<Vec<u8>>,
+}
+
+/// An error reply: a status and `{"error": "..."}`.
+pub struct ApiErr(StatusCode, String);
+
+impl std::fmt::Display for ApiErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<AuthError> for ApiErr {
+    fn from(e: AuthError) -> Self {
+        let code = match e {
+            AuthError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AuthError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AuthError::Conflict(_) => StatusCode::CONFLICT,
+        };
+        ApiErr(code, e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for ApiErr {
+    fn from(e: anyhow::Error) -> Self {
+        ApiErr(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+type ApiResult = Result<Response, ApiErr>;
+
+/// The operator a bearer token names, if its role allows `needed`.
+fn operator(c: &Coord, headers: &HeaderMap, needed: Role) -> Result<Caller, ApiErr> {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiErr(
+                StatusCode::UNAUTHORIZED,
+                "this call needs an API token (Authorization: Bearer NAME.SECRET)".into(),
+            )
+        })?;
+    let t = c.authenticate(bearer)?;
+    if !t.1.allows(needed) {
+        return Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token {:?} has role {}; this call needs {}",
+                t.0,
+                t.1.name(),
+                needed.name()
+            ),
+        ));
+    }
+    Ok(Caller::Token(t.0, t.1))
+}
+
+/// Runs an internal request on a blocking thread; an error reply becomes 400 (or 404/409
+/// where the text says so).
+async fn run(c: Arc<Coord>, who: Caller, what: String, req: Request) -> ApiResult {
+    let mutating = !matches!(req, Request::Status { .. } | Request::VmList);
+    let c2 = c.clone();
+    let reply = tokio::task::spawn_blocking(move || c2.handle(req))
+        .await
+        .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => Reply::Error {
+            text: format!("{e:#}"),
+        },
+    };
+    if mutating {
+        let outcome = match &reply {
+            Reply::Error { text } => format!("refused: {text}"),
+            _ => "done".into(),
+        };
+        tracing::info!(target: "audit", caller = %who.name(), "{what}: {outcome}");
+    }
+    match reply {
+        Reply::Error { text } => Err(ApiErr(StatusCode::BAD_REQUEST, text)),
+        r => Ok(Json(r).into_response()),
+    }
+}
+
+#[derive(Deserialize)]
+struct StatusQuery {
+    vm: Option<String>,
+}
+
+async fn status(
+    State(c): State<Arc<Coord>>,
+    h: HeaderMap,
+    Query(q): Query<StatusQuery>,
+) -> ApiResult {
+    let who = operator(&c, &h, Role::ReadOnly)?;
+    run(c, who, "status".into(), Request::Status { name: q.vm }).await
+}
+
+async fn vms(State(c): State<Arc<Coord>>, h: HeaderMap) -> ApiResult {
+    let who = operator(&c, &h, Role::ReadOnly)?;
+    run(c, who, "vm list".into(), Request::VmList).await
+}
+
+async fn vm_create(
+    State(c): State<Arc<Coord>>,
+    h: HeaderMap,
+    Json(req): Json<Request>,
+) -> ApiResult {
+    let who = operator(&c, &h, Role::Operator)?;
+    let Request::VmCreate { name, .. } = &req else {
+        return Err(ApiErr(
+            StatusCode::BAD_REQUEST,
+            "POST /vms takes a vm-create request".into(),
+        ));
+    };
+    let what = format!("vm create {name}");
+    run(c, who, what, req).await
+}
+
+async fn vm_start(
+    State(c): State<Arc<Coord>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let who = operator(&c, &h, Role::Operator)?;
+    run(
+        c,
+        who,
+        format!("vm start {name}"),
+        Request::VmStart { name },
+    )
+    .await
+}
+
+async fn vm_stop(State(c): State<Arc<Coord>>, h: HeaderMap, Path(name): Path<String>) -> ApiResult {
+    let who = operator(&c, &h, Role::Operator)?;
+    run(c, who, format!("vm stop {name}"), Request::VmStop { name }).await
+}
+
+async fn vm_ft(
+    State(c): State<Arc<Coord>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Json(action): Json<FtAction>,
+) -> ApiResult {
+    let who = operator(&c, &h, Role::Operator)?;
+    let what = format!("ft {action:?} {name}");
+    run(c, who, what, Request::Ft { name, action }).await
+}
+
+/// An API token as listed (never its secret).
+#[derive(Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: Role,
+    pub created_ms: u64,
+    pub created_by: String,
+    pub revoked_ms: Option<u64>,
+}
+
+async fn tokens(State(c): State<Arc<Coord>>, h: HeaderMap) -> ApiResult {
+    operator(&c, &h, Role::Admin)?;
+    let list: Vec<TokenInfo> = c
+        .security()
+        .tokens
+        .values()
+        .map(|t| TokenInfo {
+            name: t.name.clone(),
+            role: t.role,
+            created_ms: t.created_ms,
+            created_by: t.created_by.clone(),
+            revoked_ms: t.revoked_ms,
+        })
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct NewToken {
+    pub name: String,
+    pub role: Role,
+}
+
+/// A secret, shown once.
+#[derive(Serialize, Deserialize)]
+pub struct Secret {
+    pub token: String,
+    /// For join tokens: the fingerprint of the cluster CA a new host pins.
+    #[serde(default)]
+    pub ca_sha256: Option<String>,
+}
+
+fn audit<T, E: std::fmt::Display>(who: &Caller, what: &str, outcome: &Result<T, E>) {
+    let outcome = match outcome {
+        Ok(_) => "done".to_string(),
+        Err(e) => format!("refused: {e}"),
+    };
+    tracing::info!(target: "audit", caller = %who.name(), "{what}: {outcome}");
+}
+
+async fn token_create(
+    State(c): State<Arc<Coord>>,
+    h: HeaderMap,
+    Json(t): Json<NewToken>,
+) -> ApiResult {
+    let who = operator(&c, &h, Role::Admin)?;
+    let by = who.name();
+    let r = c.secure(|s| s.create_token(&t.name, t.role, &by, super::now_ms()));
+    audit(
+        &who,
+        &format!("token create {} ({})", t.name, t.role.name()),
+        &r,
+    );
+    let token = r?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Secret {
+            token,
+            ca_sha256: None,
+        }),
+    )
+        .into_response())
+}
+
+async fn token_revoke(
+    State(c): State<Arc<Coord>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let who = operator(&c, &h, Role::Admin)?;
+    let r = c.secure(|s| s.revoke_token(&name, super::now_ms()));
+    audit(&who, &format!("token revoke {name}"), &r);
+    r?;
+    Ok(Json(serde_json::json!({ "text": format!("revoked token {name}") })).into_response())
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct NewJoin {
+    /// How long the token stays good, in seconds.
+    pub ttl_s: u64,
+}
+
+async fn join_token(
+    State(c): State<Arc<Coord>>,
+    h: HeaderMap,
+    Json(j): Json<NewJoin>,
+) -> ApiResult {
+    let who = operator(&c, &h, Role::Admin)?;
+    if j.ttl_s == 0 || j.ttl_s > 7 * 86_400 {
+        return Err(ApiErr(
+            StatusCode::BAD_REQUEST,
+            "a join token's lifetime is 1 s to 7 days".into(),
+        ));
+    }
+    let by = who.name();
+    let token = c.secure(|s| Ok(s.create_join(&by, j.ttl_s * 1000, super::now_ms())))?;
+    audit(&who, "join-token create", &Ok::<(), ApiErr>(()));
+    Ok((
+        StatusCode::CREATED,
+        Json(Secret {
+            token,
+            ca_sha256: Some(pki::fingerprint(&c.ca().der)),
+        }),
+    )
+        .into_response())
+}
+
+async fn host_forget(
+    State(c): State<Arc<Coord>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let who = operator(&c, &h, Role::Admin)?;
+    let r = c.secure(|s| s.forget_host(&name));
+    audit(&who, &format!("host forget {name}"), &r);
+    r?;
+    Ok(Json(serde_json::json!({
+        "text": format!("forgot host {name}: its certificate is no longer accepted")
+    }))
+    .into_response())
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub csr_pem: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Joined {
+    pub cert_pem: String,
+    pub ca_pem: String,
+}
+
+async fn host_join(
+    State(c): State<Arc<Coord>>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Json(j): Json<JoinRequest>,
+) -> ApiResult {
+    let token = h
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiErr(
+                StatusCode::UNAUTHORIZED,
+                "joining needs a join token (`ftvm host join-token`)".into(),
+            )
+        })?
+        .to_string();
+    let who = Caller::Host(name.clone());
+    let now = super::now_ms();
+    let r = c.secure(|s| {
+        let id = s.check_join(&token, &name, now)?;
+        let cert = c
+            .ca()
+            .sign_host(&j.csr_pem, &name)
+            .map_err(|e| AuthError::BadRequest(format!("{e:#}")))?;
+        let der = pki::certs_from_pem(&cert)
+            .map_err(|e| AuthError::BadRequest(format!("{e:#}")))?
+            .remove(0);
+        s.joined(&id, &name, &der, now);
+        Ok(cert)
+    });
+    audit(&who, &format!("host join {name}"), &r);
+    let cert_pem = r?;
+    Ok(Json(Joined {
+        cert_pem,
+        ca_pem: c.ca().pem.clone(),
+    })
+    .into_response())
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct HeartbeatBody {
+    pub ip: String,
+    pub report: Vec<ProcReport>,
+}
+
+async fn host_heartbeat(
+    State(c): State<Arc<Coord>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+    Json(b): Json<HeartbeatBody>,
+) -> ApiResult {
+    let cert = peer.cert.ok_or_else(|| {
+        ApiErr(
+            StatusCode::UNAUTHORIZED,
+            "a host reports with its host certificate (mutual TLS); join first".into(),
+        )
+    })?;
+    match pki::host_of(&cert) {
+        Some(h) if h == name => {}
+        Some(h) => {
+            tracing::warn!(target: "audit", "host {h} tried to report as host {name}: refused");
+            return Err(ApiErr(
+                StatusCode::FORBIDDEN,
+                format!("this certificate is host {h}'s; it cannot report as {name}"),
+            ));
+        }
+        None => {
+            return Err(ApiErr(
+                StatusCode::FORBIDDEN,
+                "not a host certificate".into(),
+            ))
+        }
+    }
+    if !c.security().host_cert_current(&name, &cert) {
+        return Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            format!("host {name}'s certificate is not (or no longer) this cluster's: join again"),
+        ));
+    }
+    let req = Request::Heartbeat {
+        host: name,
+        ip: b.ip,
+        report: b.report,
+    };
+    let reply = tokio::task::spawn_blocking(move || c.handle(req))
+        .await
+        .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match reply {
+        Ok(r) => Ok(Json(r).into_response()),
+        Err(e) => Err(ApiErr(StatusCode::BAD_REQUEST, format!("{e:#}"))),
+    }
+}
+
+async fn ca(State(c): State<Arc<Coord>>) -> Response {
+    c.ca().pem.clone().into_response()
+}
+
+async fn not_found() -> ApiErr {
+    ApiErr(StatusCode::NOT_FOUND, "no such API route".into())
+}
+
+pub(super) fn router(c: Arc<Coord>) -> Router {
+    Router::new()
+        .route("/api/v1/ca", get(ca))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/vms", get(vms).post(vm_create))
+        .route("/api/v1/vms/{name}/start", post(vm_start))
+        .route("/api/v1/vms/{name}/stop", post(vm_stop))
+        .route("/api/v1/vms/{name}/ft", post(vm_ft))
+        .route("/api/v1/tokens", get(tokens).post(token_create))
+        .route("/api/v1/tokens/{name}", delete(token_revoke))
+        .route("/api/v1/join-tokens", post(join_token))
+        .route("/api/v1/hosts/{name}/identity", delete(host_forget))
+        .route("/api/v1/hosts/{name}/join", post(host_join))
+        .route("/api/v1/hosts/{name}/heartbeat", post(host_heartbeat))
+        .fallback(not_found)
+        .with_state(c)
+}
+
+/// Serves `app` over TLS on `listener` until the process ends. A connection that does not
+/// complete a TLS handshake within 10 s is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: rustls::ServerConfig,
+    app: Router,
+) -> anyhow::Result<()> {
+    use tower::ServiceExt;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!("TLS handshake with {addr} failed: {e}");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer = Peer {
+                cert: tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.to_vec()),
+            };
+            let app = app.layer(Extension(peer));
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
