@@ -293,7 +293,16 @@ impl Coord {
         let mut next = g.0.clone();
         let out = f(&mut next)?;
         let raw = serde_json::to_vec(&next).expect("tokens serialize");
-        match self.store.cas(SECURITY_KEY, g.1, &raw) {
+        // Called from the API's async handlers: the store may block (etcd runs its own
+        // runtime), which an async worker must not do in place.
+        let cas = || self.store.cas(SECURITY_KEY, g.1, &raw);
+        let stored = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(cas)
+            }
+            _ => cas(),
+        };
+        match stored {
             Ok(Some(v)) => {
                 *g = (next, v);
                 Ok(out)
