@@ -757,14 +757,10 @@ fn run_token(c: TokenCmd) -> Result<u8> {
                 );
             }
         }
-        TokenCmd::Revoke { name, coord } => {
-            let r: serde_json::Value = coord.client()?.call(
-                "DELETE",
-                &format!("/api/v1/tokens/{}", cluster::ops::seg(&name)),
-                None::<&()>,
-            )?;
-            println!("{}", r["text"].as_str().unwrap_or_default());
-        }
+        TokenCmd::Revoke { name, coord } => delete(
+            &coord,
+            &format!("/api/v1/tokens/{}", cluster::ops::seg(&name)),
+        )?,
     }
     Ok(0)
 }
@@ -785,16 +781,19 @@ fn run_host(c: HostCmd) -> Result<u8> {
             );
             println!("{}", s.token);
         }
-        HostCmd::Forget { name, coord } => {
-            let r: serde_json::Value = coord.client()?.call(
-                "DELETE",
-                &format!("/api/v1/hosts/{}/identity", cluster::ops::seg(&name)),
-                None::<&()>,
-            )?;
-            println!("{}", r["text"].as_str().unwrap_or_default());
-        }
+        HostCmd::Forget { name, coord } => delete(
+            &coord,
+            &format!("/api/v1/hosts/{}/identity", cluster::ops::seg(&name)),
+        )?,
     }
     Ok(0)
+}
+
+/// `DELETE path`; prints the coordinator's one-line answer.
+fn delete(coord: &CoordinatorOpt, path: &str) -> Result<()> {
+    let r: serde_json::Value = coord.client()?.call("DELETE", path, None::<&()>)?;
+    println!("{}", r["text"].as_str().unwrap_or_default());
+    Ok(())
 }
 
 fn run_ft(a: FtArgs) -> Result<u8> {

@@ -84,12 +84,7 @@ fn the_api_refuses_plaintext_and_the_old_line_protocol() {
     assert!(body.contains("needs an API token"), "{body}");
     // And the real client, which pins the cluster CA, refuses a coordinator of another CA.
     let other = TempDir::new("api-other-ca");
-    let init = Command::new(ftvm_bin())
-        .args(["coordinator", "init", "--dir"])
-        .arg(other.path("cluster"))
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", stderr(&init));
+    Cluster::init(&other.path("cluster"), &[]);
     let o = Command::new(ftvm_bin())
         .args(["status"])
         .env("FTVM_COORDINATOR", &c.addr)
@@ -316,12 +311,7 @@ fn hosts_join_once_and_prove_their_names() {
     assert!(err.contains("join token"), "{err}");
     // An agent given another cluster's CA does not talk to this coordinator.
     let other = TempDir::new("api-hosts-other");
-    let o = Command::new(ftvm_bin())
-        .args(["coordinator", "init", "--dir"])
-        .arg(other.path("cluster"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    Cluster::init(&other.path("cluster"), &[]);
     let (code, err) = exited(agent(
         &c,
         "h6",

@@ -90,18 +90,22 @@ impl From<anyhow::Error> for ApiErr {
 
 type ApiResult = Result<Response, ApiErr>;
 
-/// The operator a bearer token names, if its role allows `needed`.
-fn operator(c: &Coord, headers: &HeaderMap, needed: Role) -> Result<Caller, ApiErr> {
-    let bearer = headers
+/// The `Authorization: Bearer` credential of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiErr(
-                StatusCode::UNAUTHORIZED,
-                "this call needs an API token (Authorization: Bearer NAME.SECRET)".into(),
-            )
-        })?;
+}
+
+/// The operator a bearer token names, if its role allows `needed`.
+fn operator(c: &Coord, headers: &HeaderMap, needed: Role) -> Result<Caller, ApiErr> {
+    let bearer = bearer(headers).ok_or_else(|| {
+        ApiErr(
+            StatusCode::UNAUTHORIZED,
+            "this call needs an API token (Authorization: Bearer NAME.SECRET)".into(),
+        )
+    })?;
     let t = c.authenticate(bearer)?;
     if !t.1.allows(needed) {
         return Err(ApiErr(
@@ -133,10 +137,10 @@ async fn run(c: Arc<Coord>, who: Caller, what: String, req: Request) -> ApiResul
     };
     if mutating {
         let outcome = match &reply {
-            Reply::Error { text } => format!("refused: {text}"),
-            _ => "done".into(),
+            Reply::Error { text } => Err(text),
+            _ => Ok(()),
         };
-        tracing::info!(target: "audit", caller = %who.name(), "{what}: {outcome}");
+        audit(&who, &what, &outcome);
     }
     match reply {
         Reply::Error { text } => Err(ApiErr(StatusCode::BAD_REQUEST, text)),
@@ -315,8 +319,9 @@ async fn join_token(
         ));
     }
     let by = who.name();
-    let token = c.secure(|s| Ok(s.create_join(&by, j.ttl_s * 1000, super::now_ms())))?;
-    audit(&who, "join-token create", &Ok::<(), ApiErr>(()));
+    let r = c.secure(|s| Ok(s.create_join(&by, j.ttl_s * 1000, super::now_ms())));
+    audit(&who, "join-token create", &r);
+    let token = r?;
     Ok((
         StatusCode::CREATED,
         Json(Secret {
@@ -359,10 +364,7 @@ async fn host_join(
     Path(name): Path<String>,
     Json(j): Json<JoinRequest>,
 ) -> ApiResult {
-    let token = h
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let token = bearer(&h)
         .ok_or_else(|| {
             ApiErr(
                 StatusCode::UNAUTHORIZED,
