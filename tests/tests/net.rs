@@ -444,3 +444,76 @@ fn a_new_primary_announces_the_guest_mac_to_the_switch() {
     assert_eq!(std::fs::read(dir.path("out")).unwrap(), b"hello\n");
     pair.wait_clean_exit(&dir);
 }
+
+/// A connection being opened when the primary freezes (SIGSTOP for 0.2–1.5 s, the secondary
+/// takes over, the thawed primary halts): the client's retried SYN is answered by the new
+/// primary and the echo completes.
+#[test]
+fn a_connection_opened_across_a_frozen_primary_completes() {
+    require_kvm!();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lan = Lan::create();
+    let mut rng = Rng::from_env("net_frozen_connect");
+    let rounds = std::env::var("FTVM_NET_FREEZE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    for round in 0..rounds {
+        let dir = TempDir::new("net-freeze");
+        let data = random_file(&dir.path("in"), 64 << 10, &mut rng);
+        let mut pair = Pair::start(&lan, &dir, 2);
+        let client = socat(&lan, &dir.path("in"), &dir.path("out"));
+        std::thread::sleep(Duration::from_millis(rng.range(0, 30)));
+        let pid = pair.primary.id().to_string();
+        sh(&["kill", "-STOP", &pid]);
+        let frozen = Duration::from_millis(rng.range(200, 1500));
+        let t = Instant::now();
+        let mut fdb = Vec::new();
+        while t.elapsed() < frozen {
+            fdb.push((t.elapsed().as_millis(), lan.guest_port()));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sh(&["kill", "-CONT", &pid]);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(3) {
+            fdb.push((
+                frozen.as_millis() + t.elapsed().as_millis(),
+                lan.guest_port(),
+            ));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let c = client;
+        let o = {
+            let mut c = c;
+            let t = Instant::now();
+            while c.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(40) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            c.wait_with_output().unwrap()
+        };
+        let got = std::fs::read(dir.path("out")).unwrap_or_default();
+        assert!(
+            o.status.success() && got == data,
+            "round {round} (frozen {frozen:?}): socat {:?}: {} of {} bytes echoed: {}\nfdb: {fdb:?}\nprimary: {}\nsecondary: {}",
+            o.status,
+            got.len(),
+            data.len(),
+            String::from_utf8_lossy(&o.stderr),
+            log(&dir, "primary.log"),
+            log(&dir, "secondary.log"),
+        );
+        std::fs::write(dir.path("bye"), b"bye\n").unwrap();
+        finish(
+            socat(&lan, &dir.path("bye"), &dir.path("bye.out")),
+            30,
+            "second socat",
+        );
+        // The thawed primary halted (status 3: it lost); the new primary ends with the guest.
+        let st = pair.primary.wait().unwrap();
+        assert_eq!(st.code(), Some(3), "{}", log(&dir, "primary.log"));
+        let st = pair.secondary.wait().unwrap();
+        assert_eq!(st.code(), Some(0), "{}", log(&dir, "secondary.log"));
+        eprintln!("round {round}: frozen {frozen:?}: connected and echoed");
+    }
+}

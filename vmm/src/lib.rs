@@ -585,10 +585,18 @@ fn net_rx_loop(devices: Arc<Mutex<Devices>>, tap: std::fs::File, stop: Arc<Event
         if fds[1].revents != 0 {
             return;
         }
-        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return;
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                tracing::error!("network receive stopped: polling the tap failed: {e}; the guest receives nothing more");
+                return;
+            }
         }
         if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            tracing::error!(
+                "network receive stopped: the tap reports {} (detached or its interface deleted); the guest receives nothing more",
+                if fds[0].revents & libc::POLLNVAL != 0 { "an invalid descriptor" } else { "an error" }
+            );
             return;
         }
         while frames.len() < 64 {

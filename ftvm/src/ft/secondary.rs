@@ -339,6 +339,7 @@ fn takeover(
         // frames go out again (the old primary may not have sent them), through the fence.
         if let (Some(name), false) = (&cfg.tap, plan.resend.is_empty()) {
             let tap = open_tap(name)?;
+            vmm::devices::tap::wait_running(name, Duration::from_secs(1));
             let (frames, _) = ft_log::frames::decode(&plan.resend);
             ft_core::datastore::fenced(&ds, session, instance(), || {
                 for f in &frames {
@@ -386,8 +387,8 @@ fn takeover(
         vmm::devices::virtio_net::DEFAULT_MAC,
         "the guest has a network device but this secondary has no --tap: cannot take over",
     )?;
-    if let Some((tap, mac)) = vm.with_net(|n| (n.tap(), n.mac())) {
-        announce(tap, mac);
+    if let (Some((tap, mac)), Some(name)) = (vm.with_net(|n| (n.tap(), n.mac())), &cfg.tap) {
+        announce(name, tap, mac);
     }
     // This process is the primary now: its control socket is the primary's.
     let _ = std::fs::remove_file(ctl::socket_path(ds.path(), "secondary"));
@@ -417,22 +418,34 @@ fn takeover(
 }
 
 /// A new primary on a new host: tells the network where the guest's MAC is now (RARP, as
-/// live migration does: at once, then twice more in case the first is lost).
-fn announce(tap: Arc<std::fs::File>, mac: [u8; 6]) {
-    use vmm::devices::tap::{rarp_announce, write_frame};
+/// live migration does). The tap just attached is waited for first (up to a second): until
+/// the kernel has brought it up its bridge drops what it sends, and a lost announcement
+/// leaves the switch sending the guest's frames to the old host until the guest itself
+/// talks — a client opening a connection would never get an answer. Then five
+/// announcements, as QEMU makes: at once and after 50, 150, 300 and 500 ms.
+fn announce(name: &str, tap: Arc<std::fs::File>, mac: [u8; 6]) {
+    use vmm::devices::tap::{rarp_announce, wait_running, write_frame};
+    let t = Instant::now();
+    let up = wait_running(name, Duration::from_secs(1));
     let rarp = rarp_announce(mac);
     write_frame(&tap, &rarp);
-    eprintln!(
-        "ftvm secondary: announced MAC {} with RARP",
-        mac.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":"),
-    );
+    let mac = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    if up {
+        eprintln!(
+            "ftvm secondary: announced MAC {mac} with RARP (tap {name} running after {} us)",
+            t.elapsed().as_micros()
+        );
+    } else {
+        tracing::warn!("tap {name} is not running after 1 s; announced MAC {mac} with RARP anyway (the switch may keep sending the guest's frames to the old host)");
+    }
     let _ = std::thread::Builder::new()
         .name("announce".into())
         .spawn(move || {
-            for gap in [50, 100] {
+            for gap in [50, 100, 150, 200] {
                 std::thread::sleep(Duration::from_millis(gap));
                 write_frame(&tap, &rarp);
             }

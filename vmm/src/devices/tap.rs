@@ -93,6 +93,52 @@ pub fn write_frame(fd: &File, frame: &[u8]) -> bool {
     n == frame.len() as isize
 }
 
+/// Whether interface `name` is running: its carrier is on and the kernel has processed that
+/// (a bridge port follows the same event), so a frame written now is forwarded. A tap's
+/// carrier comes on when a process attaches it, and the kernel takes the news to its
+/// bridge asynchronously: a frame written in between is dropped by the bridge.
+pub fn running(name: &str) -> std::io::Result<bool> {
+    if !valid_name(name) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "bad interface name",
+        ));
+    }
+    // SAFETY: a plain socket call; the fd is owned by the File below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let sock = unsafe { File::from_raw_fd(fd) };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: SIOCGIFFLAGS reads a name and writes the flags of an `ifreq`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let want = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    Ok(req.flags & want == want)
+}
+
+/// Waits up to `timeout` for [`running`]; whether it became so.
+pub fn wait_running(name: &str, timeout: std::time::Duration) -> bool {
+    let t = std::time::Instant::now();
+    loop {
+        if running(name).unwrap_or(false) {
+            return true;
+        }
+        if t.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// The RARP announcement a VM that moved sends for its MAC, as QEMU's live migration does:
 /// broadcast, so every switch learns the MAC's new port.
 pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
@@ -120,6 +166,17 @@ mod tests {
             assert!(matches!(open(n), Err(Error::Name(_))), "{n:?}");
         }
         assert!(matches!(check("lo"), Err(Error::NotTap(_))));
+        assert!(running("a/b").is_err());
+    }
+
+    #[test]
+    fn loopback_is_running_and_a_missing_interface_is_an_error() {
+        assert!(running("lo").unwrap());
+        assert!(running("ftvm-none0").is_err());
+        assert!(!wait_running(
+            "ftvm-none0",
+            std::time::Duration::from_millis(5)
+        ));
     }
 
     #[test]
