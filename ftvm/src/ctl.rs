@@ -1,9 +1,11 @@
 //! `ftvm ctl`: control of a running pair through Unix sockets in the datastore.
 //!
 //! Each side serves `DIR/ctl-<role>.sock`. A request is one line (at most 64 bytes, a known
-//! command word); the reply is one line of `key=value` pairs, or `error: …`. Anything else is
-//! refused without touching the VM.
+//! command word); the reply is one line of JSON, a versioned [`Reply`]: the side's typed
+//! [`Status`], an operation's result, or an error. Anything else is refused without touching
+//! the VM.
 use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use std::time::Duration;
 const MAX_REQUEST: usize = 64;
 
 /// A forwarded request and where its reply line goes.
-pub type Forward = mpsc::Sender<(Request, mpsc::Sender<String>)>;
+pub type Forward = mpsc::Sender<(Request, mpsc::Sender<Outcome>)>;
 
 /// What `ftvm ctl` can ask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,10 +58,41 @@ impl Request {
     }
 }
 
-/// A side's status, as `ftvm ctl status` prints it.
-#[derive(Debug, Clone, Default)]
+/// The version of the control socket's replies ([`Reply`]); a reader refuses others.
+pub const VERSION: u32 = 1;
+
+/// Which side of the pair answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    #[default]
+    Primary,
+    Secondary,
+}
+
+impl Role {
+    pub fn word(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+        }
+    }
+}
+
+/// When a side that took over detected the primary's loss, won the arbitration and had the
+/// guest running (Unix µs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Takeover {
+    pub detected_us: u64,
+    pub arbitrated_us: u64,
+    pub live_us: u64,
+}
+
+/// A side's status: what `ftvm ctl status` prints, what the host agent reports to the
+/// coordinator, and what the coordinator decides on. One JSON object on the wire.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
-    pub role: &'static str,
+    pub role: Role,
     pub protected: bool,
     pub epoch: u64,
     pub lag_epochs: u64,
@@ -70,11 +103,16 @@ pub struct Status {
     pub sessions: u64,
     /// Device-input events recorded (primary) or committed (secondary).
     pub events: u64,
-    /// After a takeover: when (Unix µs) this side detected the primary's loss, won the
-    /// arbitration, and had the guest running.
-    pub takeover_us: Option<(u64, u64, u64)>,
+    /// The answering process (filled in when the reply is made).
+    #[serde(default)]
+    pub pid: u32,
+    /// After a takeover: its times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takeover: Option<Takeover>,
     /// A primary's current (or last) secondary's FT-link address.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub peer: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub note: String,
 }
 
@@ -82,7 +120,7 @@ impl Status {
     /// A primary not protected (yet): `note` says why, `peer` names its secondary if any.
     pub fn unprotected_primary(note: &str, peer: String) -> Self {
         Status {
-            role: "primary",
+            role: Role::Primary,
             protected: false,
             note: note.into(),
             peer,
@@ -90,10 +128,11 @@ impl Status {
         }
     }
 
+    /// One line of `key=value` pairs, for people (`ftvm ctl status`).
     pub fn line(&self) -> String {
         format!(
             "role={} protected={} epoch={} lag_epochs={} bytes_sent={} bytes_per_sec={} last_pause_us={} sessions={} events={} pid={}{}{}{}",
-            self.role,
+            self.role.word(),
             self.protected,
             self.epoch,
             self.lag_epochs,
@@ -102,14 +141,17 @@ impl Status {
             self.last_pause_us,
             self.sessions,
             self.events,
-            std::process::id(),
+            self.pid,
             if self.peer.is_empty() {
                 String::new()
             } else {
                 format!(" peer={}", self.peer)
             },
-            match self.takeover_us {
-                Some((d, a, l)) => format!(" detected_us={d} arbitrated_us={a} live_us={l}"),
+            match self.takeover {
+                Some(t) => format!(
+                    " detected_us={} arbitrated_us={} live_us={}",
+                    t.detected_us, t.arbitrated_us, t.live_us
+                ),
                 None => String::new(),
             },
             if self.note.is_empty() { String::new() } else { format!(" note={:?}", self.note) }
@@ -117,10 +159,50 @@ impl Status {
     }
 }
 
-/// A field `key=value` of a status line.
-pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+/// What a request got: a status, an operation's result, or why it was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Status(Status),
+    Done(String),
+    Error(String),
+}
+
+/// One reply line on the control socket (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub version: u32,
+    pub outcome: Outcome,
+}
+
+impl Reply {
+    pub fn new(outcome: Outcome) -> Self {
+        Reply {
+            version: VERSION,
+            outcome,
+        }
+    }
+
+    pub fn line(&self) -> String {
+        serde_json::to_string(self).expect("a reply serializes")
+    }
+
+    /// Parses a reply line (bytes from another process: checked, never trusted).
+    pub fn parse(line: &str) -> Result<Outcome> {
+        let r: Reply = serde_json::from_str(line.trim())
+            .with_context(|| format!("not a control reply: {:?}", truncate(line, 80)))?;
+        if r.version != VERSION {
+            bail!(
+                "control reply version {} (this ftvm speaks {VERSION})",
+                r.version
+            );
+        }
+        Ok(r.outcome)
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
 }
 
 pub fn socket_path(datastore: &Path, role: &str) -> PathBuf {
@@ -131,7 +213,7 @@ pub fn socket_path(datastore: &Path, role: &str) -> PathBuf {
 /// once, as its host would (`test-failover` for the primary, `test-restart-secondary` for the
 /// secondary).
 /// `forward`: where requests other than status and `kill_on` go (the primary's epoch loop),
-/// each with a channel for the reply line.
+/// each with a channel for its outcome.
 pub fn serve(
     path: PathBuf,
     status: Arc<Mutex<Status>>,
@@ -150,10 +232,18 @@ pub fn serve(
                 let mut r = BufReader::new((&conn).take(MAX_REQUEST as u64 + 1));
                 let _ = r.read_until(b'\n', &mut line);
                 let mut w = &conn;
-                let reply = match Request::parse(&line) {
-                    Ok(Request::Status) => status.lock().unwrap().line(),
+                let outcome = match Request::parse(&line) {
+                    Ok(Request::Status) => {
+                        let mut st = status.lock().unwrap().clone();
+                        st.pid = std::process::id();
+                        Outcome::Status(st)
+                    }
                     Ok(r) if Some(r) == kill_on => {
-                        let _ = writeln!(w, "ok: failing now");
+                        let _ = writeln!(
+                            w,
+                            "{}",
+                            Reply::new(Outcome::Done("failing now".into())).line()
+                        );
                         let _ = w.flush();
                         // SAFETY: sending SIGKILL to ourselves has no memory-safety implications.
                         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
@@ -163,35 +253,53 @@ pub fn serve(
                         Some(f) => {
                             let (tx, rx) = mpsc::channel();
                             match f.send((r, tx)) {
-                                Ok(()) => rx
-                                    .recv_timeout(Duration::from_secs(30))
-                                    .unwrap_or_else(|_| format!("error: {} timed out", r.word())),
-                                Err(_) => format!("error: {} cannot be done now", r.word()),
+                                Ok(()) => {
+                                    rx.recv_timeout(Duration::from_secs(30))
+                                        .unwrap_or_else(|_| {
+                                            Outcome::Error(format!("{} timed out", r.word()))
+                                        })
+                                }
+                                Err(_) => {
+                                    Outcome::Error(format!("{} cannot be done now", r.word()))
+                                }
                             }
                         }
-                        None => format!("error: {} does not go to this side", r.word()),
+                        None => Outcome::Error(format!("{} does not go to this side", r.word())),
                     },
-                    Err(e) => format!("error: {e}"),
+                    Err(e) => Outcome::Error(e),
                 };
-                let _ = writeln!(w, "{reply}");
+                let _ = writeln!(w, "{}", Reply::new(outcome).line());
             }
         })?;
     Ok(())
 }
 
-/// Sends `req` to `role`'s control socket and returns the reply line (waiting up to 5 s).
+/// Sends `req` to `role`'s control socket and returns what was done (waiting up to 5 s).
 pub fn request(datastore: &Path, role: &str, req: Request) -> Result<String> {
-    request_within(datastore, role, req, Duration::from_secs(5))
+    match request_within(datastore, role, req, Duration::from_secs(5))? {
+        Outcome::Done(text) => Ok(text),
+        Outcome::Status(st) => Ok(st.line()),
+        Outcome::Error(e) => Err(anyhow!("{role}: {e}")),
+    }
 }
 
-/// As [`request`], waiting at most `timeout` for the reply (a frozen process accepts the
+/// `role`'s status (waiting up to `timeout`).
+pub fn status(datastore: &Path, role: &str, timeout: Duration) -> Result<Status> {
+    match request_within(datastore, role, Request::Status, timeout)? {
+        Outcome::Status(st) => Ok(st),
+        Outcome::Done(text) => bail!("{role} answered {text:?} to a status request"),
+        Outcome::Error(e) => Err(anyhow!("{role}: {e}")),
+    }
+}
+
+/// Sends `req`, waiting at most `timeout` for the reply (a frozen process accepts the
 /// connection in the kernel's backlog but never answers).
 pub fn request_within(
     datastore: &Path,
     role: &str,
     req: Request,
     timeout: Duration,
-) -> Result<String> {
+) -> Result<Outcome> {
     let path = socket_path(datastore, role);
     let mut s = UnixStream::connect(&path)
         .with_context(|| format!("no {role} answers on {}", path.display()))?;
@@ -199,15 +307,12 @@ pub fn request_within(
     s.set_write_timeout(Some(timeout))?;
     writeln!(s, "{}", req.word())?;
     let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply)?;
-    let reply = reply.trim().to_string();
-    if reply.is_empty() {
+    // A reply is a status of a few hundred bytes: more is not a reply.
+    BufReader::new(s.take(64 << 10)).read_line(&mut reply)?;
+    if reply.trim().is_empty() {
         bail!("{role} closed the control connection without answering");
     }
-    if let Some(e) = reply.strip_prefix("error: ") {
-        return Err(anyhow!("{role}: {e}"));
-    }
-    Ok(reply)
+    Reply::parse(&reply).with_context(|| format!("{role}'s control socket"))
 }
 
 #[cfg(test)]
@@ -221,6 +326,41 @@ mod tests {
         assert!(Request::parse(b"rm -rf /").is_err());
         assert!(Request::parse(&[0xff, 0xfe]).is_err());
         assert!(Request::parse(&[b'a'; 65]).is_err());
+    }
+
+    #[test]
+    fn replies_round_trip_and_bad_ones_are_errors() {
+        let st = Status {
+            role: Role::Secondary,
+            protected: true,
+            epoch: 7,
+            pid: 42,
+            takeover: Some(Takeover {
+                detected_us: 1,
+                arbitrated_us: 2,
+                live_us: 3,
+            }),
+            note: "a \"quoted\" note".into(),
+            ..Default::default()
+        };
+        let line = Reply::new(Outcome::Status(st.clone())).line();
+        assert!(!line.contains('\n'));
+        assert_eq!(Reply::parse(&line).unwrap(), Outcome::Status(st.clone()));
+        assert!(st
+            .line()
+            .starts_with("role=secondary protected=true epoch=7 "));
+        assert!(st
+            .line()
+            .contains(" pid=42 detected_us=1 arbitrated_us=2 live_us=3 "));
+        let future = line.replace("\"version\":1", "\"version\":2");
+        assert!(Reply::parse(&future)
+            .unwrap_err()
+            .to_string()
+            .contains("version 2"));
+        assert!(Reply::parse("role=primary protected=true").is_err());
+        for bytes in crate::pseudo_random_inputs(0x1357_9bdf_2468_ace0, 20_000, 120) {
+            let _ = Reply::parse(&String::from_utf8_lossy(&bytes));
+        }
     }
 
     #[test]

@@ -342,6 +342,10 @@ struct CtlArgs {
     datastore: PathBuf,
     #[arg(value_enum)]
     command: CtlCommand,
+    /// `status`: print each side's status as one JSON object (`{"primary": {…},
+    /// "secondary": {…}}`, a side that does not answer absent) instead of `key=value` lines.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -839,14 +843,19 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
     }
     match a.command {
         CtlCommand::Status => {
-            let mut any = false;
+            let mut sides = serde_json::Map::new();
             for role in ["primary", "secondary"] {
-                if let Ok(line) = ctl::request(&a.datastore, role, ctl::Request::Status) {
-                    println!("{role}: {line}");
-                    any = true;
+                if let Ok(st) = ctl::status(&a.datastore, role, Duration::from_secs(5)) {
+                    if !a.json {
+                        println!("{role}: {}", st.line());
+                    }
+                    sides.insert(role.into(), serde_json::to_value(&st)?);
                 }
             }
-            if !any {
+            if a.json && !sides.is_empty() {
+                println!("{}", serde_json::Value::Object(sides.clone()));
+            }
+            if sides.is_empty() {
                 bail!("neither side answers on {}/ctl-*.sock (is a pair running with this --datastore?)", a.datastore.display());
             }
             Ok(0)
@@ -859,9 +868,9 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
             println!("primary: {reply}");
             // The secondary answers on the primary's socket once it has taken over.
             let live = loop {
-                if let Ok(line) = ctl::request(&a.datastore, "primary", ctl::Request::Status) {
-                    if line.contains("took over") {
-                        break line;
+                if let Ok(st) = ctl::status(&a.datastore, "primary", Duration::from_secs(5)) {
+                    if st.takeover.is_some() {
+                        break st.line();
                     }
                 }
                 if t0.elapsed() > Duration::from_secs(30) {
@@ -908,10 +917,7 @@ fn run_ctl(a: CtlArgs) -> Result<u8> {
 }
 
 fn primary_sessions(datastore: &Path) -> Result<u64> {
-    let line = ctl::request(datastore, "primary", ctl::Request::Status)?;
-    ctl::field(&line, "sessions")
-        .and_then(|v| v.parse().ok())
-        .context("primary status lacks sessions")
+    Ok(ctl::status(datastore, "primary", Duration::from_secs(5))?.sessions)
 }
 
 /// Starts a secondary with the recorded command line (detached, its output appended to
@@ -953,12 +959,12 @@ fn start_secondary_and_wait(
                 last.trim_start_matches("ftvm: error: ")
             );
         }
-        if let Ok(line) = ctl::request(datastore, "primary", ctl::Request::Status) {
-            let sessions = primary_sessions(datastore).unwrap_or(0);
-            if sessions > before && line.contains("protected=true") {
+        if let Ok(st) = ctl::status(datastore, "primary", Duration::from_secs(5)) {
+            if st.sessions > before && st.protected {
                 println!(
-                    "protection restored after {} ms: {line}",
-                    t0.elapsed().as_millis()
+                    "protection restored after {} ms: {}",
+                    t0.elapsed().as_millis(),
+                    st.line()
                 );
                 return Ok(0);
             }

@@ -501,6 +501,23 @@ fn ctl_status_and_test_failover_on_a_running_pair() {
         text.contains("secondary: role=secondary protected=true"),
         "{text}"
     );
+    // The same, typed, for scripts: one JSON object with both sides.
+    let o = Command::new(ftvm_bin())
+        .args(["ctl", "--datastore"])
+        .arg(dir.path("ds"))
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("ctl status --json");
+    assert_eq!(j["primary"]["role"], "primary", "{j}");
+    assert_eq!(j["primary"]["protected"], true, "{j}");
+    assert_eq!(j["secondary"]["role"], "secondary", "{j}");
+    assert_eq!(
+        j["primary"]["pid"].as_u64(),
+        Some(u64::from(pair.primary.id())),
+        "{j}"
+    );
     // The counter polls the UART's line status once per line: those reads are device inputs,
     // recorded by the primary and committed by the secondary with their epochs.
     let events = |side: &str, text: &str| -> u64 {

@@ -115,17 +115,11 @@ struct Proc {
 /// coordinator's host timeout, which would make this host look unreachable.
 const STATUS_WAIT: Duration = Duration::from_millis(300);
 
-/// The status line of the ctl socket that `pid` serves in `datastore`, if any.
-fn status_of(datastore: &str, pid: u32) -> Option<String> {
+/// The status of the side that `pid` serves in `datastore`, if it answers.
+fn status_of(datastore: &str, pid: u32) -> Option<ctl::Status> {
     ["primary", "secondary"].iter().find_map(|role| {
-        let line = ctl::request_within(
-            Path::new(datastore),
-            role,
-            ctl::Request::Status,
-            STATUS_WAIT,
-        )
-        .ok()?;
-        (ctl::field(&line, "pid")? == pid.to_string()).then_some(line)
+        let st = ctl::status(Path::new(datastore), role, STATUS_WAIT).ok()?;
+        (st.pid == pid).then_some(st)
     })
 }
 
@@ -186,6 +180,7 @@ pub fn run(cfg: Config) -> Result<u8> {
             });
         }
         let req = HeartbeatBody {
+            version: super::proto::REPORT_VERSION,
             ip: cfg.ip.clone(),
             report,
         };

@@ -397,6 +397,8 @@ async fn host_join(
 
 #[derive(Serialize, Deserialize)]
 pub struct HeartbeatBody {
+    /// The report's format ([`super::proto::REPORT_VERSION`]).
+    pub version: u32,
     pub ip: String,
     pub report: Vec<ProcReport>,
 }
@@ -436,6 +438,7 @@ async fn host_heartbeat(
         ));
     }
     let req = Request::Heartbeat {
+        version: b.version,
         host: name,
         ip: b.ip,
         report: b.report,

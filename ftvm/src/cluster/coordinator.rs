@@ -4,7 +4,7 @@
 use super::now_ms;
 use super::pki::{self, Ca};
 use super::proto::{Assignment, FtAction, ProcReport, Reply, Request};
-use crate::ctl::{self, field};
+use crate::ctl;
 use anyhow::{bail, Context, Result};
 use coordinator::auth::{AuthError, Role, Security, SECURITY_KEY};
 use coordinator::model::{Cluster, Failover, FtState, Host, Placement, Vm};
@@ -323,7 +323,20 @@ impl Coord {
 
     pub(super) fn handle(&self, req: Request) -> Result<Reply> {
         match req {
-            Request::Heartbeat { host, ip, report } => self.heartbeat(host, ip, report),
+            Request::Heartbeat {
+                version,
+                host,
+                ip,
+                report,
+            } => {
+                if version != super::proto::REPORT_VERSION {
+                    bail!(
+                        "host {host} reports in version {version}; this coordinator reads version {}: run the same ftvm on every host",
+                        super::proto::REPORT_VERSION
+                    );
+                }
+                self.heartbeat(host, ip, report)
+            }
             Request::VmCreate {
                 name,
                 guest,
@@ -701,10 +714,10 @@ impl Coord {
         // What the primary says of its pair with this secondary: Some(true) protected by it,
         // Some(false) it answers and is not, None it does not answer.
         let primary_says = report(&vm.primary)
-            .and_then(|r| r.status.as_deref())
+            .and_then(|r| r.status.as_ref())
             .map(|st| {
-                st.contains("protected=true")
-                    && field(st, "peer") == self.secondary_addr(c, &vm.secondary).as_deref()
+                st.protected
+                    && Some(st.peer.as_str()) == self.secondary_addr(c, &vm.secondary).as_deref()
             });
         let gone = |p: &Option<Placement>| {
             p.as_ref().is_some_and(|pl| {
@@ -720,8 +733,8 @@ impl Coord {
         let mut vm2 = vm.clone();
         // A secondary that took over reports itself as the primary.
         let took_over = report(&vm.secondary)
-            .and_then(|r| r.status.as_deref())
-            .is_some_and(|s| s.starts_with("role=primary"));
+            .and_then(|r| r.status.as_ref())
+            .is_some_and(|s| s.role == ctl::Role::Primary);
         if took_over {
             let s = vm.secondary.clone().unwrap();
             let status = report(&vm.secondary)
@@ -732,15 +745,9 @@ impl Coord {
                 .lock()
                 .unwrap()
                 .remove(name)
-                .or_else(|| {
-                    field(&status, "detected_us")
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .map(|us| us / 1000)
-                })
+                .or_else(|| status.takeover.map(|t| t.detected_us / 1000))
                 .unwrap_or(now);
-            let live = field(&status, "live_us")
-                .and_then(|v| v.parse::<u64>().ok())
-                .map_or(now, |us| us / 1000);
+            let live = status.takeover.map_or(now, |t| t.live_us / 1000);
             let from = vm.primary.as_ref().map_or("?".into(), |p| p.host.clone());
             tracing::info!("VM {name} failed over from {from} to {}", s.host);
             vm2.last_failover = Some(Failover {
@@ -850,9 +857,7 @@ impl Coord {
         let peer = self.secondary_addr(c, &vm2.secondary);
         let vm = c.vms.get_mut(name).unwrap();
         if vm.secondary.is_some() && matches!(vm.ft, FtState::Starting | FtState::Protected) {
-            if primary_status.contains("protected=true")
-                && field(&primary_status, "peer") == peer.as_deref()
-            {
+            if primary_status.protected && Some(primary_status.peer.as_str()) == peer.as_deref() {
                 if vm.ft != FtState::Protected {
                     tracing::info!("VM {name} is protected");
                 }
@@ -1026,16 +1031,18 @@ impl Coord {
                     .and_then(|p| reports.get(&p.id))
                     .and_then(|r| r.1.status.clone())
             };
-            let pst = st(&v.primary).unwrap_or_default();
+            let pst = st(&v.primary);
+            let num =
+                |f: fn(&ctl::Status) -> u64| pst.as_ref().map_or("-".into(), |s| f(s).to_string());
             text += &format!(
                 "VM {}: {} | primary {} | secondary {} | epoch {} lag {} | {} B/s{}{}\n",
                 v.name,
                 vm_state(v),
                 v.primary.as_ref().map_or("-", |p| p.host.as_str()),
                 v.secondary.as_ref().map_or("-", |p| p.host.as_str()),
-                field(&pst, "epoch").unwrap_or("-"),
-                field(&pst, "lag_epochs").unwrap_or("-"),
-                field(&pst, "bytes_per_sec").unwrap_or("-"),
+                num(|s| s.epoch),
+                num(|s| s.lag_epochs),
+                num(|s| s.bytes_per_sec),
                 v.disk_file
                     .as_ref()
                     .map_or(String::new(), |f| format!(" | disk {f}")),

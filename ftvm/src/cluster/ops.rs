@@ -3,7 +3,6 @@
 //! also wait for the outcome and print a timeline.
 use super::client::Client;
 use super::proto::{FtAction, Reply, Request};
-use crate::ctl::field;
 use crate::now_us;
 use anyhow::{bail, Result};
 use std::time::{Duration, Instant};
@@ -127,14 +126,15 @@ pub fn test_failover(addr: &Client, name: &str) -> Result<String> {
     let live = wait_for(addr, name, 30, "the takeover", |s| {
         host(s, "primary") == old_s
     })?;
-    let status = live["primary_status"].as_str().unwrap_or("").to_string();
-    let stamp = |k: &str| field(&status, k).and_then(|v| v.parse::<u64>().ok());
+    let status: Option<crate::ctl::Status> =
+        serde_json::from_value(live["primary_status"].clone()).unwrap_or(None);
     let mut out = format!("{reply}\n");
-    if let (Some(d), Some(a), Some(l)) = (
-        stamp("detected_us"),
-        stamp("arbitrated_us"),
-        stamp("live_us"),
-    ) {
+    if let Some(crate::ctl::Takeover {
+        detected_us: d,
+        arbitrated_us: a,
+        live_us: l,
+    }) = status.and_then(|s| s.takeover)
+    {
         out += &format!(
             "  +{:7.1} ms  {old_s} detected the primary's loss (FT-link and datastore heartbeats)\n  +{:7.1} ms  {old_s} won the arbitration\n  +{:7.1} ms  {old_s} is live: the guest runs on from the last committed epoch\n",
             ms(d), ms(a), ms(l)

@@ -2,11 +2,16 @@
 //! JSON bodies and hands them to the coordinator.
 use serde::{Deserialize, Serialize};
 
+/// The version of a host agent's report ([`Request::Heartbeat`]).
+pub const REPORT_VERSION: u32 = 1;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     /// A host agent's heartbeat: who it is and what its processes are doing.
     Heartbeat {
+        /// The report's format ([`REPORT_VERSION`]); the coordinator refuses others.
+        version: u32,
         host: String,
         ip: String,
         report: Vec<ProcReport>,
@@ -64,8 +69,8 @@ pub struct ProcReport {
     pub running: bool,
     /// Exit code; `None` while running or if a signal ended it.
     pub exit: Option<i32>,
-    /// The process's control-socket status line, if it answered.
-    pub status: Option<String>,
+    /// The process's status from its control socket, if it answered.
+    pub status: Option<crate::ctl::Status>,
 }
 
 /// A process the coordinator wants on a host.

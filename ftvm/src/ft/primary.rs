@@ -170,11 +170,11 @@ pub(super) struct Primary {
     ds: Arc<Datastore>,
     me: &'static Name,
     /// `ftvm ctl suspend | ft-off`, forwarded by the control thread.
-    requests: mpsc::Receiver<(ctl::Request, mpsc::Sender<String>)>,
+    requests: mpsc::Receiver<(ctl::Request, mpsc::Sender<ctl::Outcome>)>,
     /// The datastore heartbeat beats while set.
     beating: Arc<AtomicBool>,
     /// The reply to a stop request being carried out.
-    stop_reply: Option<mpsc::Sender<String>>,
+    stop_reply: Option<mpsc::Sender<ctl::Outcome>>,
     status: Arc<Mutex<Status>>,
     rate_mark: (Instant, u64),
     cap: Capture,
@@ -328,8 +328,9 @@ impl Primary {
     fn halt(&mut self) -> Result<u8> {
         self.beating.store(false, Ordering::SeqCst);
         if let Some(reply) = self.stop_reply.take() {
-            let _ =
-                reply.send("error: the secondary went live meanwhile; this primary halts".into());
+            let _ = reply.send(ctl::Outcome::Error(
+                "the secondary went live meanwhile; this primary halts".into(),
+            ));
         }
         self.vm.stop();
         Ok(HALTED)
@@ -400,7 +401,9 @@ impl Primary {
                 st.note = format!("{note}; running unprotected");
             }
             if let Some(reply) = self.stop_reply.take() {
-                let _ = reply.send(format!("ok: {note}; the VM runs unprotected"));
+                let _ = reply.send(ctl::Outcome::Done(format!(
+                    "{note}; the VM runs unprotected"
+                )));
             }
             if let Some(code) = ended {
                 self.vm.stop();
@@ -507,10 +510,10 @@ impl Primary {
                 return Ok(Unprotected::NewSecondary(link));
             }
             if let Ok((req, reply)) = self.requests.try_recv() {
-                let _ = reply.send(format!(
-                    "error: {} needs FT on; the VM runs unprotected",
+                let _ = reply.send(ctl::Outcome::Error(format!(
+                    "{} needs FT on; the VM runs unprotected",
                     req.word()
-                ));
+                )));
             }
         }
     }

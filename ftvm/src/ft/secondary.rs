@@ -109,7 +109,7 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
         vmm::devices::tap::check(name).with_context(|| format!("cannot use --tap {name}"))?;
     }
     let status = Arc::new(Mutex::new(Status {
-        role: "secondary",
+        role: ctl::Role::Secondary,
         protected: false,
         note: "syncing from the primary".into(),
         ..Default::default()
@@ -395,11 +395,15 @@ fn takeover(
     let ds = Arc::new(ds);
     let link_cfg = link::link_config(&ds, "primary", "secondary", Duration::from_secs(5))?;
     let status = Status {
-        role: "primary",
+        role: ctl::Role::Primary,
         protected: false,
         note: format!("took over at epoch {epoch}; waiting for a new secondary"),
         epoch,
-        takeover_us: Some((detected_us, arbitrated_us, now_us())),
+        takeover: Some(ctl::Takeover {
+            detected_us,
+            arbitrated_us,
+            live_us: now_us(),
+        }),
         ..Default::default()
     };
     let mut p = Primary::new(Start {

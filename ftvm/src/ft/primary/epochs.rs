@@ -134,7 +134,7 @@ impl Primary {
                             return Ok(());
                         }
                         Err(e) => {
-                            let _ = reply.send(format!("error: {e}"));
+                            let _ = reply.send(ctl::Outcome::Error(e.to_string()));
                         }
                     }
                 }
