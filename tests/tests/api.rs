@@ -229,7 +229,7 @@ fn hosts_join_once_and_prove_their_names() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&h1_key).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "host.key must be private: {mode:o}");
-    let beat = r#"{"ip":"127.0.0.1","report":[]}"#;
+    let beat = r#"{"version":1,"ip":"127.0.0.1","report":[]}"#;
     let cert_args = |cert: &Path, key: &Path| {
         vec![
             "--cert".to_string(),
