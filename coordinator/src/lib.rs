@@ -1,12 +1,13 @@
 //! The failover coordinator's building blocks: the cluster model ([`model`]), the store it
 //! lives in ([`store`]: an embedded file store with an atomic test-and-set and a coordinator
 //! lease; with feature `etcd`, the same on etcd in `etcd`), and placement with vSphere FT's
-//! limits ([`placement`]), and who may do what ([`auth`]: API tokens with roles, host join
+//! limits ([`placement`]), the cluster's history ([`events`]), and who may do what ([`auth`]: API tokens with roles, host join
 //! tokens, host identities). The processes (`ftvm coordinator`, `ftvm host-agent`) and the
 //! operations CLI are in the `ftvm` binary.
 pub mod auth;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod events;
 pub mod model;
 pub mod placement;
 pub mod store;

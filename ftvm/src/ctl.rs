@@ -80,12 +80,15 @@ impl Role {
 }
 
 /// When a side that took over detected the primary's loss, won the arbitration and had the
-/// guest running (Unix µs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// guest running (Unix µs), and why it took over (how long the FT link was silent, how
+/// stale the primary's datastore heartbeat was, the arbitration's outcome).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Takeover {
     pub detected_us: u64,
     pub arbitrated_us: u64,
     pub live_us: u64,
+    #[serde(default)]
+    pub evidence: String,
 }
 
 /// A side's status: what `ftvm ctl status` prints, what the host agent reports to the
@@ -147,7 +150,7 @@ impl Status {
             } else {
                 format!(" peer={}", self.peer)
             },
-            match self.takeover {
+            match &self.takeover {
                 Some(t) => format!(
                     " detected_us={} arbitrated_us={} live_us={}",
                     t.detected_us, t.arbitrated_us, t.live_us
@@ -339,6 +342,7 @@ mod tests {
                 detected_us: 1,
                 arbitrated_us: 2,
                 live_us: 3,
+                evidence: "primary lost: no heartbeat for 61 ms".into(),
             }),
             note: "a \"quoted\" note".into(),
             ..Default::default()

@@ -82,6 +82,10 @@ enum Cmd {
     Ft(FtArgs),
     /// Protection state, hosts, epoch, lag, last failover (through the coordinator).
     Status(StatusArgs),
+    /// The cluster's history: failovers with their evidence, host state changes, protection
+    /// lost and restored, and every operation with who asked for it (through the
+    /// coordinator; read-only tokens may read it).
+    Events(EventsArgs),
     /// The embedded default: a coordinator and three host agents on this machine, an
     /// FT-protected counter VM, Test Failover and Test Restart Secondary with timelines.
     Demo(DemoArgs),
@@ -189,6 +193,11 @@ struct CoordinatorRunArgs {
     /// certificate covers these, the listen address, 127.0.0.1 and localhost. Repeatable.
     #[arg(long = "tls-name", value_name = "NAME")]
     tls_name: Vec<String>,
+    /// How many events the cluster's history keeps (`ftvm events`); older ones are deleted
+    /// from the store.
+    #[arg(long = "event-retain", value_name = "N", default_value_t = coordinator::events::DEFAULT_RETAIN as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    event_retain: u32,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -228,6 +237,9 @@ enum TokenCmd {
     },
     /// List API tokens (names, roles, when created and revoked; never secrets).
     List {
+        /// As JSON (an array of tokens) instead of a table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         coord: CoordinatorOpt,
     },
@@ -293,6 +305,9 @@ enum VmCmd {
     },
     /// List the defined VMs with their state and placement.
     List {
+        /// As JSON (`{"vms": […]}`, every VM's definition and state) instead of lines.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         coord: CoordinatorOpt,
     },
@@ -322,8 +337,51 @@ struct FtArgs {
 }
 
 #[derive(Args)]
+struct EventsArgs {
+    /// Only events about this VM.
+    #[arg(long, value_name = "NAME")]
+    vm: Option<String>,
+    /// Only events about this host.
+    #[arg(long, value_name = "NAME")]
+    host: Option<String>,
+    /// Only events since this time: an age ("10m", "2h 30m", "1day") or an RFC 3339 time
+    /// ("2026-12-06T10:00:00Z").
+    #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+    since: Option<u64>,
+    /// At most this many (the newest).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    limit: usize,
+    /// Keep printing events as they happen (until interrupted).
+    #[arg(long, short)]
+    follow: bool,
+    /// One JSON object per event (JSON Lines) instead of aligned columns.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    coord: CoordinatorOpt,
+}
+
+/// `--since`: an age before now, or an RFC 3339 time; Unix ms.
+fn parse_since(s: &str) -> Result<u64, String> {
+    let t = match humantime::parse_duration(s) {
+        Ok(age) => std::time::SystemTime::now()
+            .checked_sub(age)
+            .ok_or("that age reaches before 1970")?,
+        Err(_) => humantime::parse_rfc3339_weak(s).map_err(|_| {
+            format!("{s:?} is neither an age (\"10m\", \"2h\") nor an RFC 3339 time (\"2026-12-06T10:00:00Z\")")
+        })?,
+    };
+    Ok(t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64))
+}
+
+#[derive(Args)]
 struct StatusArgs {
     name: Option<String>,
+    /// As JSON (`{"vms": […], "hosts": {…}}`: every VM with its primary's and secondary's
+    /// typed status, every host) instead of lines.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     coord: CoordinatorOpt,
 }
@@ -721,10 +779,25 @@ fn run_vm(c: VmCmd) -> Result<u8> {
         }
         VmCmd::Start { name, coord } => (coord, Request::VmStart { name }),
         VmCmd::Stop { name, coord } => (coord, Request::VmStop { name }),
-        VmCmd::List { coord } => (coord, Request::VmList),
+        VmCmd::List { coord, json: true } => {
+            return print_json(&coord.client()?, &Request::VmList);
+        }
+        VmCmd::List { coord, .. } => (coord, Request::VmList),
     };
     println!("{}", cluster::ops::call(&addr.client()?, &req)?);
     Ok(0)
+}
+
+/// `--json`: the JSON of a status-like reply.
+fn print_json(api: &cluster::client::Client, req: &cluster::proto::Request) -> Result<u8> {
+    match cluster::ops::send(api, req)? {
+        cluster::proto::Reply::Status { json, .. } => {
+            println!("{}", serde_json::to_string_pretty(&json)?);
+            Ok(0)
+        }
+        cluster::proto::Reply::Error { text } => bail!("{text}"),
+        _ => bail!("the coordinator's reply has no JSON form"),
+    }
 }
 
 fn run_token(c: TokenCmd) -> Result<u8> {
@@ -743,9 +816,13 @@ fn run_token(c: TokenCmd) -> Result<u8> {
             eprintln!("created API token {name}; it is shown only now:");
             println!("{}", s.token);
         }
-        TokenCmd::List { coord } => {
+        TokenCmd::List { coord, json } => {
             let list: Vec<TokenInfo> =
                 coord.client()?.call("GET", "/api/v1/tokens", None::<&()>)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(0);
+            }
             println!("{:<20} {:<10} {:<24} STATE", "NAME", "ROLE", "CREATED BY");
             for t in list {
                 println!(
@@ -1087,6 +1164,7 @@ fn main() {
                 ft_port_base: a.ft_port_base,
                 store: a.store.choice(),
                 tls_names: a.tls_name,
+                event_retain: a.event_retain as usize,
             })
         }
         Cmd::HostAgent(a) => cluster::agent::run(cluster::agent::Config {
@@ -1104,6 +1182,10 @@ fn main() {
         Cmd::Ft(a) => run_ft(a),
         Cmd::Token(c) => run_token(c),
         Cmd::Host(c) => run_host(c),
+        Cmd::Status(a) if a.json => a
+            .coord
+            .client()
+            .and_then(|api| print_json(&api, &cluster::proto::Request::Status { name: a.name })),
         Cmd::Status(a) => a
             .coord
             .client()
@@ -1114,6 +1196,20 @@ fn main() {
                 println!("{text}");
                 0
             }),
+        Cmd::Events(a) => a.coord.client().and_then(|api| {
+            cluster::ops::events(
+                &api,
+                &coordinator::events::Filter {
+                    vm: a.vm,
+                    host: a.host,
+                    since_ms: a.since,
+                    after: None,
+                    limit: Some(a.limit),
+                },
+                a.follow,
+                a.json,
+            )
+        }),
         Cmd::Demo(a) => cluster::demo::run(a.dir),
         Cmd::Guests => {
             for g in guests::ALL {

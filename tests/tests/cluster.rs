@@ -108,6 +108,82 @@ fn ft_operations_through_the_coordinator(b: Backend) {
     for step in ["detected", "won the arbitration", "is live", "re-protected"] {
         assert!(out.contains(step), "{out}");
     }
+    // The history says what happened, who asked, and why the secondary took over.
+    let json = c.ok(&["events", "--vm", "db", "--json"]);
+    let events: Vec<serde_json::Value> = json
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    let asked = events
+        .iter()
+        .find(|e| e["kind"] == "api.ft-test-failover")
+        .unwrap_or_else(|| panic!("no audit event of the Test Failover: {kinds:?}"));
+    assert_eq!(asked["actor"], "admin", "{asked}");
+    let fo = events
+        .iter()
+        .find(|e| e["kind"] == "vm.failover")
+        .unwrap_or_else(|| panic!("no failover event: {kinds:?}"));
+    assert_eq!(fo["severity"], "warning", "{fo}");
+    assert_eq!(fo["cause"], "Test Failover", "{fo}");
+    assert_eq!(fo["actor"], "system", "{fo}");
+    let evidence = fo["details"]["takeover"]["evidence"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        evidence.contains("primary lost") && evidence.contains("arbitration: won"),
+        "the failover event carries the pair's evidence: {fo}"
+    );
+    assert!(fo["details"]["live_after_ms"].as_u64().is_some(), "{fo}");
+    assert!(
+        asked["seq"].as_u64() < fo["seq"].as_u64(),
+        "in order: {kinds:?}"
+    );
+    assert!(
+        events.iter().any(|e| e["kind"] == "vm.protected"
+            && e["details"]["after_failover"]["protected_after_ms"]
+                .as_u64()
+                .is_some()),
+        "protection restored, with the time it took: {kinds:?}"
+    );
+    let text = c.ok(&["events", "--vm", "db", "--since", "10m"]);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("vm.failover") && l.contains("vm db")),
+        "{text}"
+    );
+    // Machine-readable state for scripts.
+    let json = |args: &[&str]| -> serde_json::Value {
+        let o = c.ftvm(args);
+        assert!(o.status.success(), "{args:?}: {o:?}");
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {o:?}"))
+    };
+    let st = json(&["status", "--json"]);
+    let vm = &st["vms"][0];
+    assert_eq!(vm["vm"]["name"], "db", "{st}");
+    assert_eq!(vm["primary_status"]["role"], "primary", "{st}");
+    assert_eq!(vm["primary_status"]["protected"], true, "{st}");
+    assert!(st["hosts"]["h1"]["name"] == "h1", "{st}");
+    let list = json(&["vm", "list", "--json"]);
+    assert_eq!(list["vms"][0]["name"], "db", "{list}");
+    let tokens = json(&["token", "list", "--json"]);
+    assert!(
+        tokens
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["name"] == "admin")),
+        "{tokens}"
+    );
+    let st = c.ok(&["status", "db"]);
+    assert!(
+        st.contains("failover at "),
+        "ftvm status NAME shows the last failovers: {st}"
+    );
+    // A bad time is refused where it is given (usage error), before any call.
+    let o = c.ftvm(&["events", "--since", "yesterday-ish"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("neither an age"), "{err}");
     let out = c.ok(&["ft", "test-restart-secondary", "db"]);
     assert!(out.contains("re-protected"), "{out}");
     let p = c.host_of("db", "primary");

@@ -9,6 +9,7 @@
 //! | `POST /vms` | operator | define a VM |
 //! | `POST /vms/{name}/start`, `/stop` | operator | power a VM on / off |
 //! | `POST /vms/{name}/ft` | operator | an FT operation (`"on"`, `"test-failover"`, …) |
+//! | `GET /events[?vm=&host=&since=MS&after=SEQ&limit=N]` | read-only | the cluster's history |
 //! | `GET /tokens`, `POST /tokens`, `DELETE /tokens/{name}` | admin | API tokens |
 //! | `POST /join-tokens` | admin | a one-time token for a new host |
 //! | `DELETE /hosts/{name}/identity` | admin | forget a host's certificate |
@@ -18,7 +19,7 @@
 //! Operators authenticate with `Authorization: Bearer NAME.SECRET`; hosts with their
 //! certificate (mutual TLS), which must name the host of the path and be the one the cluster
 //! issued it. A plaintext connection fails the TLS handshake: there is no plaintext port.
-//! Every mutating call is logged as an audit line (who, what, outcome).
+//! Every mutating call is recorded as an event (who, what, when, outcome).
 use super::coordinator::Coord;
 use super::pki;
 use super::proto::{FtAction, ProcReport, Reply, Request};
@@ -28,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use coordinator::auth::{AuthError, Role};
+use coordinator::events::{Event, Filter, Severity};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -45,6 +47,14 @@ impl Caller {
         match self {
             Caller::Token(n, r) => format!("token {n} ({})", r.name()),
             Caller::Host(h) => format!("host {h}"),
+        }
+    }
+
+    /// As events name it: the token's name, or `host:NAME`.
+    fn actor(&self) -> String {
+        match self {
+            Caller::Token(n, _) => n.clone(),
+            Caller::Host(h) => format!("host:{h}"),
         }
     }
 }
@@ -125,6 +135,13 @@ fn operator(c: &Coord, headers: &HeaderMap, needed: Role) -> Result<Caller, ApiE
 /// where the text says so).
 async fn run(c: Arc<Coord>, who: Caller, what: String, req: Request) -> ApiResult {
     let mutating = !matches!(req, Request::Status { .. } | Request::VmList);
+    let vm = match &req {
+        Request::VmCreate { name, .. }
+        | Request::VmStart { name }
+        | Request::VmStop { name }
+        | Request::Ft { name, .. } => Some(name.clone()),
+        _ => None,
+    };
     let c2 = c.clone();
     let reply = tokio::task::spawn_blocking(move || c2.handle(req))
         .await
@@ -140,7 +157,8 @@ async fn run(c: Arc<Coord>, who: Caller, what: String, req: Request) -> ApiResul
             Reply::Error { text } => Err(text),
             _ => Ok(()),
         };
-        audit(&who, &what, &outcome);
+        let about = vm.as_deref().map_or(About::Cluster, About::Vm);
+        audit(&c, &who, &what, about, &outcome);
     }
     match reply {
         Reply::Error { text } => Err(ApiErr(StatusCode::BAD_REQUEST, text)),
@@ -210,7 +228,10 @@ async fn vm_ft(
     Json(action): Json<FtAction>,
 ) -> ApiResult {
     let who = operator(&c, &h, Role::Operator)?;
-    let what = format!("ft {action:?} {name}");
+    let what = match &action {
+        FtAction::MigrateSecondary { to } => format!("ft migrate-secondary {name} to {to}"),
+        a => format!("ft {} {name}", a.word()),
+    };
     run(c, who, what, Request::Ft { name, action }).await
 }
 
@@ -256,12 +277,43 @@ pub struct Secret {
     pub ca_sha256: Option<String>,
 }
 
-fn audit<T, E: std::fmt::Display>(who: &Caller, what: &str, outcome: &Result<T, E>) {
-    let outcome = match outcome {
-        Ok(_) => "done".to_string(),
-        Err(e) => format!("refused: {e}"),
+/// Every mutating call becomes an event (who, what, when, and whether it was done): kind
+/// `api.<first two words of what>`, about the VM or host named by `about`.
+fn audit<T, E: std::fmt::Display>(
+    c: &Coord,
+    who: &Caller,
+    what: &str,
+    about: About,
+    outcome: &Result<T, E>,
+) {
+    let (severity, message) = match outcome {
+        Ok(_) => (Severity::Info, format!("{what}: done")),
+        Err(e) => (Severity::Warning, format!("{what}: refused: {e}")),
     };
-    tracing::info!(target: "audit", caller = %who.name(), "{what}: {outcome}");
+    let kind = format!(
+        "api.{}",
+        what.split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("-")
+    );
+    let mut e = Event::new(severity, &kind, message)
+        .actor(&who.actor())
+        .details(serde_json::json!({ "caller": who.name() }));
+    match about {
+        About::Vm(v) => e = e.vm(v),
+        About::Host(h) => e = e.host(h),
+        About::Cluster => {}
+    }
+    // The store write blocks (etcd runs its own runtime): off this async worker.
+    tokio::task::block_in_place(|| c.event(e));
+}
+
+/// What an audited call is about.
+enum About<'a> {
+    Vm(&'a str),
+    Host(&'a str),
+    Cluster,
 }
 
 async fn token_create(
@@ -273,8 +325,10 @@ async fn token_create(
     let by = who.name();
     let r = c.secure(|s| s.create_token(&t.name, t.role, &by, super::now_ms()));
     audit(
+        &c,
         &who,
         &format!("token create {} ({})", t.name, t.role.name()),
+        About::Cluster,
         &r,
     );
     let token = r?;
@@ -295,7 +349,13 @@ async fn token_revoke(
 ) -> ApiResult {
     let who = operator(&c, &h, Role::Admin)?;
     let r = c.secure(|s| s.revoke_token(&name, super::now_ms()));
-    audit(&who, &format!("token revoke {name}"), &r);
+    audit(
+        &c,
+        &who,
+        &format!("token revoke {name}"),
+        About::Cluster,
+        &r,
+    );
     r?;
     Ok(Json(serde_json::json!({ "text": format!("revoked token {name}") })).into_response())
 }
@@ -320,7 +380,7 @@ async fn join_token(
     }
     let by = who.name();
     let r = c.secure(|s| Ok(s.create_join(&by, j.ttl_s * 1000, super::now_ms())));
-    audit(&who, "join-token create", &r);
+    audit(&c, &who, "join-token create", About::Cluster, &r);
     let token = r?;
     Ok((
         StatusCode::CREATED,
@@ -339,7 +399,13 @@ async fn host_forget(
 ) -> ApiResult {
     let who = operator(&c, &h, Role::Admin)?;
     let r = c.secure(|s| s.forget_host(&name));
-    audit(&who, &format!("host forget {name}"), &r);
+    audit(
+        &c,
+        &who,
+        &format!("host forget {name}"),
+        About::Host(&name),
+        &r,
+    );
     r?;
     Ok(Json(serde_json::json!({
         "text": format!("forgot host {name}: its certificate is no longer accepted")
@@ -386,7 +452,13 @@ async fn host_join(
         s.joined(&id, &name, &der, now);
         Ok(cert)
     });
-    audit(&who, &format!("host join {name}"), &r);
+    audit(
+        &c,
+        &who,
+        &format!("host join {name}"),
+        About::Host(&name),
+        &r,
+    );
     let cert_pem = r?;
     Ok(Json(Joined {
         cert_pem,
@@ -456,6 +528,42 @@ async fn ca(State(c): State<Arc<Coord>>) -> Response {
     c.ca().pem.clone().into_response()
 }
 
+#[derive(Deserialize)]
+struct EventsQuery {
+    vm: Option<String>,
+    host: Option<String>,
+    /// Unix ms.
+    since: Option<u64>,
+    /// A sequence number: only later events.
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// The events a reader asked for, oldest first, and the highest sequence number so far
+/// (a follower asks for what comes after it).
+#[derive(Serialize, Deserialize)]
+pub struct EventsReply {
+    pub events: Vec<Event>,
+}
+
+async fn events(
+    State(c): State<Arc<Coord>>,
+    h: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<EventsReply>, ApiErr> {
+    operator(&c, &h, Role::ReadOnly)?;
+    let f = Filter {
+        vm: q.vm,
+        host: q.host,
+        since_ms: q.since,
+        after: q.after,
+        limit: Some(q.limit.unwrap_or(1000).min(c.events.retain())),
+    };
+    Ok(Json(EventsReply {
+        events: c.events.query(&f),
+    }))
+}
+
 async fn not_found() -> ApiErr {
     ApiErr(StatusCode::NOT_FOUND, "no such API route".into())
 }
@@ -468,6 +576,7 @@ pub(super) fn router(c: Arc<Coord>) -> Router {
         .route("/api/v1/vms/{name}/start", post(vm_start))
         .route("/api/v1/vms/{name}/stop", post(vm_stop))
         .route("/api/v1/vms/{name}/ft", post(vm_ft))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/tokens", get(tokens).post(token_create))
         .route("/api/v1/tokens/{name}", delete(token_revoke))
         .route("/api/v1/join-tokens", post(join_token))

@@ -7,6 +7,7 @@ use super::proto::{Assignment, FtAction, ProcReport, Reply, Request};
 use crate::ctl;
 use anyhow::{bail, Context, Result};
 use coordinator::auth::{AuthError, Role, Security, SECURITY_KEY};
+use coordinator::events::{Event, EventLog, Severity};
 use coordinator::model::{Cluster, Failover, FtState, Host, Placement, Vm};
 use coordinator::placement::{self, Limits};
 use coordinator::{FileStore, Leadership, Store};
@@ -32,6 +33,8 @@ pub struct Config {
     /// Names (IP addresses or DNS names) clients reach this coordinator by, besides its
     /// listen address, 127.0.0.1 and localhost: its serving certificate is issued for them.
     pub tls_names: Vec<String>,
+    /// How many events the cluster's history keeps.
+    pub event_retain: usize,
 }
 
 /// Where the cluster state lives.
@@ -68,7 +71,9 @@ pub(super) struct Coord {
     /// API tokens, join tokens, host identities (its own store key) and the stored version.
     security: Mutex<(Security, u64)>,
     ca: Ca,
-    store: Box<dyn Store>,
+    store: Arc<dyn Store>,
+    /// The cluster's history (in the store; the newest in memory).
+    pub(super) events: EventLog,
     /// This coordinator's lease on the cluster; when lost, it stops at once.
     leader: Leadership,
     /// Version of the stored state this coordinator wrote last: every save is a test-and-set
@@ -193,11 +198,15 @@ pub fn run(cfg: Config) -> Result<u8> {
         names.join(", "),
         cfg.dir.display()
     );
+    let store: Arc<dyn Store> = Arc::from(store);
+    let events =
+        EventLog::open(store.clone(), cfg.event_retain).context("loading the cluster's events")?;
     let c = Arc::new(Coord {
         cfg,
         security: Mutex::new(security),
         ca,
         store,
+        events,
         leader,
         version: version.into(),
         cluster: Mutex::new(cluster),
@@ -242,6 +251,34 @@ fn valid_name(name: &str) -> Result<()> {
 }
 
 impl Coord {
+    /// Records `e` in the cluster's history and logs it (a store failure is logged: the
+    /// event is not worth stopping the coordinator for).
+    pub(super) fn event(&self, e: Event) {
+        let subject = match (&e.vm, &e.host) {
+            (Some(v), _) => format!("VM {v}: "),
+            (None, Some(h)) => format!("host {h}: "),
+            _ => String::new(),
+        };
+        let cause = e
+            .cause
+            .as_ref()
+            .map_or(String::new(), |c| format!(" ({c})"));
+        match e.severity {
+            Severity::Info => {
+                tracing::info!(kind = %e.kind, actor = %e.actor, "{subject}{}{cause}", e.message)
+            }
+            Severity::Warning => {
+                tracing::warn!(kind = %e.kind, actor = %e.actor, "{subject}{}{cause}", e.message)
+            }
+            Severity::Error => {
+                tracing::error!(kind = %e.kind, actor = %e.actor, "{subject}{}{cause}", e.message)
+            }
+        }
+        if let Err(err) = self.events.record(e) {
+            tracing::warn!("recording an event failed: {err}");
+        }
+    }
+
     fn vm_dir(&self, vm: &str) -> PathBuf {
         self.cfg.dir.join("vms").join(vm)
     }
@@ -437,7 +474,10 @@ impl Coord {
                     .map(|v| format!("{} {}", v.name, vm_state(v)))
                     .collect::<Vec<_>>()
                     .join("\n");
-                Self::ok(text)
+                Ok(Reply::Status {
+                    json: serde_json::json!({ "vms": c.vms.values().collect::<Vec<_>>() }),
+                    text,
+                })
             }
             Request::Ft { name, action } => self.ft(&name, action),
             Request::Status { name } => self.status(name.as_deref()),
@@ -473,7 +513,15 @@ impl Coord {
             },
         );
         if !known {
-            tracing::info!("host {host} registered");
+            self.event(
+                Event::new(
+                    Severity::Info,
+                    "host.registered",
+                    format!("registered at {}", c.hosts[&host].ip),
+                )
+                .host(&host)
+                .actor(&format!("host:{host}")),
+            );
             self.save(&c)?;
         }
         let procs = c
@@ -630,6 +678,7 @@ impl Coord {
         let before = c.clone();
         let timeout = self.cfg.host_timeout.as_millis() as u64;
         let mut beats = self.ds_beats.lock().unwrap();
+        let mut changed = Vec::new();
         for h in c.hosts.values_mut() {
             let alive = now.saturating_sub(h.last_seen_ms) <= timeout;
             // The datastore heartbeat is fresh if its counter changed within the timeout, by
@@ -644,16 +693,34 @@ impl Coord {
             h.alive = alive;
             h.ds_alive = ds_alive;
             if h.state() != was {
-                tracing::warn!(
-                    "host {} is {} (network heartbeat {}, datastore heartbeat {})",
-                    h.name,
-                    h.state(),
-                    if alive { "fresh" } else { "missing" },
-                    if ds_alive { "fresh" } else { "missing" },
+                changed.push(
+                    Event::new(
+                        if h.state() == "up" {
+                            Severity::Info
+                        } else {
+                            Severity::Warning
+                        },
+                        "host.state",
+                        format!("{} (was {was})", h.state()),
+                    )
+                    .host(&h.name)
+                    .cause(format!(
+                        "network heartbeat {}, datastore heartbeat {}",
+                        if alive { "fresh" } else { "missing" },
+                        if ds_alive { "fresh" } else { "missing" },
+                    ))
+                    .details(serde_json::json!({
+                        "state": h.state(), "was": was,
+                        "network_heartbeat_age_ms": now.saturating_sub(h.last_seen_ms),
+                        "datastore_heartbeat_age_ms": now.saturating_sub(seen.1),
+                    })),
                 );
             }
         }
         drop(beats);
+        for e in changed {
+            self.event(e);
+        }
         let names: Vec<String> = c.vms.keys().cloned().collect();
         for name in names {
             self.reconcile_vm(&mut c, &name, &reports, now)?;
@@ -740,16 +807,39 @@ impl Coord {
             let status = report(&vm.secondary)
                 .and_then(|r| r.status.clone())
                 .unwrap_or_default();
-            let at = self
-                .failing
-                .lock()
-                .unwrap()
-                .remove(name)
-                .or_else(|| status.takeover.map(|t| t.detected_us / 1000))
+            let asked = self.failing.lock().unwrap().remove(name);
+            let at = asked
+                .or_else(|| status.takeover.as_ref().map(|t| t.detected_us / 1000))
                 .unwrap_or(now);
-            let live = status.takeover.map_or(now, |t| t.live_us / 1000);
+            let live = status.takeover.as_ref().map_or(now, |t| t.live_us / 1000);
             let from = vm.primary.as_ref().map_or("?".into(), |p| p.host.clone());
-            tracing::info!("VM {name} failed over from {from} to {}", s.host);
+            let primary_host = c.hosts.get(&from).map(|h| h.state());
+            let cause = match (asked, primary_host) {
+                (Some(_), _) => "Test Failover".to_string(),
+                (None, Some(st)) if st != "up" => format!("the primary's host {from} is {st}"),
+                (None, _) => "the secondary lost its primary".to_string(),
+            };
+            self.event(
+                Event::new(
+                    Severity::Warning,
+                    "vm.failover",
+                    format!(
+                        "failed over from {from} to {}: live after {} ms",
+                        s.host,
+                        live.saturating_sub(at)
+                    ),
+                )
+                .vm(name)
+                .host(&s.host)
+                .cause(cause)
+                .details(serde_json::json!({
+                    "from": from,
+                    "to": s.host,
+                    "at_ms": at,
+                    "live_after_ms": live.saturating_sub(at),
+                    "takeover": status.takeover,
+                })),
+            );
             vm2.last_failover = Some(Failover {
                 from,
                 to: s.host.clone(),
@@ -767,7 +857,19 @@ impl Coord {
             match r.exit {
                 // The guest ended (or ftvm failed): the VM is over.
                 Some(code) if code != i32::from(crate::ft::HALTED) => {
-                    tracing::info!("VM {name} ended (exit {code})");
+                    self.event(
+                        Event::new(
+                            if code == 0 {
+                                Severity::Info
+                            } else {
+                                Severity::Warning
+                            },
+                            "vm.ended",
+                            format!("ended (exit {code})"),
+                        )
+                        .vm(name)
+                        .details(serde_json::json!({ "exit": code })),
+                    );
                     vm2.ended = Some(code);
                     vm2.running = false;
                     vm2.primary = None;
@@ -776,8 +878,17 @@ impl Coord {
                 // Killed or halted: the secondary takes over by itself (it reports it).
                 _ if vm.secondary.is_some() && !gone(&vm.secondary) => {}
                 _ => {
-                    tracing::warn!(
-                        "VM {name} lost its primary with no secondary to take over; it is down"
+                    self.event(
+                        Event::new(
+                            Severity::Error,
+                            "vm.down",
+                            "lost its primary with no secondary to take over; the VM is down",
+                        )
+                        .vm(name)
+                        .cause(match r.exit {
+                            Some(c) => format!("the primary halted (exit {c})"),
+                            None => "the primary was killed or its host failed".into(),
+                        }),
                     );
                     vm2.running = false;
                     vm2.primary = None;
@@ -792,7 +903,24 @@ impl Coord {
         // cut off from the coordinator, with the VM still running there. Its secondary takes
         // over if the primary is really gone; the coordinator never starts another primary.
         if !took_over && gone(&vm2.secondary) {
-            tracing::info!("VM {name} lost its secondary; placing a new one");
+            let why = vm2.secondary.as_ref().and_then(|p| {
+                let h = c.hosts.get(&p.host)?;
+                Some(if h.state() != "up" {
+                    format!("its host {} is {}", p.host, h.state())
+                } else {
+                    format!("its process on {} ended", p.host)
+                })
+            });
+            let mut e = Event::new(
+                Severity::Warning,
+                "vm.secondary-lost",
+                "lost its secondary; placing a new one",
+            )
+            .vm(name);
+            if let Some(why) = why {
+                e = e.cause(why);
+            }
+            self.event(e);
             vm2.secondary = None;
         }
         c.vms.insert(name.to_string(), vm2.clone());
@@ -858,16 +986,32 @@ impl Coord {
         let vm = c.vms.get_mut(name).unwrap();
         if vm.secondary.is_some() && matches!(vm.ft, FtState::Starting | FtState::Protected) {
             if primary_status.protected && Some(primary_status.peer.as_str()) == peer.as_deref() {
-                if vm.ft != FtState::Protected {
-                    tracing::info!("VM {name} is protected");
-                }
+                let was = vm.ft.clone();
                 vm.ft = FtState::Protected;
+                let mut after_failover = None;
                 if let Some(f) = vm
                     .last_failover
                     .as_mut()
                     .filter(|f| f.protected_after_ms.is_none())
                 {
                     f.protected_after_ms = Some(now.saturating_sub(f.at_ms));
+                    after_failover = Some(f.clone());
+                }
+                if was != FtState::Protected {
+                    let secondary = vm.secondary.as_ref().map_or("?".into(), |p| p.host.clone());
+                    let message = match &after_failover {
+                        Some(f) => format!(
+                            "protected again, secondary on {secondary}: {} ms after the failover",
+                            f.protected_after_ms.unwrap_or(0)
+                        ),
+                        None => format!("protected, secondary on {secondary}"),
+                    };
+                    self.event(
+                        Event::new(Severity::Info, "vm.protected", message)
+                            .vm(name)
+                            .host(&secondary)
+                            .details(serde_json::json!({ "after_failover": after_failover })),
+                    );
                 }
             } else {
                 vm.ft = FtState::Starting;
@@ -1060,6 +1204,32 @@ impl Coord {
                 "primary_status": st(&v.primary),
                 "secondary_status": st(&v.secondary),
             }));
+        }
+        // One VM: its last failovers, from the history.
+        if let Some(n) = name.filter(|n| c.vms.contains_key(*n)) {
+            let failovers: Vec<Event> = self
+                .events
+                .query(&coordinator::events::Filter {
+                    vm: Some(n.to_string()),
+                    ..Default::default()
+                })
+                .into_iter()
+                .filter(|e| e.kind == "vm.failover")
+                .collect();
+            for e in failovers.iter().rev().take(5) {
+                text += &format!(
+                    "  failover at {}: {}{}\n",
+                    humantime::format_rfc3339_millis(
+                        std::time::UNIX_EPOCH + Duration::from_millis(e.at_ms)
+                    ),
+                    e.message,
+                    e.cause
+                        .as_ref()
+                        .map_or(String::new(), |c| format!(" (cause: {c})"))
+                );
+            }
+            vms.iter_mut()
+                .for_each(|v| v["failovers"] = serde_json::json!(failovers));
         }
         if name.is_none() {
             for h in c.hosts.values() {

@@ -204,6 +204,17 @@ pub fn run(dir: Option<PathBuf>) -> Result<u8> {
         )?
     );
     std::thread::sleep(Duration::from_millis(300));
+    step("Events of the demo VM (ftvm events --vm demo)");
+    ops::events(
+        &api,
+        &coordinator::events::Filter {
+            vm: Some("demo".into()),
+            limit: Some(100),
+            ..Default::default()
+        },
+        false,
+        false,
+    )?;
     let console = std::fs::read_to_string(dir.join("vms/demo/console.txt"))?;
     let n = check_counter_console(&console)?;
     println!(

@@ -133,6 +133,7 @@ pub fn test_failover(addr: &Client, name: &str) -> Result<String> {
         detected_us: d,
         arbitrated_us: a,
         live_us: l,
+        ..
     }) = status.and_then(|s| s.takeover)
     {
         out += &format!(
@@ -173,4 +174,84 @@ pub fn test_restart_secondary(addr: &Client, name: &str) -> Result<String> {
         t0.elapsed().as_secs_f64() * 1000.0,
         host(&prot, "secondary")
     ))
+}
+
+/// `ftvm events`: the events `f` selects, as aligned columns or JSON Lines; with `follow`,
+/// then every new one as it comes (asking every half second for those after the last seen).
+pub fn events(
+    api: &Client,
+    f: &coordinator::events::Filter,
+    follow: bool,
+    json: bool,
+) -> Result<u8> {
+    use std::io::Write;
+    let mut f = f.clone();
+    let mut out = std::io::stdout().lock();
+    loop {
+        let mut q = Vec::new();
+        if let Some(v) = &f.vm {
+            q.push(format!("vm={}", seg(v)));
+        }
+        if let Some(h) = &f.host {
+            q.push(format!("host={}", seg(h)));
+        }
+        if let Some(t) = f.since_ms {
+            q.push(format!("since={t}"));
+        }
+        if let Some(a) = f.after {
+            q.push(format!("after={a}"));
+        }
+        if let Some(n) = f.limit {
+            q.push(format!("limit={n}"));
+        }
+        let r: super::api::EventsReply = api.call(
+            "GET",
+            &format!("/api/v1/events?{}", q.join("&")),
+            None::<&()>,
+        )?;
+        for e in &r.events {
+            let line = if json {
+                serde_json::to_string(e)?
+            } else {
+                event_line(e)
+            };
+            // A closed pipe (`ftvm events | head`) ends the command quietly.
+            if writeln!(out, "{line}").is_err() {
+                return Ok(0);
+            }
+        }
+        let _ = out.flush();
+        if !follow {
+            return Ok(0);
+        }
+        if let Some(last) = r.events.last() {
+            f.after = Some(last.seq);
+        } else if f.after.is_none() {
+            f.after = Some(0);
+        }
+        f.limit = None;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// One event for people: time, severity, subject, actor, message, cause.
+pub fn event_line(e: &coordinator::events::Event) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(e.at_ms);
+    let subject = match (&e.vm, &e.host) {
+        (Some(v), _) => format!("vm {v}"),
+        (None, Some(h)) => format!("host {h}"),
+        (None, None) => "cluster".into(),
+    };
+    format!(
+        "{}  {:<7}  {:<29}  {:<12}  {:<12}  {}{}",
+        humantime::format_rfc3339_millis(at),
+        e.severity.word(),
+        e.kind,
+        subject,
+        e.actor,
+        e.message,
+        e.cause
+            .as_ref()
+            .map_or(String::new(), |c| format!(" (cause: {c})"))
+    )
 }

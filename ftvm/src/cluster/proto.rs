@@ -61,6 +61,21 @@ pub enum FtAction {
     MigrateSecondary { to: String },
 }
 
+impl FtAction {
+    /// The operation's name as the CLI and the API spell it.
+    pub fn word(&self) -> &'static str {
+        match self {
+            FtAction::On => "on",
+            FtAction::Off => "off",
+            FtAction::Suspend => "suspend",
+            FtAction::Resume => "resume",
+            FtAction::TestFailover => "test-failover",
+            FtAction::TestRestartSecondary => "test-restart-secondary",
+            FtAction::MigrateSecondary { .. } => "migrate-secondary",
+        }
+    }
+}
+
 /// One process a host agent runs, as it reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcReport {

@@ -212,7 +212,9 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
     // it now rather than after its heartbeat timeout.
     control.close("secondary left");
     let detected_us = now_us();
-    let Some((session, plan, console)) = confirm_and_take_over(&mut core, &ds, &cfg, why)? else {
+    let Some((session, plan, console, evidence)) =
+        confirm_and_take_over(&mut core, &ds, &cfg, why)?
+    else {
         return Ok(HALTED);
     };
     // Free the FT port (a new secondary may listen there) and the link before going live.
@@ -225,7 +227,12 @@ pub fn secondary(cfg: SecondaryConfig) -> Result<u8> {
         &cfg,
         ds,
         session,
-        (detected_us, now_us()),
+        ctl::Takeover {
+            detected_us,
+            arbitrated_us: now_us(),
+            live_us: 0,
+            evidence,
+        },
     )
 }
 
@@ -238,7 +245,7 @@ fn confirm_and_take_over(
     ds: &Datastore,
     cfg: &SecondaryConfig,
     why: Option<Lost>,
-) -> Result<Option<(u64, Takeover, Console)>> {
+) -> Result<Option<(u64, Takeover, Console, String)>> {
     core.handle_lost(Instant::now(), why.as_ref().and_then(Lost::silence));
     // Give a primary that is still alive (its datastore heartbeat is fresh) the chance to
     // win the arbitration first.
@@ -272,9 +279,7 @@ fn confirm_and_take_over(
     };
     core.handle_arbitration(verdict);
     let ev = core.evidence().expect("confirmed");
-    tracing::warn!(
-        session,
-        ?verdict,
+    let evidence = format!(
         "primary lost: {}; its datastore heartbeat {} (waited {} ms for it); arbitration: {}",
         why.map_or_else(|| "the FT link failed".into(), |w| w.to_string()),
         ev.heartbeat_age.map_or("never written".into(), |a| format!(
@@ -288,8 +293,9 @@ fn confirm_and_take_over(
             Verdict::Superseded => "the session is over",
         }
     );
+    tracing::warn!(session, ?verdict, "{evidence}");
     match r {
-        Ok(plan) => Ok(Some((session, plan?, console))),
+        Ok(plan) => Ok(Some((session, plan?, console, evidence))),
         Err(_) => {
             eprintln!(
                 "ftvm secondary: lost the primary on the link but it won the arbitration; halting"
@@ -329,7 +335,8 @@ fn takeover(
     cfg: &SecondaryConfig,
     ds: Datastore,
     session: u64,
-    (detected_us, arbitrated_us): (u64, u64),
+    // Its times so far and its evidence; `live_us` is set here.
+    times: ctl::Takeover,
 ) -> Result<u8> {
     let epoch = plan.epoch;
     eprintln!("ftvm secondary: taking over at epoch {epoch}");
@@ -400,9 +407,8 @@ fn takeover(
         note: format!("took over at epoch {epoch}; waiting for a new secondary"),
         epoch,
         takeover: Some(ctl::Takeover {
-            detected_us,
-            arbitrated_us,
             live_us: now_us(),
+            ..times
         }),
         ..Default::default()
     };
