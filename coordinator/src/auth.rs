@@ -16,7 +16,9 @@ pub const SECURITY_KEY: &str = "security";
 pub const SECURITY_VERSION: u32 = 1;
 
 /// What a token may do. Each role includes the ones below it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// GET only: status, lists, events.

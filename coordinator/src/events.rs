@@ -16,7 +16,9 @@ pub const DEFAULT_RETAIN: usize = 5000;
 
 const PREFIX: &str = "events/";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Severity {
     Info,
@@ -35,7 +37,7 @@ impl Severity {
 }
 
 /// One thing that happened.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// Position in the history (set when recorded).
     #[serde(default)]
@@ -57,6 +59,7 @@ pub struct Event {
     pub cause: Option<String>,
     /// Structured facts (a failover's evidence and times, an operation's arguments).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    #[schema(value_type = Object)]
     pub details: serde_json::Value,
 }
 

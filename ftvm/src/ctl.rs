@@ -62,8 +62,9 @@ impl Request {
 pub const VERSION: u32 = 1;
 
 /// Which side of the pair answers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
+#[schema(as = PairRole)]
 pub enum Role {
     #[default]
     Primary,
@@ -82,7 +83,7 @@ impl Role {
 /// When a side that took over detected the primary's loss, won the arbitration and had the
 /// guest running (Unix µs), and why it took over (how long the FT link was silent, how
 /// stale the primary's datastore heartbeat was, the arbitration's outcome).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Takeover {
     pub detected_us: u64,
     pub arbitrated_us: u64,
@@ -93,7 +94,8 @@ pub struct Takeover {
 
 /// A side's status: what `ftvm ctl status` prints, what the host agent reports to the
 /// coordinator, and what the coordinator decides on. One JSON object on the wire.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = PairStatus)]
 pub struct Status {
     pub role: Role,
     pub protected: bool,

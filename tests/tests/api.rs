@@ -82,6 +82,17 @@ fn the_api_refuses_plaintext_and_the_old_line_protocol() {
     let (code, body) = curl(&c, "GET", "/api/v1/status", &[]);
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("needs an API token"), "{body}");
+    // The API describes itself: the served OpenAPI document is the committed one.
+    let (code, body) = curl(&c, "GET", "/api/v1/openapi.json", &[]);
+    assert_eq!(code, 200, "{body}");
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"))
+            .unwrap();
+    assert_eq!(
+        body.trim_end(),
+        committed.trim_end(),
+        "GET /api/v1/openapi.json differs from docs/openapi.json"
+    );
     // And the real client, which pins the cluster CA, refuses a coordinator of another CA.
     let other = TempDir::new("api-other-ca");
     Cluster::init(&other.path("cluster"), &[]);

@@ -4,6 +4,7 @@
 //! | route | who | what |
 //! |---|---|---|
 //! | `GET /ca` | anyone | the cluster CA certificate (PEM), for pinning by fingerprint |
+//! | `GET /openapi.json` | anyone | this API's OpenAPI 3 document (committed as `docs/openapi.json`) |
 //! | `GET /status[?vm=NAME]` | read-only | cluster or VM status |
 //! | `GET /vms` | read-only | VMs and their states |
 //! | `POST /vms` | operator | define a VM |
@@ -171,6 +172,9 @@ struct StatusQuery {
     vm: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v1/status", tag = "cluster", security(("token" = [])),
+    params(("vm" = Option<String>, Query, description = "one VM only")),
+    responses((status = 200, description = "cluster (or one VM's) status: `json` typed, `text` for people", body = Reply), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn status(
     State(c): State<Arc<Coord>>,
     h: HeaderMap,
@@ -180,11 +184,16 @@ async fn status(
     run(c, who, "status".into(), Request::Status { name: q.vm }).await
 }
 
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vms", security(("token" = [])),
+    responses((status = 200, description = "every VM's definition and state", body = Reply), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn vms(State(c): State<Arc<Coord>>, h: HeaderMap) -> ApiResult {
     let who = operator(&c, &h, Role::ReadOnly)?;
     run(c, who, "vm list".into(), Request::VmList).await
 }
 
+#[utoipa::path(post, path = "/api/v1/vms", tag = "vms", security(("token" = [])),
+    request_body(content = Request, description = "a `vm-create` request"),
+    responses((status = 200, body = Reply), (status = 400, description = "bad definition or a limit", body = ErrorBody), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn vm_create(
     State(c): State<Arc<Coord>>,
     h: HeaderMap,
@@ -201,6 +210,9 @@ async fn vm_create(
     run(c, who, what, req).await
 }
 
+#[utoipa::path(post, path = "/api/v1/vms/{name}/start", tag = "vms", security(("token" = [])),
+    params(("name" = String, Path, description = "the VM")),
+    responses((status = 200, body = Reply), (status = 400, body = ErrorBody), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn vm_start(
     State(c): State<Arc<Coord>>,
     h: HeaderMap,
@@ -216,11 +228,18 @@ async fn vm_start(
     .await
 }
 
+#[utoipa::path(post, path = "/api/v1/vms/{name}/stop", tag = "vms", security(("token" = [])),
+    params(("name" = String, Path, description = "the VM")),
+    responses((status = 200, body = Reply), (status = 400, body = ErrorBody), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn vm_stop(State(c): State<Arc<Coord>>, h: HeaderMap, Path(name): Path<String>) -> ApiResult {
     let who = operator(&c, &h, Role::Operator)?;
     run(c, who, format!("vm stop {name}"), Request::VmStop { name }).await
 }
 
+#[utoipa::path(post, path = "/api/v1/vms/{name}/ft", tag = "ft", security(("token" = [])),
+    params(("name" = String, Path, description = "the VM")),
+    request_body(content = FtAction, description = "the vSphere FT operation"),
+    responses((status = 200, body = Reply), (status = 400, body = ErrorBody), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn vm_ft(
     State(c): State<Arc<Coord>>,
     h: HeaderMap,
@@ -236,7 +255,7 @@ async fn vm_ft(
 }
 
 /// An API token as listed (never its secret).
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub name: String,
     pub role: Role,
@@ -245,6 +264,8 @@ pub struct TokenInfo {
     pub revoked_ms: Option<u64>,
 }
 
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "access", security(("token" = [])),
+    responses((status = 200, description = "API tokens (never their secrets)", body = Vec<TokenInfo>), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn tokens(State(c): State<Arc<Coord>>, h: HeaderMap) -> ApiResult {
     operator(&c, &h, Role::Admin)?;
     let list: Vec<TokenInfo> = c
@@ -262,14 +283,14 @@ async fn tokens(State(c): State<Arc<Coord>>, h: HeaderMap) -> ApiResult {
     Ok(Json(list).into_response())
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewToken {
     pub name: String,
     pub role: Role,
 }
 
 /// A secret, shown once.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Secret {
     pub token: String,
     /// For join tokens: the fingerprint of the cluster CA a new host pins.
@@ -316,6 +337,9 @@ enum About<'a> {
     Cluster,
 }
 
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "access", security(("token" = [])),
+    request_body = NewToken,
+    responses((status = 201, description = "the new token, shown only now", body = Secret), (status = 400, body = ErrorBody), (status = 409, description = "the name is taken", body = ErrorBody), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn token_create(
     State(c): State<Arc<Coord>>,
     h: HeaderMap,
@@ -342,6 +366,9 @@ async fn token_create(
         .into_response())
 }
 
+#[utoipa::path(delete, path = "/api/v1/tokens/{name}", tag = "access", security(("token" = [])),
+    params(("name" = String, Path, description = "the token's name")),
+    responses((status = 200, body = TextBody), (status = 400, body = ErrorBody), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn token_revoke(
     State(c): State<Arc<Coord>>,
     h: HeaderMap,
@@ -360,12 +387,15 @@ async fn token_revoke(
     Ok(Json(serde_json::json!({ "text": format!("revoked token {name}") })).into_response())
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewJoin {
     /// How long the token stays good, in seconds.
     pub ttl_s: u64,
 }
 
+#[utoipa::path(post, path = "/api/v1/join-tokens", tag = "access", security(("token" = [])),
+    request_body = NewJoin,
+    responses((status = 201, description = "a one-time join token and the CA fingerprint to pin", body = Secret), (status = 400, body = ErrorBody), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn join_token(
     State(c): State<Arc<Coord>>,
     h: HeaderMap,
@@ -392,6 +422,9 @@ async fn join_token(
         .into_response())
 }
 
+#[utoipa::path(delete, path = "/api/v1/hosts/{name}/identity", tag = "hosts", security(("token" = [])),
+    params(("name" = String, Path, description = "the host")),
+    responses((status = 200, body = TextBody), (status = 400, body = ErrorBody), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn host_forget(
     State(c): State<Arc<Coord>>,
     h: HeaderMap,
@@ -413,17 +446,21 @@ async fn host_forget(
     .into_response())
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinRequest {
     pub csr_pem: String,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Joined {
     pub cert_pem: String,
     pub ca_pem: String,
 }
 
+#[utoipa::path(post, path = "/api/v1/hosts/{name}/join", tag = "hosts", security(("join_token" = [])),
+    params(("name" = String, Path, description = "the joining host")),
+    request_body = JoinRequest,
+    responses((status = 200, description = "the host's certificate and the cluster CA", body = Joined), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, description = "bad, used or expired join token, or the name is another host's", body = ErrorBody)))]
 async fn host_join(
     State(c): State<Arc<Coord>>,
     h: HeaderMap,
@@ -467,7 +504,7 @@ async fn host_join(
     .into_response())
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatBody {
     /// The report's format ([`super::proto::REPORT_VERSION`]).
     pub version: u32,
@@ -475,6 +512,10 @@ pub struct HeartbeatBody {
     pub report: Vec<ProcReport>,
 }
 
+#[utoipa::path(post, path = "/api/v1/hosts/{name}/heartbeat", tag = "hosts", security(("host_certificate" = [])),
+    params(("name" = String, Path, description = "the reporting host (its certificate must name it)")),
+    request_body = HeartbeatBody,
+    responses((status = 200, description = "the processes this host should run", body = Reply), (status = 400, body = ErrorBody), (status = 401, description = "no host certificate", body = ErrorBody), (status = 403, description = "another host's certificate, or a forgotten one", body = ErrorBody)))]
 async fn host_heartbeat(
     State(c): State<Arc<Coord>>,
     Extension(peer): Extension<Peer>,
@@ -524,6 +565,8 @@ async fn host_heartbeat(
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/ca", tag = "access",
+    responses((status = 200, description = "the cluster CA certificate (PEM), to pin by its SHA-256 fingerprint", content_type = "application/x-pem-file", body = String)))]
 async fn ca(State(c): State<Arc<Coord>>) -> Response {
     c.ca().pem.clone().into_response()
 }
@@ -541,11 +584,20 @@ struct EventsQuery {
 
 /// The events a reader asked for, oldest first, and the highest sequence number so far
 /// (a follower asks for what comes after it).
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventsReply {
     pub events: Vec<Event>,
 }
 
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", security(("token" = [])),
+    params(
+        ("vm" = Option<String>, Query, description = "only events about this VM"),
+        ("host" = Option<String>, Query, description = "only events about this host"),
+        ("since" = Option<u64>, Query, description = "only events at or after this time (Unix ms)"),
+        ("after" = Option<u64>, Query, description = "only events after this sequence number (follow)"),
+        ("limit" = Option<usize>, Query, description = "at most this many, the newest (default 1000)"),
+    ),
+    responses((status = 200, description = "events, oldest first", body = EventsReply), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "the token's role does not allow this", body = ErrorBody)))]
 async fn events(
     State(c): State<Arc<Coord>>,
     h: HeaderMap,
@@ -564,6 +616,92 @@ async fn events(
     }))
 }
 
+/// An error reply.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// A done operation's message.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TextBody {
+    pub text: String,
+}
+
+/// The API's OpenAPI 3 document, generated from the handlers and types above; committed as
+/// `docs/openapi.json` (a test keeps the two equal) and served at `/api/v1/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "ftvm coordinator API", description = "The ftvm cluster's control plane: hosts, VMs, vSphere FT operations, events, API tokens. HTTPS only; operators authenticate with a bearer token (`NAME.SECRET`, roles admin > operator > read-only), hosts with their cluster certificate (mutual TLS)."),
+    paths(status, vms, vm_create, vm_start, vm_stop, vm_ft, events, tokens, token_create, token_revoke, join_token, host_forget, host_join, host_heartbeat, ca, openapi),
+    modifiers(&Security),
+    tags(
+        (name = "cluster", description = "status"),
+        (name = "vms", description = "define, power on and off"),
+        (name = "ft", description = "vSphere FT operations"),
+        (name = "events", description = "the cluster's history"),
+        (name = "access", description = "API tokens, join tokens, the CA"),
+        (name = "hosts", description = "host agents: join, report"),
+    )
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let c = api.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("NAME.SECRET")
+                    .description(Some("an API token (`ftvm token create`)"))
+                    .build(),
+            ),
+        );
+        c.add_security_scheme(
+            "join_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("a one-time host join token (`ftvm host join-token`)"))
+                    .build(),
+            ),
+        );
+        c.add_security_scheme(
+            "host_certificate",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "the host's certificate from the cluster CA, naming the host".into(),
+                ),
+                extensions: None,
+            },
+        );
+    }
+}
+
+/// The document as served and committed (pretty JSON, one trailing newline).
+pub fn openapi_json() -> String {
+    use utoipa::OpenApi;
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes")
+        + "\n"
+}
+
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "cluster",
+    responses((status = 200, description = "this document", content_type = "application/json", body = Object)))]
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi_json(),
+    )
+        .into_response()
+}
+
 async fn not_found() -> ApiErr {
     ApiErr(StatusCode::NOT_FOUND, "no such API route".into())
 }
@@ -571,6 +709,7 @@ async fn not_found() -> ApiErr {
 pub(super) fn router(c: Arc<Coord>) -> Router {
     Router::new()
         .route("/api/v1/ca", get(ca))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/status", get(status))
         .route("/api/v1/vms", get(vms).post(vm_create))
         .route("/api/v1/vms/{name}/start", post(vm_start))
@@ -637,5 +776,62 @@ pub async fn serve(
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod openapi_tests {
+    use super::*;
+
+    const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+
+    /// The committed document is the one the code generates (regenerate it with
+    /// `FTVM_UPDATE_OPENAPI=1 cargo test -p ftvm openapi`), and it describes every route.
+    #[test]
+    fn openapi_document_is_committed_and_complete() {
+        let doc = openapi_json();
+        if std::env::var_os("FTVM_UPDATE_OPENAPI").is_some() {
+            std::fs::write(COMMITTED, &doc).unwrap();
+        }
+        let committed = std::fs::read_to_string(COMMITTED).unwrap_or_default();
+        assert!(
+            committed == doc,
+            "docs/openapi.json is not what the code generates: run FTVM_UPDATE_OPENAPI=1 cargo test -p ftvm openapi and commit it"
+        );
+        let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert!(
+            v["openapi"].as_str().unwrap().starts_with("3."),
+            "{}",
+            v["openapi"]
+        );
+        let paths = v["paths"].as_object().unwrap();
+        // Every route the router serves (read from its source, so a new route without a
+        // document entry fails here).
+        let src = include_str!("api.rs");
+        let routes: Vec<&str> = src
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".route(\""))
+            .filter_map(|l| l.split('"').next())
+            .collect();
+        assert!(routes.len() >= 14, "{routes:?}");
+        for r in routes {
+            assert!(
+                paths.contains_key(r),
+                "route {r} is not in the OpenAPI document"
+            );
+        }
+        for (name, schema) in [
+            ("Request", "op"),
+            ("Event", "severity"),
+            ("PairStatus", "protected"),
+            ("PairRole", "secondary"),
+            ("Role", "read-only"),
+        ] {
+            let s = &v["components"]["schemas"][name];
+            assert!(s.to_string().contains(schema), "schema {name}: {s}");
+        }
+        let sec = &v["components"]["securitySchemes"];
+        assert_eq!(sec["token"]["scheme"], "bearer", "{sec}");
+        assert_eq!(sec["host_certificate"]["type"], "mutualTLS", "{sec}");
     }
 }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// The version of a host agent's report ([`Request::Heartbeat`]).
 pub const REPORT_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     /// A host agent's heartbeat: who it is and what its processes are doing.
@@ -49,7 +49,7 @@ pub enum Request {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum FtAction {
     On,
@@ -77,7 +77,7 @@ impl FtAction {
 }
 
 /// One process a host agent runs, as it reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProcReport {
     pub id: u64,
     pub vm: String,
@@ -89,7 +89,7 @@ pub struct ProcReport {
 }
 
 /// A process the coordinator wants on a host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Assignment {
     pub id: u64,
     pub vm: String,
@@ -102,7 +102,7 @@ pub struct Assignment {
     pub start: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "reply", rename_all = "kebab-case")]
 pub enum Reply {
     Ok {
@@ -118,6 +118,7 @@ pub enum Reply {
         heartbeat_file: Option<String>,
     },
     Status {
+        #[schema(value_type = Object)]
         json: serde_json::Value,
         text: String,
     },
