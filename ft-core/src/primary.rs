@@ -372,6 +372,14 @@ impl Primary {
         Captured { epoch, offset }
     }
 
+    /// Bytes of output (console and frames) taken from the guest and not released yet.
+    pub fn held_bytes(&self) -> u64 {
+        self.held
+            .iter()
+            .map(|h| h.output.len() + h.frames.iter().map(Vec::len).sum::<usize>())
+            .sum::<usize>() as u64
+    }
+
     /// Too many epochs unacknowledged: the guest must stay paused until an acknowledgement
     /// (or the secondary's loss).
     pub fn throttled(&self) -> bool {

@@ -61,6 +61,11 @@ impl Request {
 /// The version of the control socket's replies ([`Reply`]); a reader refuses others.
 pub const VERSION: u32 = 1;
 
+/// The upper bounds (µs) of the epoch-pause histogram in [`Status::pause_buckets`].
+pub const PAUSE_BOUNDS_US: [u64; 10] = [
+    250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 500_000,
+];
+
 /// Which side of the pair answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -108,6 +113,17 @@ pub struct Status {
     pub sessions: u64,
     /// Device-input events recorded (primary) or committed (secondary).
     pub events: u64,
+    /// Primary: output bytes (console and frames) held until their epoch is acknowledged.
+    #[serde(default)]
+    pub held_bytes: u64,
+    /// Primary: epoch pauses so far, as a histogram: how many lasted at most each of
+    /// [`PAUSE_BOUNDS_US`] (cumulative), their count and their sum.
+    #[serde(default)]
+    pub pause_buckets: Vec<u64>,
+    #[serde(default)]
+    pub pause_count: u64,
+    #[serde(default)]
+    pub pause_sum_us: u64,
     /// The answering process (filled in when the reply is made).
     #[serde(default)]
     pub pid: u32,
@@ -122,6 +138,20 @@ pub struct Status {
 }
 
 impl Status {
+    /// Counts one epoch pause of `us` µs in the histogram.
+    pub fn observe_pause(&mut self, us: u64) {
+        if self.pause_buckets.len() != PAUSE_BOUNDS_US.len() {
+            self.pause_buckets = vec![0; PAUSE_BOUNDS_US.len()];
+        }
+        for (b, bound) in self.pause_buckets.iter_mut().zip(PAUSE_BOUNDS_US) {
+            if us <= bound {
+                *b += 1;
+            }
+        }
+        self.pause_count += 1;
+        self.pause_sum_us += us;
+    }
+
     /// A primary not protected (yet): `note` says why, `peer` names its secondary if any.
     pub fn unprotected_primary(note: &str, peer: String) -> Self {
         Status {

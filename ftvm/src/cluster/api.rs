@@ -1,8 +1,9 @@
 //! The coordinator's HTTPS API (axum over hyper and rustls): the only way into the
-//! coordinator. Every route is under `/api/v1`:
+//! coordinator. Every route but `/metrics` is under `/api/v1`:
 //!
 //! | route | who | what |
 //! |---|---|---|
+//! | `GET /metrics` (not under `/api/v1`) | read-only | Prometheus metrics ([`super::metrics`]) |
 //! | `GET /ca` | anyone | the cluster CA certificate (PEM), for pinning by fingerprint |
 //! | `GET /openapi.json` | anyone | this API's OpenAPI 3 document (committed as `docs/openapi.json`) |
 //! | `GET /status[?vm=NAME]` | read-only | cluster or VM status |
@@ -633,7 +634,7 @@ pub struct TextBody {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "ftvm coordinator API", description = "The ftvm cluster's control plane: hosts, VMs, vSphere FT operations, events, API tokens. HTTPS only; operators authenticate with a bearer token (`NAME.SECRET`, roles admin > operator > read-only), hosts with their cluster certificate (mutual TLS)."),
-    paths(status, vms, vm_create, vm_start, vm_stop, vm_ft, events, tokens, token_create, token_revoke, join_token, host_forget, host_join, host_heartbeat, ca, openapi),
+    paths(status, vms, vm_create, vm_start, vm_stop, vm_ft, events, tokens, token_create, token_revoke, join_token, host_forget, host_join, host_heartbeat, ca, openapi, metrics),
     modifiers(&Security),
     tags(
         (name = "cluster", description = "status"),
@@ -702,6 +703,23 @@ async fn openapi() -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "cluster", security(("token" = [])),
+    responses((status = 200, description = "Prometheus metrics (text exposition format 0.0.4): hosts by state, VMs by protection, failovers, time to live and to re-protected, and each pair's epoch, lag, link bytes, held output and epoch pauses", content_type = "text/plain; version=0.0.4", body = String), (status = 401, description = "no or unknown token", body = ErrorBody)))]
+async fn metrics(State(c): State<Arc<Coord>>, h: HeaderMap) -> Result<Response, ApiErr> {
+    operator(&c, &h, Role::ReadOnly)?;
+    let text = tokio::task::spawn_blocking(move || c.metrics())
+        .await
+        .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
 async fn not_found() -> ApiErr {
     ApiErr(StatusCode::NOT_FOUND, "no such API route".into())
 }
@@ -710,6 +728,7 @@ pub(super) fn router(c: Arc<Coord>) -> Router {
     Router::new()
         .route("/api/v1/ca", get(ca))
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/vms", get(vms).post(vm_create))
         .route("/api/v1/vms/{name}/start", post(vm_start))

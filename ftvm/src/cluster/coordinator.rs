@@ -74,6 +74,8 @@ pub(super) struct Coord {
     store: Arc<dyn Store>,
     /// The cluster's history (in the store; the newest in memory).
     pub(super) events: EventLog,
+    /// What the metrics count as events happen.
+    counters: Mutex<super::metrics::Counters>,
     /// This coordinator's lease on the cluster; when lost, it stops at once.
     leader: Leadership,
     /// Version of the stored state this coordinator wrote last: every save is a test-and-set
@@ -207,6 +209,7 @@ pub fn run(cfg: Config) -> Result<u8> {
         ca,
         store,
         events,
+        counters: Mutex::default(),
         leader,
         version: version.into(),
         cluster: Mutex::new(cluster),
@@ -251,6 +254,13 @@ fn valid_name(name: &str) -> Result<()> {
 }
 
 impl Coord {
+    /// The Prometheus exposition of the cluster and its pairs.
+    pub(super) fn metrics(&self) -> String {
+        let c = self.cluster.lock().unwrap().clone();
+        let reports = self.reports.lock().unwrap();
+        super::metrics::render(&c, &reports, &self.counters.lock().unwrap())
+    }
+
     /// Records `e` in the cluster's history and logs it (a store failure is logged: the
     /// event is not worth stopping the coordinator for).
     pub(super) fn event(&self, e: Event) {
@@ -274,6 +284,7 @@ impl Coord {
                 tracing::error!(kind = %e.kind, actor = %e.actor, "{subject}{}{cause}", e.message)
             }
         }
+        self.counters.lock().unwrap().saw(&e);
         if let Err(err) = self.events.record(e) {
             tracing::warn!("recording an event failed: {err}");
         }

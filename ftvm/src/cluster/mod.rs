@@ -11,18 +11,21 @@
 //! The coordinator never runs a VM itself. It decides where each VM's primary and secondary
 //! run and tells the host agents in its reply to their heartbeats; the agents start and kill
 //! `ftvm primary` / `ftvm secondary` processes and report them (alive, exit status, and the
-//! status line of the process's control socket). FT itself (replication, failure detection,
+//! typed status of the process's control socket). FT itself (replication, failure detection,
 //! arbitration, takeover) stays between the pair, so the coordinator being down never stops a
 //! failover; it only delays the respawn of a secondary.
 //!
 //! Everything reaches the coordinator through its HTTPS API ([`api`]; [`client`] is the
 //! client side): operators with API tokens, agents with host certificates of the cluster CA
-//! ([`pki`]). `ftvm coordinator init` creates the CA and the first admin token.
+//! ([`pki`]). `ftvm coordinator init` creates the CA and the first admin token. Every state
+//! change and operation is an event in the store (`ftvm events`); Prometheus scrapes
+//! [`metrics`] at `/metrics`.
 pub mod agent;
 pub mod api;
 pub mod client;
 pub mod coordinator;
 pub mod demo;
+pub mod metrics;
 pub mod ops;
 pub mod pki;
 pub mod proto;

@@ -537,11 +537,14 @@ impl Primary {
     fn update_status(&mut self, epoch: u64, pause: Duration) {
         let sent = self.bytes_sent();
         let (t, b) = self.rate_mark;
+        let held = self.core.held_bytes();
         let mut st = self.status.lock().unwrap();
         st.epoch = epoch;
         st.lag_epochs = self.core.in_flight() as u64;
         st.bytes_sent = sent;
         st.last_pause_us = pause.as_micros() as u64;
+        st.observe_pause(pause.as_micros() as u64);
+        st.held_bytes = held;
         if t.elapsed() >= Duration::from_secs(1) {
             st.bytes_per_sec = ((sent - b) as f64 / t.elapsed().as_secs_f64()) as u64;
             self.rate_mark = (Instant::now(), sent);
