@@ -110,6 +110,9 @@ pub struct Vm {
     pub last_failover: Option<Failover>,
     /// The guest ended (exit code), if it did.
     pub ended: Option<i32>,
+    /// ftvm itself failed running the VM (its error), as opposed to the guest ending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 impl Vm {

@@ -166,6 +166,7 @@ mod tests {
                 secondary: secondary.map(place),
                 last_failover: None,
                 ended: None,
+                failure: None,
             },
         );
     }

@@ -1218,6 +1218,18 @@ fn main() {
             Ok(0)
         }
     };
+    // A VMM started by a host agent says how it ended in the file the agent named: the
+    // guest's exit code, or ftvm's own failure (never confused with a guest's code 1).
+    if let Some(f) = std::env::var_os(cluster::agent::EXIT_FILE_ENV) {
+        let outcome = match &res {
+            Ok(code) => cluster::agent::Outcome::Exit(*code),
+            Err(e) => cluster::agent::Outcome::Failed(format!("{e:#}")),
+        };
+        let _ = coordinator::store::write_atomic(
+            std::path::Path::new(&f),
+            &serde_json::to_vec(&outcome).unwrap_or_default(),
+        );
+    }
     match res {
         Ok(code) => std::process::exit(code.into()),
         Err(e) => {

@@ -263,9 +263,61 @@ impl Cluster {
     pub fn kill_host(&mut self, h: &str) {
         let i = self.agents.iter().position(|(n, _)| n == h).unwrap();
         let (_, mut agent) = self.agents.remove(i);
-        // SAFETY: SIGKILL to the agent's process group (agents make themselves its leader).
+        let vmms = self.host_vmms(h, agent.id());
+        // SAFETY: SIGKILL to the agent's process group (agents make themselves its leader)
+        // and to each of its VMMs (in sessions of their own).
+        unsafe { libc::kill(-(agent.id() as i32), libc::SIGKILL) };
+        for p in vmms {
+            // SAFETY: as above.
+            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        }
+        let _ = agent.wait();
+    }
+
+    /// Kills host `h`'s agent only (as a crash or a restart of the agent would): its VMMs
+    /// run on. [`Cluster::start_agent`] / [`Cluster::start_agent_in`] start it again.
+    pub fn kill_agent(&mut self, h: &str) {
+        let i = self.agents.iter().position(|(n, _)| n == h).unwrap();
+        let (_, mut agent) = self.agents.remove(i);
+        // SAFETY: SIGKILL to the agent's own process group.
         unsafe { libc::kill(-(agent.id() as i32), libc::SIGKILL) };
         let _ = agent.wait();
+    }
+
+    /// The VMM processes host `h`'s agent runs: those its process list names, and its
+    /// children (a process started since the list was written).
+    pub fn host_vmms(&self, h: &str, agent_pid: u32) -> Vec<u32> {
+        let list = self
+            .dir
+            .path(&format!("agent-state-{h}"))
+            .join("procs.json");
+        let mut pids: Vec<u32> = std::fs::read(list)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| {
+                v.as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|p| p["pid"].as_u64().map(|p| p as u32))
+                        .collect()
+                })
+            })
+            .unwrap_or_default();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 2..].split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(agent_pid) {
+                pids.push(pid);
+            }
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 
     /// After a moment for the last output to land: `vm`'s console is `1`..`n` once each, in
@@ -315,10 +367,30 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for (_, a) in &mut self.agents {
-            // SAFETY: as in `kill_host`.
-            unsafe { libc::kill(-(a.id() as i32), libc::SIGKILL) };
-            let _ = a.wait();
+        let hosts: Vec<String> = self.agents.iter().map(|(h, _)| h.clone()).collect();
+        for h in hosts {
+            self.kill_host(&h);
+        }
+        // VMMs of agents killed earlier (restarted agents re-adopt theirs; these did not).
+        if let Ok(it) = std::fs::read_dir(self.state.join("vms")) {
+            let dirs: Vec<String> = it
+                .flatten()
+                .map(|e| e.path().display().to_string())
+                .collect();
+            for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+                let ours = args
+                    .windows(2)
+                    .any(|w| w[0] == b"--datastore" && dirs.iter().any(|d| d.as_bytes() == w[1]));
+                if let (true, Some(pid)) = (
+                    ours,
+                    e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()),
+                ) {
+                    // SAFETY: SIGKILL to a VMM of this cluster.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
         }
         let _ = self.coordinator.kill();
         let _ = self.coordinator.wait();

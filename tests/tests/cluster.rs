@@ -209,6 +209,91 @@ fn ft_operations_through_the_coordinator(b: Backend) {
     c.assert_console_exact("db", 100);
 }
 
+/// A restarted host agent (a crash of the agent alone, a systemd restart, an upgrade) leaves
+/// its host's VMs running: its VMMs run in sessions of their own, and the new agent re-adopts
+/// them from its process list. The VM stays protected by the same pair, with no failover, and
+/// the adopted processes are still the agent's: a killed adopted primary fails over as usual.
+fn an_agent_restart_keeps_its_vms_running(b: Backend) {
+    let mut c = Cluster::start("cl-adopt", &["h1", "h2", "h3"], &[], b);
+    create_ft_counter(&c, "db");
+    let p = c.host_of("db", "primary");
+    let (before_p, before_s) = c.sides("db");
+    let (before_p, before_s) = (before_p.unwrap(), before_s.unwrap());
+    c.kill_agent(&p);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (mid_p, _) = c.sides("db");
+    assert_eq!(
+        mid_p.map(|s| s.pid),
+        Some(before_p.pid),
+        "the primary must run on without its agent"
+    );
+    c.add_host(&p);
+    c.wait(30, "the host back", |st| {
+        st.contains(&format!("host {p}: up"))
+    });
+    // A few reports from the new agent.
+    std::thread::sleep(Duration::from_secs(2));
+    let st = c.status();
+    assert!(st.contains("VM db: running, protected"), "{st}");
+    let (after_p, after_s) = c.sides("db");
+    let (after_p, after_s) = (after_p.unwrap(), after_s.unwrap());
+    assert_eq!(
+        (after_p.pid, after_s.pid, after_p.sessions),
+        (before_p.pid, before_s.pid, before_p.sessions),
+        "the same pair, no new protection session"
+    );
+    assert!(after_p.epoch > before_p.epoch, "replication went on");
+    let events = c.ok(&["events", "--vm", "db"]);
+    assert!(!events.contains("vm.failover"), "no failover: {events}");
+    let log = std::fs::read_to_string(c.dir.path(&format!("agent-{p}.log"))).unwrap();
+    assert!(log.contains("re-adopted process"), "{log}");
+    // Still the agent's: the primary killed, the secondary takes over, a new one is placed.
+    // SAFETY: SIGKILL to the VM's primary.
+    unsafe { libc::kill(before_p.pid as i32, libc::SIGKILL) };
+    c.wait(60, "failed over and protected again", |st| {
+        st.contains("VM db: running, protected") && !st.contains(&format!("| primary {p} "))
+    });
+    c.assert_console_exact("db", 50);
+}
+
+/// ftvm's own failure is reported as such, not as the guest's exit code: a VM whose kernel
+/// was removed after it was defined fails to start, and its status and events say why.
+#[test]
+fn an_ftvm_failure_is_not_a_guest_exit_code() {
+    require_kvm!();
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start("cl-fail", &["h1"], &[], Backend::File);
+    let kernel = c.dir.path("kernel.elf");
+    let elf = ftvm_bin().parent().unwrap().join("guests/counter.elf");
+    std::fs::copy(&elf, &kernel).unwrap_or_else(|e| panic!("{}: {e}", elf.display()));
+    let k = kernel.display().to_string();
+    c.ok(&[
+        "vm",
+        "create",
+        "k",
+        "--kernel",
+        &k,
+        "--cmdline",
+        "count=5 rate=0",
+        "--mem-mib",
+        "32",
+    ]);
+    std::fs::remove_file(&kernel).unwrap();
+    c.ok(&["vm", "start", "k"]);
+    let st = c.wait(30, "the failure reported", |s| {
+        s.contains("VM k: failed (ftvm: ")
+    });
+    assert!(st.contains("kernel"), "the failure names its cause: {st}");
+    assert!(!st.contains("VM k: ended (exit"), "{st}");
+    let events = c.ok(&["events", "--vm", "k"]);
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("vm.failed") && l.contains("error")),
+        "{events}"
+    );
+}
+
 #[test]
 fn demo_runs_and_checks_its_console() {
     require_kvm!();
@@ -610,4 +695,5 @@ on_both_stores!(
     ft_on_for_a_running_vm_and_kernel_vms_with_initrd,
     journal_vm_with_a_disk_survives_test_failover,
     netserve_vm_keeps_a_tcp_stream_across_test_failover,
+    an_agent_restart_keeps_its_vms_running,
 );

@@ -7,8 +7,13 @@
 //! signing request, sends them with a one-time join token, and keeps the certificate it gets
 //! in its state directory (`ca.pem`, `host.key` (0600), `host.pem`); later starts use those.
 //!
-//! The agent makes itself a process-group leader, so its VMM processes share its group:
-//! killing the group is what a dying host does to all of them.
+//! VMM processes run in sessions of their own, so stopping or restarting the agent (a
+//! systemd restart, an upgrade) leaves the VMs running: the agent keeps its processes in
+//! `procs.json` in its state directory and a restarted agent re-adopts the ones still alive
+//! (same pid, same start time, an `ftvm` command line), reporting them as before. Each VMM
+//! writes how it ended — the guest's exit code or ftvm's own failure — to an exit file the
+//! agent names ([`EXIT_FILE_ENV`]), so an adopted process's end is known too, and ftvm's
+//! failures are never reported as a guest's exit code.
 use super::api::{HeartbeatBody, JoinRequest, Joined};
 use super::client::{ApiError, Client, TlsRefused};
 use super::ops::seg;
@@ -16,6 +21,7 @@ use super::pki;
 use super::proto::{Assignment, ProcReport, Reply};
 use crate::ctl;
 use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -103,11 +109,181 @@ fn identity(cfg: &Config) -> Result<Client> {
     )
 }
 
+/// The environment variable naming the file a VMM writes its [`Outcome`] to.
+pub const EXIT_FILE_ENV: &str = "FTVM_EXIT_FILE";
+
+/// How a VMM process ended, as it writes it to its exit file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The process's exit code (the guest's, or ftvm's status codes such as halted).
+    Exit(u8),
+    /// ftvm itself failed: its error.
+    Failed(String),
+}
+
+/// A process this agent runs: its own child, or one a previous agent started.
+enum Handle {
+    Child(Child),
+    Adopted { pid: u32, started: u64 },
+}
+
 struct Proc {
-    child: Child,
+    handle: Handle,
     vm: String,
     datastore: String,
-    exit: Option<Option<i32>>,
+    /// Its exit file.
+    exit_file: PathBuf,
+    /// Once ended: its exit code (None: a signal, or unknown) and ftvm's failure if any.
+    exit: Option<(Option<i32>, Option<String>)>,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        match &self.handle {
+            Handle::Child(c) => c.id(),
+            Handle::Adopted { pid, .. } => *pid,
+        }
+    }
+
+    /// Whether it ended (reaping it if it is ours); records how.
+    fn poll(&mut self) -> bool {
+        if self.exit.is_some() {
+            return true;
+        }
+        let code = match &mut self.handle {
+            Handle::Child(c) => match c.try_wait() {
+                Ok(Some(st)) => Some(st.code()),
+                _ => None,
+            },
+            Handle::Adopted { pid, started } => (!alive_as(*pid, *started)).then_some(None),
+        };
+        let Some(code) = code else { return false };
+        // The exit file knows better: the code of an adopted process, and ftvm's failure.
+        let outcome = std::fs::read(&self.exit_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Outcome>(&b).ok());
+        let _ = std::fs::remove_file(&self.exit_file);
+        self.exit = Some(match outcome {
+            Some(Outcome::Exit(c)) => (Some(i32::from(c)), None),
+            Some(Outcome::Failed(e)) => (code, Some(e)),
+            None => (code, None),
+        });
+        true
+    }
+
+    fn kill(&mut self) {
+        match &mut self.handle {
+            Handle::Child(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Handle::Adopted { pid, started } => {
+                if alive_as(*pid, *started) {
+                    // SAFETY: a signal to a process we checked is the one we started.
+                    unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+/// A process's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid,
+/// it names one process for good (a pid is reused, the pair is not).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields count from after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); zombies have ended.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process that started at `started`.
+fn alive_as(pid: u32, started: u64) -> bool {
+    start_time(pid) == Some(started)
+}
+
+/// What `procs.json` keeps of each process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Kept {
+    id: u64,
+    vm: String,
+    datastore: String,
+    pid: u32,
+    started: u64,
+    exit_file: PathBuf,
+}
+
+fn save_procs(state_dir: &Path, procs: &HashMap<u64, Proc>) {
+    let kept: Vec<Kept> = procs
+        .iter()
+        .filter(|(_, p)| p.exit.is_none())
+        .filter_map(|(id, p)| {
+            Some(Kept {
+                id: *id,
+                vm: p.vm.clone(),
+                datastore: p.datastore.clone(),
+                pid: p.pid(),
+                started: start_time(p.pid())?,
+                exit_file: p.exit_file.clone(),
+            })
+        })
+        .collect();
+    let path = state_dir.join("procs.json");
+    if let Err(e) = coordinator::store::write_atomic(
+        &path,
+        &serde_json::to_vec_pretty(&kept).expect("serializes"),
+    ) {
+        tracing::warn!("cannot keep the process list in {}: {e}", path.display());
+    }
+}
+
+/// The processes a previous agent on this host started that still run (checked by pid,
+/// start time and command line: `ftvm` with the process's datastore).
+fn adopt(state_dir: &Path) -> HashMap<u64, Proc> {
+    let path = state_dir.join("procs.json");
+    let Ok(bytes) = std::fs::read(&path) else {
+        return HashMap::new();
+    };
+    let kept: Vec<Kept> = match serde_json::from_slice(&bytes) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!("ignoring {}: {e}", path.display());
+            return HashMap::new();
+        }
+    };
+    let mut procs = HashMap::new();
+    for k in kept {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", k.pid)).unwrap_or_default();
+        let ours = cmdline
+            .split(|b| *b == 0)
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| w[0] == b"--datastore" && w[1] == k.datastore.as_bytes());
+        if !(alive_as(k.pid, k.started) && ours) {
+            tracing::info!("process {} (VM {}) ended while no agent ran", k.id, k.vm);
+            continue;
+        }
+        tracing::info!("re-adopted process {} (VM {}, pid {})", k.id, k.vm, k.pid);
+        procs.insert(
+            k.id,
+            Proc {
+                handle: Handle::Adopted {
+                    pid: k.pid,
+                    started: k.started,
+                },
+                vm: k.vm,
+                datastore: k.datastore,
+                exit_file: k.exit_file,
+                exit: None,
+            },
+        );
+    }
+    procs
 }
 
 /// How long the agent waits for a process's status: a frozen VMM (its own, or the VM's other
@@ -124,12 +300,13 @@ fn status_of(datastore: &str, pid: u32) -> Option<ctl::Status> {
 }
 
 pub fn run(cfg: Config) -> Result<u8> {
+    // Its own process group (its VMMs are not in it: they have sessions of their own).
     // SAFETY: setpgid(0, 0) only changes this process's group.
     unsafe { libc::setpgid(0, 0) };
     let exe = std::env::current_exe().context("finding the ftvm binary")?;
     let api = identity(&cfg)?;
     let beat_path = format!("/api/v1/hosts/{}/heartbeat", seg(&cfg.name));
-    let mut procs: HashMap<u64, Proc> = HashMap::new();
+    let mut procs: HashMap<u64, Proc> = adopt(&cfg.state_dir);
     let mut told = false;
     // The datastore heartbeat runs on its own thread, so a coordinator call stuck in a
     // network timeout never delays it: it is how the coordinator tells an isolated host
@@ -160,24 +337,36 @@ pub fn run(cfg: Config) -> Result<u8> {
     tracing::info!("host {}: reporting to {}", cfg.name, cfg.coordinator);
     loop {
         let mut report = Vec::new();
+        let mut ended = false;
         for (id, p) in procs.iter_mut() {
-            if p.exit.is_none() {
-                if let Ok(Some(st)) = p.child.try_wait() {
-                    p.exit = Some(st.code());
-                    tracing::info!("process {id} (VM {}) ended: {st}", p.vm);
+            if p.exit.is_none() && p.poll() {
+                ended = true;
+                match &p.exit {
+                    Some((_, Some(e))) => {
+                        tracing::warn!("process {id} (VM {}) failed: {e}", p.vm)
+                    }
+                    Some((Some(c), None)) => {
+                        tracing::info!("process {id} (VM {}) ended: exit {c}", p.vm)
+                    }
+                    _ => tracing::info!("process {id} (VM {}) ended by a signal", p.vm),
                 }
             }
+            let pid = p.pid();
             report.push(ProcReport {
                 id: *id,
                 vm: p.vm.clone(),
                 running: p.exit.is_none(),
-                exit: p.exit.flatten(),
+                exit: p.exit.as_ref().and_then(|e| e.0),
+                failed: p.exit.as_ref().and_then(|e| e.1.clone()),
                 status: p
                     .exit
                     .is_none()
-                    .then(|| status_of(&p.datastore, p.child.id()))
+                    .then(|| status_of(&p.datastore, pid))
                     .flatten(),
             });
+        }
+        if ended {
+            save_procs(&cfg.state_dir, &procs);
         }
         let req = HeartbeatBody {
             version: super::proto::REPORT_VERSION,
@@ -193,7 +382,9 @@ pub fn run(cfg: Config) -> Result<u8> {
                 if let Some(f) = heartbeat_file {
                     *beat_file.lock().unwrap() = Some(PathBuf::from(f));
                 }
-                apply(&exe, &mut procs, &assigned)?;
+                if apply(&exe, &mut procs, &assigned)? {
+                    save_procs(&cfg.state_dir, &procs);
+                }
             }
             Ok(other) => tracing::warn!("unexpected reply {other:?}"),
             Err(e) => {
@@ -208,21 +399,35 @@ pub fn run(cfg: Config) -> Result<u8> {
     }
 }
 
-fn apply(exe: &Path, procs: &mut HashMap<u64, Proc>, assigned: &[Assignment]) -> Result<()> {
+/// Starts and stops processes as assigned; whether anything changed.
+fn apply(exe: &Path, procs: &mut HashMap<u64, Proc>, assigned: &[Assignment]) -> Result<bool> {
+    let mut changed = false;
     for a in assigned {
         if procs.contains_key(&a.id) || !a.start {
             continue;
         }
+        changed = true;
         std::fs::create_dir_all(&a.datastore)?;
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(Path::new(&a.datastore).join(format!("proc-{}.log", a.id)))?;
-        let child = Command::new(exe)
-            .args(&a.argv)
+        let exit_file = Path::new(&a.datastore).join(format!("exit-{}.json", a.id));
+        let _ = std::fs::remove_file(&exit_file);
+        let mut cmd = Command::new(exe);
+        cmd.args(&a.argv)
+            .env(EXIT_FILE_ENV, &exit_file)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
+            .stderr(log);
+        // SAFETY: setsid() in the child before exec: async-signal-safe, touches nothing else.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd
             .spawn()
             .with_context(|| format!("starting {:?}", a.argv))?;
         tracing::info!(
@@ -234,9 +439,10 @@ fn apply(exe: &Path, procs: &mut HashMap<u64, Proc>, assigned: &[Assignment]) ->
         procs.insert(
             a.id,
             Proc {
-                child,
+                handle: Handle::Child(child),
                 vm: a.vm.clone(),
                 datastore: a.datastore.clone(),
+                exit_file,
                 exit: None,
             },
         );
@@ -248,10 +454,11 @@ fn apply(exe: &Path, procs: &mut HashMap<u64, Proc>, assigned: &[Assignment]) ->
         }
         if p.exit.is_none() {
             tracing::info!("stopping process {id} (VM {})", p.vm);
-            let _ = p.child.kill();
-            let _ = p.child.wait();
+            p.kill();
         }
+        let _ = std::fs::remove_file(&p.exit_file);
+        changed = true;
         false
     });
-    Ok(())
+    Ok(changed)
 }

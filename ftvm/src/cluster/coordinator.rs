@@ -449,6 +449,7 @@ impl Coord {
                         secondary: None,
                         last_failover: None,
                         ended: None,
+                        failure: None,
                     },
                 );
                 self.save(&c)?;
@@ -464,6 +465,7 @@ impl Coord {
                     }
                     vm.running = true;
                     vm.ended = None;
+                    vm.failure = None;
                     Ok(())
                 })?;
                 Self::ok(format!("starting VM {name}"))
@@ -866,6 +868,21 @@ impl Coord {
             vm2.secondary = None;
         } else if let Some(r) = report(&vm.primary).filter(|r| !r.running) {
             match r.exit {
+                // ftvm failed (not the guest): the VM is over, and says why.
+                // (A secondary that can take over does so: the failure was the primary's.)
+                _ if r.failed.is_some() && (vm.secondary.is_none() || gone(&vm.secondary)) => {
+                    let e = r.failed.clone().unwrap_or_default();
+                    self.event(
+                        Event::new(Severity::Error, "vm.failed", format!("ftvm failed: {e}"))
+                            .vm(name)
+                            .cause(e.clone()),
+                    );
+                    vm2.failure = Some(e);
+                    vm2.ended = r.exit;
+                    vm2.running = false;
+                    vm2.primary = None;
+                    vm2.secondary = None;
+                }
                 // The guest ended (or ftvm failed): the VM is over.
                 Some(code) if code != i32::from(crate::ft::HALTED) => {
                     self.event(
@@ -1290,6 +1307,9 @@ fn port_for(base: u16, id: u64) -> u16 {
 
 /// One word (and why) for a VM's state.
 pub fn vm_state(v: &Vm) -> String {
+    if let Some(e) = &v.failure {
+        return format!("failed (ftvm: {e})");
+    }
     if let Some(code) = v.ended {
         return format!("ended (exit {code})");
     }

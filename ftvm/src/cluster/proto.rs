@@ -84,6 +84,9 @@ pub struct ProcReport {
     pub running: bool,
     /// Exit code; `None` while running or if a signal ended it.
     pub exit: Option<i32>,
+    /// ftvm itself failed (its error), as opposed to the guest ending with a code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
     /// The process's status from its control socket, if it answered.
     pub status: Option<crate::ctl::Status>,
 }
