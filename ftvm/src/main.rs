@@ -66,8 +66,11 @@ enum Cmd {
     /// List the built-in test guests.
     Guests,
     /// Run the failover coordinator: cluster state, placement under the FT limits, respawn.
+    /// Settings may come from a TOML file (--config; the options given override it).
+    #[command(args_override_self = true)]
     Coordinator(CoordinatorArgs),
     /// Run a host agent: starts and stops this host's VMM processes for the coordinator.
+    #[command(args_override_self = true)]
     HostAgent(HostAgentArgs),
     /// Create, start, stop and list VMs (through the coordinator).
     #[command(subcommand)]
@@ -166,6 +169,11 @@ impl StoreArgs {
 
 #[derive(Args)]
 struct CoordinatorRunArgs {
+    /// A TOML file of settings named as these options (`listen = "0.0.0.0:7700"`,
+    /// `host-timeout-ms = 1000`, `tls-name = ["coord.example"]`, `etcd = "…"`); options on
+    /// the command line override it. See contrib/coordinator.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Cluster state and every VM's datastore (DIR/vms/NAME), shared with the hosts.
     #[arg(long, value_name = "DIR", default_value = "ftvm-cluster")]
     dir: PathBuf,
@@ -204,6 +212,11 @@ struct CoordinatorRunArgs {
 
 #[derive(Args)]
 struct HostAgentArgs {
+    /// A TOML file of settings named as these options (`name = "h1"`, `ip = "10.0.0.11"`,
+    /// `coordinator = "…"`, `state-dir = "…"`); options on the command line override it.
+    /// See contrib/host-agent.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// This host's name in the cluster.
     #[arg(long, value_name = "H")]
     name: String,
@@ -1081,8 +1094,96 @@ pub(crate) fn pseudo_random_inputs(
     })
 }
 
+/// `ftvm coordinator --config FILE` and `ftvm host-agent --config FILE`: the file's settings
+/// (TOML, keys named as the long options, `_` or `-`) become options placed before those of
+/// the command line, which override them (the two commands take a repeated option as the
+/// last one given). An unknown key, or a value of the wrong kind, is an error naming the file.
+fn with_config_file(argv: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, String> {
+    use clap::CommandFactory;
+    let Some(sub) = argv.get(1).and_then(|a| a.to_str()).map(str::to_string) else {
+        return Ok(argv);
+    };
+    if !["coordinator", "host-agent"].contains(&sub.as_str())
+        || argv.get(2).is_some_and(|a| a == "init")
+    {
+        return Ok(argv);
+    }
+    let mut path = None;
+    for (i, a) in argv.iter().enumerate().skip(2) {
+        let a = a.to_string_lossy();
+        if a == "--config" {
+            path = argv.get(i + 1).map(std::path::PathBuf::from);
+        } else if let Some(p) = a.strip_prefix("--config=") {
+            path = Some(p.into());
+        }
+    }
+    let Some(path) = path else { return Ok(argv) };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let cmd = Cli::command();
+    let known: Vec<String> = cmd
+        .find_subcommand(&sub)
+        .map(|c| {
+            c.get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_string))
+                .filter(|l| l != "config" && l != "help")
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut extra: Vec<std::ffi::OsString> = Vec::new();
+    for (k, v) in &table {
+        let key = k.replace('_', "-");
+        if !known.contains(&key) {
+            return Err(format!(
+                "config file {}: unknown setting {k:?} for ftvm {sub} (known: {})",
+                path.display(),
+                known.join(", ")
+            ));
+        }
+        let scalar = |v: &toml::Value| -> Result<String, String> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                _ => Err(format!(
+                    "config file {}: {k} must be a string or a number, not {}",
+                    path.display(),
+                    v.type_str()
+                )),
+            }
+        };
+        match v {
+            toml::Value::Boolean(true) => extra.push(format!("--{key}").into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for it in items {
+                    extra.push(format!("--{key}").into());
+                    extra.push(scalar(it)?.into());
+                }
+            }
+            v => {
+                extra.push(format!("--{key}").into());
+                extra.push(scalar(v)?.into());
+            }
+        }
+    }
+    let mut out = argv[..2].to_vec();
+    out.extend(extra);
+    out.extend_from_slice(&argv[2..]);
+    Ok(out)
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let argv = match with_config_file(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ftvm: error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     // Daemons log what they do (info); one-shot commands only warnings, unless RUST_LOG says.
     let daemon = matches!(cli.cmd, Cmd::Coordinator(_) | Cmd::HostAgent(_));
     tracing_subscriber::fmt()
