@@ -24,6 +24,8 @@ command -v fsfreeze >/dev/null 2>&1 || need_apt+=(util-linux)
 # A real Prometheus server scrapes a running cluster in tests/tests/metrics.rs (each test
 # starts its own on a free port; the package's own service is not used).
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+# openssl makes the certificates of the etcd-over-TLS test (tests/tests/store.rs).
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # systemd-analyze checks the unit files in contrib/ (tests/tests/services.rs).
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if ((${#need_apt[@]})); then

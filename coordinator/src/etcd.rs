@@ -14,7 +14,8 @@
 //!
 //! The client is async (`etcd-client`, tonic); this module runs it on a private one-thread
 //! tokio runtime and bounds every call by [`CALL_TIMEOUT`], so a dead etcd is an error, not a
-//! hang.
+//! hang. Over TLS ([`Tls`], `https://` endpoints) it trusts the given CA only and can
+//! present a client certificate (etcd's `--client-cert-auth`).
 use crate::store::{check_key, Leadership, Store, StoreError, Versioned};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
@@ -30,6 +31,33 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// election timeout).
 pub const LEASE_TTL_S: i64 = 3;
 
+/// TLS to etcd: the CA that signed etcd's certificate, and a client certificate and key
+/// (PEM files) for an etcd that requires one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub ca: std::path::PathBuf,
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl Tls {
+    fn options(&self) -> Result<etcd_client::TlsOptions, StoreError> {
+        let read = |p: &std::path::Path, what: &str| {
+            std::fs::read(p)
+                .map_err(|e| backend(format!("reading the etcd {what} {}: {e}", p.display())))
+        };
+        let mut o = etcd_client::TlsOptions::new().ca_certificate(
+            etcd_client::Certificate::from_pem(read(&self.ca, "CA certificate")?),
+        );
+        if let Some((cert, key)) = &self.client {
+            o = o.identity(etcd_client::Identity::from_pem(
+                read(cert, "client certificate")?,
+                read(key, "client key")?,
+            ));
+        }
+        Ok(o)
+    }
+}
+
 pub struct EtcdStore {
     rt: tokio::runtime::Runtime,
     client: Client,
@@ -44,6 +72,31 @@ impl EtcdStore {
     /// Connects to etcd at `endpoints` (e.g. `http://127.0.0.1:2379`) and keeps every key
     /// under `prefix`, which must start and end with `/`.
     pub fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
+        Self::connect_with(endpoints, prefix, None)
+    }
+
+    /// As [`EtcdStore::connect`], over TLS when `tls` is given (then every endpoint must be
+    /// `https://`, and a plain one is refused before any connection).
+    pub fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<&Tls>,
+    ) -> Result<Self, StoreError> {
+        for e in endpoints {
+            match (tls.is_some(), e.starts_with("https://")) {
+                (true, false) => {
+                    return Err(backend(format!(
+                        "etcd endpoint {e}: with TLS options every endpoint is https://"
+                    )))
+                }
+                (false, true) => {
+                    return Err(backend(format!(
+                        "etcd endpoint {e} is https://: give the CA that signed its certificate (--etcd-ca)"
+                    )))
+                }
+                _ => {}
+            }
+        }
         if !prefix.starts_with('/')
             || !prefix.ends_with('/')
             || prefix.len() > 100
@@ -64,9 +117,12 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(backend)?;
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_timeout(CALL_TIMEOUT);
+        if let Some(t) = tls {
+            opts = opts.with_tls(t.options()?);
+        }
         let client = rt
             .block_on(async {
                 let mut c = Client::connect(endpoints, Some(opts)).await?;

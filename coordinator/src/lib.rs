@@ -18,12 +18,27 @@ pub use store::{FileStore, Leadership, Store, StoreError};
 
 /// The etcd store (see `etcd`) at `endpoints` with keys under `prefix`; an error naming the
 /// missing feature when this build has no etcd support.
-pub fn open_etcd(endpoints: &[String], prefix: &str) -> Result<Box<dyn Store>, StoreError> {
+/// `tls`: (CA, optional client certificate and key) PEM files.
+pub fn open_etcd(
+    endpoints: &[String],
+    prefix: &str,
+    tls: Option<(
+        std::path::PathBuf,
+        Option<(std::path::PathBuf, std::path::PathBuf)>,
+    )>,
+) -> Result<Box<dyn Store>, StoreError> {
     #[cfg(feature = "etcd")]
-    return Ok(Box::new(etcd::EtcdStore::connect(endpoints, prefix)?));
+    {
+        let tls = tls.map(|(ca, client)| etcd::Tls { ca, client });
+        Ok(Box::new(etcd::EtcdStore::connect_with(
+            endpoints,
+            prefix,
+            tls.as_ref(),
+        )?))
+    }
     #[cfg(not(feature = "etcd"))]
     {
-        let _ = (endpoints, prefix);
+        let _ = (endpoints, prefix, tls);
         Err(StoreError::Backend(
             "this ftvm was built without etcd support: build it with `cargo build --release \
              -p ftvm --features etcd` (needs protoc: apt-get install protobuf-compiler)"

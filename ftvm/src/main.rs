@@ -152,6 +152,15 @@ struct StoreArgs {
     /// Keys under this etcd prefix (one per cluster).
     #[arg(long = "etcd-prefix", value_name = "PREFIX", default_value = "/ftvm/")]
     etcd_prefix: String,
+    /// etcd over TLS (https:// endpoints): the CA certificate (PEM) that signed etcd's.
+    #[arg(long = "etcd-ca", value_name = "PEM", requires = "etcd")]
+    etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for an etcd that requires one (--client-cert-auth).
+    #[arg(long = "etcd-cert", value_name = "PEM", requires_all = ["etcd_ca", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long = "etcd-key", value_name = "PEM", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -162,6 +171,9 @@ impl StoreArgs {
             cluster::coordinator::StoreChoice::Etcd {
                 endpoints: self.etcd,
                 prefix: self.etcd_prefix,
+                tls: self
+                    .etcd_ca
+                    .map(|ca| (ca, self.etcd_cert.zip(self.etcd_key))),
             }
         }
     }

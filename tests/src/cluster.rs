@@ -265,7 +265,7 @@ impl Cluster {
         let (_, mut agent) = self.agents.remove(i);
         let vmms = self.host_vmms(h, agent.id());
         // SAFETY: SIGKILL to the agent's process group (agents make themselves its leader)
-        // and to each of its VMMs (in sessions of their own).
+        // and to each of its VMMs (in process groups of their own).
         unsafe { libc::kill(-(agent.id() as i32), libc::SIGKILL) };
         for p in vmms {
             // SAFETY: as above.

@@ -210,7 +210,7 @@ fn ft_operations_through_the_coordinator(b: Backend) {
 }
 
 /// A restarted host agent (a crash of the agent alone, a systemd restart, an upgrade) leaves
-/// its host's VMs running: its VMMs run in sessions of their own, and the new agent re-adopts
+/// its host's VMs running: its VMMs run in process groups of their own, and the new agent re-adopts
 /// them from its process list. The VM stays protected by the same pair, with no failover, and
 /// the adopted processes are still the agent's: a killed adopted primary fails over as usual.
 fn an_agent_restart_keeps_its_vms_running(b: Backend) {

@@ -41,10 +41,11 @@ pub struct Config {
 pub enum StoreChoice {
     /// The embedded file store in `DIR/store` (nothing to install).
     File,
-    /// etcd at `endpoints`, keys under `prefix`.
+    /// etcd at `endpoints`, keys under `prefix`; over TLS with (CA, client cert and key).
     Etcd {
         endpoints: Vec<String>,
         prefix: String,
+        tls: Option<(PathBuf, Option<(PathBuf, PathBuf)>)>,
     },
 }
 
@@ -52,16 +53,30 @@ impl StoreChoice {
     fn open(&self, dir: &std::path::Path) -> Result<Box<dyn Store>> {
         Ok(match self {
             StoreChoice::File => Box::new(FileStore::open(&dir.join("store"))?),
-            StoreChoice::Etcd { endpoints, prefix } => coordinator::open_etcd(endpoints, prefix)?,
+            StoreChoice::Etcd {
+                endpoints,
+                prefix,
+                tls,
+            } => coordinator::open_etcd(endpoints, prefix, tls.clone())?,
         })
     }
 
     fn describe(&self, dir: &std::path::Path) -> String {
         match self {
             StoreChoice::File => format!("file store {}", dir.join("store").display()),
-            StoreChoice::Etcd { endpoints, prefix } => {
-                format!("etcd {} under {prefix}", endpoints.join(","))
-            }
+            StoreChoice::Etcd {
+                endpoints,
+                prefix,
+                tls,
+            } => format!(
+                "etcd {} under {prefix}{}",
+                endpoints.join(","),
+                match tls {
+                    Some((_, Some(_))) => " (TLS, client certificate)",
+                    Some((_, None)) => " (TLS)",
+                    None => "",
+                }
+            ),
         }
     }
 }
@@ -1207,14 +1222,17 @@ impl Coord {
             let num =
                 |f: fn(&ctl::Status) -> u64| pst.as_ref().map_or("-".into(), |s| f(s).to_string());
             text += &format!(
-                "VM {}: {} | primary {} | secondary {} | epoch {} lag {} | {} B/s{}{}\n",
+                "VM {}: {} | primary {} | secondary {} | epoch {} lag {} | FT link {}{}{}\n",
                 v.name,
                 vm_state(v),
                 v.primary.as_ref().map_or("-", |p| p.host.as_str()),
                 v.secondary.as_ref().map_or("-", |p| p.host.as_str()),
                 num(|s| s.epoch),
                 num(|s| s.lag_epochs),
-                num(|s| s.bytes_per_sec),
+                pst.as_ref().map_or("-".into(), |s| format!(
+                    "{}/s",
+                    bytesize::ByteSize(s.bytes_per_sec)
+                )),
                 v.disk_file
                     .as_ref()
                     .map_or(String::new(), |f| format!(" | disk {f}")),
@@ -1262,7 +1280,7 @@ impl Coord {
         if name.is_none() {
             for h in c.hosts.values() {
                 text += &format!(
-                    "host {}: {} | {} secondaries (limit {}) | {} FT vCPUs\n",
+                    "host {}: {} | {} secondaries (limit {}) | FT vCPUs {}\n",
                     h.name,
                     match h.state() {
                         "UNREACHABLE" =>

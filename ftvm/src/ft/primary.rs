@@ -546,7 +546,8 @@ impl Primary {
         st.observe_pause(pause.as_micros() as u64);
         st.held_bytes = held;
         if t.elapsed() >= Duration::from_secs(1) {
-            st.bytes_per_sec = ((sent - b) as f64 / t.elapsed().as_secs_f64()) as u64;
+            // A new link counts from 0 again: a rate across the change is not one.
+            st.bytes_per_sec = (sent.saturating_sub(b) as f64 / t.elapsed().as_secs_f64()) as u64;
             self.rate_mark = (Instant::now(), sent);
         }
     }
