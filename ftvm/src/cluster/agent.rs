@@ -265,7 +265,23 @@ fn adopt(state_dir: &Path) -> HashMap<u64, Proc> {
             .windows(2)
             .any(|w| w[0] == b"--datastore" && w[1] == k.datastore.as_bytes());
         if !(alive_as(k.pid, k.started) && ours) {
+            // Ended while no agent ran: reported once more, with how it ended if it said so
+            // (a guest that finished is not a process that was killed).
             tracing::info!("process {} (VM {}) ended while no agent ran", k.id, k.vm);
+            let mut p = Proc {
+                handle: Handle::Adopted {
+                    pid: k.pid,
+                    started: k.started,
+                },
+                vm: k.vm,
+                datastore: k.datastore,
+                exit_file: k.exit_file,
+                exit: None,
+            };
+            if k.pid != 0 && !alive_as(k.pid, k.started) {
+                p.poll();
+                procs.insert(k.id, p);
+            }
             continue;
         }
         tracing::info!("re-adopted process {} (VM {}, pid {})", k.id, k.vm, k.pid);
