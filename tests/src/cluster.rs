@@ -185,6 +185,27 @@ impl Cluster {
         f
     }
 
+    /// Creates and starts FT VM `vm` running the counter guest, and waits until it is
+    /// protected.
+    pub fn create_ft_counter(&self, vm: &str) {
+        self.ok(&[
+            "vm",
+            "create",
+            vm,
+            "--guest",
+            "counter",
+            "--cmdline",
+            "count=1000000 rate=100",
+            "--mem-mib",
+            "32",
+            "--ft",
+        ]);
+        self.ok(&["vm", "start", vm]);
+        self.wait(60, "protection", |s| {
+            s.contains(&format!("VM {vm}: running, protected"))
+        });
+    }
+
     pub fn add_host(&mut self, h: &str) {
         let id = self.agent_identity(h);
         let agent = Command::new(ftvm_bin())

@@ -533,6 +533,14 @@ impl ChaosCluster {
         }
         let cc = ChaosCluster { c, net, ds };
         cc.wait_protected(120);
+        let t = Instant::now();
+        while !cc.c.console("net").contains("netserve: listening") {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "netserve never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         cc
     }
 
@@ -867,14 +875,6 @@ fn chaos_cluster_nemesis_keeps_every_workload_exact_and_protection_back() {
     // a soak of one mechanism.
     let only = std::env::var("FTVM_CHAOS_ONLY").ok();
     let mut cc = ChaosCluster::start();
-    let t = Instant::now();
-    while !cc.c.console("net").contains("netserve: listening") {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "netserve never listened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let streams = Streams::start(
         cc.c.dir.0.clone(),
         rng.next_u64(),
@@ -1034,14 +1034,6 @@ fn chaos_connect_across_a_frozen_primary() {
     let mut rng = Rng::from_env("chaos_connect");
     let rounds = ftvm_tests::env_count("FTVM_CHAOS_CONNECTS", 6);
     let cc = ChaosCluster::start();
-    let t = Instant::now();
-    while !cc.c.console("net").contains("netserve: listening") {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "netserve never listened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let dir = cc.c.dir.0.clone();
     for round in 0..rounds {
         cc.wait_protected(180);

@@ -10,22 +10,7 @@ use std::time::{Duration, Instant};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn create_ft_counter(c: &Cluster, vm: &str) {
-    c.ok(&[
-        "vm",
-        "create",
-        vm,
-        "--guest",
-        "counter",
-        "--cmdline",
-        "count=1000000 rate=100",
-        "--mem-mib",
-        "32",
-        "--ft",
-    ]);
-    c.ok(&["vm", "start", vm]);
-    c.wait(60, "protection", |s| {
-        s.contains(&format!("VM {vm}: running, protected"))
-    });
+    c.create_ft_counter(vm);
 }
 
 fn limits_are_enforced_with_messages_naming_them(b: Backend) {

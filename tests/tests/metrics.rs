@@ -94,22 +94,7 @@ impl Drop for Prometheus {
 fn prometheus_scrapes_the_cluster_and_sees_a_failover() {
     require_kvm!();
     let c = Cluster::start("metrics", &["h1", "h2", "h3"], &[], Backend::File);
-    c.ok(&[
-        "vm",
-        "create",
-        "db",
-        "--guest",
-        "counter",
-        "--cmdline",
-        "count=1000000 rate=100",
-        "--mem-mib",
-        "32",
-        "--ft",
-    ]);
-    c.ok(&["vm", "start", "db"]);
-    c.wait(60, "protection", |s| {
-        s.contains("VM db: running, protected")
-    });
+    c.create_ft_counter("db");
     // Prometheus reads with a read-only token: metrics need no more.
     let out = c.ftvm(&["token", "create", "prometheus", "--role", "read-only"]);
     assert!(out.status.success(), "{out:?}");

@@ -264,40 +264,31 @@ fn adopt(state_dir: &Path) -> HashMap<u64, Proc> {
             .collect::<Vec<_>>()
             .windows(2)
             .any(|w| w[0] == b"--datastore" && w[1] == k.datastore.as_bytes());
-        if !(alive_as(k.pid, k.started) && ours) {
-            // Ended while no agent ran: reported once more, with how it ended if it said so
-            // (a guest that finished is not a process that was killed).
-            tracing::info!("process {} (VM {}) ended while no agent ran", k.id, k.vm);
-            let mut p = Proc {
-                handle: Handle::Adopted {
-                    pid: k.pid,
-                    started: k.started,
-                },
-                vm: k.vm,
-                datastore: k.datastore,
-                exit_file: k.exit_file,
-                exit: None,
-            };
-            if k.pid != 0 && !alive_as(k.pid, k.started) {
-                p.poll();
-                procs.insert(k.id, p);
-            }
+        let alive = alive_as(k.pid, k.started);
+        if alive && !ours {
+            // (Not possible for the same pid and start time; refused all the same.)
             continue;
         }
-        tracing::info!("re-adopted process {} (VM {}, pid {})", k.id, k.vm, k.pid);
-        procs.insert(
-            k.id,
-            Proc {
-                handle: Handle::Adopted {
-                    pid: k.pid,
-                    started: k.started,
-                },
-                vm: k.vm,
-                datastore: k.datastore,
-                exit_file: k.exit_file,
-                exit: None,
+        let id = k.id;
+        let mut p = Proc {
+            handle: Handle::Adopted {
+                pid: k.pid,
+                started: k.started,
             },
-        );
+            vm: k.vm,
+            datastore: k.datastore,
+            exit_file: k.exit_file,
+            exit: None,
+        };
+        if alive {
+            tracing::info!("re-adopted process {id} (VM {}, pid {})", p.vm, k.pid);
+        } else {
+            // Ended while no agent ran: reported once more, with how it ended if it said so
+            // (a guest that finished is not a process that was killed).
+            tracing::info!("process {id} (VM {}) ended while no agent ran", p.vm);
+            p.poll();
+        }
+        procs.insert(id, p);
     }
     procs
 }
